@@ -1,0 +1,1 @@
+"""Triton kernels of armfast (installed as `armfast.kernels`)."""

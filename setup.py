@@ -1,0 +1,148 @@
+"""Build of armfast: the Python package plus the pybind11 extension in csrc/.
+
+The extension never includes or links libtorch: kernels take raw pointers, sizes, strides and a
+CUDA stream handle, so a build made in an isolated environment loads under any torch.
+
+  armfast._C       C++/OpenMP CPU kernels (always built)
+  armfast._C_cuda  CUDA kernels (built when nvcc is found; static CUDA runtime)
+
+Environment:
+  ARMFAST_NO_CUDA=1               skip the CUDA module even when nvcc is present
+  ARMFAST_CUDA_ARCH_LIST="8.0;9.0" CUDA targets (e.g. "8.0;9.0a;9.0+PTX"), default "8.0;9.0"
+  CUDA_HOME / CUDA_PATH           where to look for nvcc before PATH and /usr/local/cuda
+  ARMFAST_NVCC_THREADS            parallel nvcc jobs (default: number of CPUs)
+"""
+import os
+import re
+import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from pybind11.setup_helpers import Pybind11Extension
+from setuptools import find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_CUDA_ARCHS = "8.0;9.0"
+
+
+def read_version() -> str:
+    text = (ROOT / "armfast" / "_version.py").read_text()
+    return re.search(r'__version__ = "([^"]+)"', text).group(1)
+
+
+def flag_set(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def find_cuda_home():
+    if flag_set("ARMFAST_NO_CUDA"):
+        return None
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(str(Path(nvcc).resolve().parent.parent))
+    candidates.append("/usr/local/cuda")
+    for base in candidates:  # a real toolkit has nvcc and the runtime headers side by side
+        if base and (Path(base) / "bin" / "nvcc").exists() \
+                and (Path(base) / "include" / "cuda_runtime_api.h").exists():
+            return Path(base)
+    return None
+
+
+def gencode_flags(arch_list: str) -> list:
+    """"8.0;9.0a;9.0+PTX" -> nvcc -gencode flags (same syntax as TORCH_CUDA_ARCH_LIST)."""
+    flags = []
+    for item in filter(None, re.split(r"[;,\s]+", arch_list.strip())):
+        ptx = item.endswith("+PTX")
+        m = re.fullmatch(r"(\d+)\.(\d+)([af]?)", item[:-4] if ptx else item)
+        if m is None:
+            raise SystemExit(f"ARMFAST_CUDA_ARCH_LIST: cannot parse {item!r}; expected entries "
+                             f"like 8.0, 9.0a or 9.0+PTX separated by ';'")
+        sm = f"{m[1]}{m[2]}{m[3]}"
+        flags.append(f"-gencode=arch=compute_{sm},code=sm_{sm}")
+        if ptx:
+            flags.append(f"-gencode=arch=compute_{sm},code=compute_{sm}")
+    if not flags:
+        raise SystemExit("ARMFAST_CUDA_ARCH_LIST is empty")
+    return flags
+
+
+class BuildExt(build_ext):
+    """build_ext that compiles .cu sources with nvcc (in parallel) before the usual link."""
+
+    def build_extension(self, ext):
+        cu_sources = [s for s in ext.sources if s.endswith(".cu")]
+        if cu_sources:
+            ext.sources = [s for s in ext.sources if not s.endswith(".cu")]
+            ext.extra_objects = self.compile_cuda(ext, cu_sources) + list(ext.extra_objects)
+        super().build_extension(ext)
+
+    def compile_cuda(self, ext, sources):
+        nvcc = str(ext.cuda_home / "bin" / "nvcc")
+        out_dir = Path(self.build_temp) / "cuda"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        includes = [f"-I{d}" for d in ext.include_dirs]
+        flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo",
+                 "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden",
+                 *gencode_flags(ext.cuda_archs)]
+
+        def compile_one(src):
+            obj = out_dir / (Path(src).stem + ".o")
+            cmd = [nvcc, "-c", src, "-o", str(obj), *includes, *flags]
+            print(" ".join(cmd), flush=True)
+            subprocess.run(cmd, check=True)
+            return str(obj)
+
+        jobs = int(os.environ.get("ARMFAST_NVCC_THREADS", os.cpu_count() or 1))
+        try:
+            with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+                return list(pool.map(compile_one, sources))
+        except subprocess.CalledProcessError as exc:
+            raise SystemExit(
+                f"nvcc failed on {exc.cmd[2]}. Set ARMFAST_NO_CUDA=1 to build the CPU backend only, "
+                f"or ARMFAST_CUDA_ARCH_LIST to targets your nvcc supports.") from exc
+
+
+def extensions():
+    include = [str(ROOT / "csrc" / "include")]
+    cpu = Pybind11Extension(
+        "armfast._C",
+        sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp")),
+        include_dirs=include,
+        cxx_std=17,
+        extra_compile_args=["-O3", "-fopenmp"],
+        extra_link_args=["-fopenmp"],
+    )
+    exts = [cpu]
+    cuda_home = find_cuda_home()
+    if cuda_home is not None:
+        archs = os.environ.get("ARMFAST_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+        sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.c*"))
+        cuda = Pybind11Extension(
+            "armfast._C_cuda",
+            sources,
+            include_dirs=include + [str(cuda_home / "include")],
+            library_dirs=[str(cuda_home / "lib64")],
+            libraries=["cudart_static", "rt", "pthread", "dl"],
+            define_macros=[("ARMFAST_CUDA_ARCHS", f'"{archs}"')],
+            cxx_std=17,
+            extra_compile_args=["-O3"],
+        )
+        cuda.cuda_home, cuda.cuda_archs = cuda_home, archs
+        exts.append(cuda)
+        print(f"armfast: building the CUDA module with {cuda_home / 'bin' / 'nvcc'} for {archs}")
+    else:
+        print("armfast: nvcc not found or ARMFAST_NO_CUDA set; building the CPU module only")
+    return exts
+
+
+setup(
+    version=read_version(),
+    packages=["armfast"] + [f"armfast.{p}" for p in find_packages("armfast")]
+    + ["armfast.kernels"] + [f"armfast.kernels.{p}" for p in find_packages("kernels")],
+    package_dir={"armfast": "armfast", "armfast.kernels": "kernels"},
+    ext_modules=extensions(),
+    cmdclass={"build_ext": BuildExt},
+)
