@@ -1,0 +1,153 @@
+"""Class-name text embeddings, as the OVSS baselines build them.
+
+Each class is a list of synonyms (class-name files: one class per line, comma-separated
+synonyms, see `armfast.data.classnames`). Every synonym gets one embedding: each of the
+templates (the 80 OpenAI ImageNet templates by default) filled with the name, encoded by
+CLIP's text tower and L2-normalised; their mean, normalised again. ``class_index`` maps each
+synonym row to its class; segmentation takes the max over a class's synonyms.
+
+Embeddings are cached in memory per model object (weakly, so the cache dies with the model),
+template set and name.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+SIMPLE_TEMPLATES = ("a photo of a {}.",)
+ClassSpec = Sequence[Union[str, Sequence[str]]]
+
+
+def openai_templates() -> tuple[str, ...]:
+    """open_clip's 80 OpenAI ImageNet templates as ``"... {} ..."`` strings."""
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    return tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES)
+
+
+def resolve_templates(templates: Union[str, Sequence[Union[str, Callable]], None] = "openai"
+                      ) -> tuple[str, ...]:
+    """``"openai"`` (or None): the 80 templates; ``"simple"``: ``"a photo of a {}."``; or a
+    sequence of strings with one ``{}`` each, or of callables ``name -> prompt``."""
+    if templates is None or templates == "openai":
+        return openai_templates()
+    if templates == "simple":
+        return SIMPLE_TEMPLATES
+    if isinstance(templates, str) or not isinstance(templates, Sequence) or not templates:
+        raise ValueError(f"templates must be 'openai', 'simple' or a non-empty sequence of "
+                         f"'{{}}' strings, got {templates!r}")
+    out = []
+    for t in templates:
+        t = t("{}") if callable(t) else t
+        if not isinstance(t, str) or t.count("{}") != 1:
+            raise ValueError(f"every template must contain '{{}}' exactly once, got {t!r}")
+        out.append(t)
+    return tuple(out)
+
+
+def normalize_classes(classes: ClassSpec) -> list[list[str]]:
+    """Classes as lists of synonyms: ``["cat", ["person", "people"]]`` -> ``[["cat"],
+    ["person", "people"]]``; names are stripped and must be non-empty."""
+    if isinstance(classes, str) or not isinstance(classes, Sequence):
+        raise TypeError(f"classes must be a sequence of names or of synonym lists, got "
+                        f"{type(classes).__name__}")
+    out = []
+    for i, c in enumerate(classes):
+        synonyms = [c] if isinstance(c, str) else list(c) if isinstance(c, Sequence) else None
+        if synonyms is None or not all(isinstance(s, str) for s in synonyms):
+            raise TypeError(f"classes[{i}] must be a name or a list of names, got {c!r}")
+        synonyms = [s.strip() for s in synonyms]
+        if not synonyms or not all(synonyms):
+            raise ValueError(f"classes[{i}] has an empty name: {c!r}")
+        out.append(synonyms)
+    if not out:
+        raise ValueError("classes is empty: give at least one class name")
+    return out
+
+
+def parse_class_list(spec: str) -> list[list[str]]:
+    """A command-line class list: classes separated by ``,``, synonyms of one class by ``|``
+    (``"cat,person|people,sky"``)."""
+    if not isinstance(spec, str):
+        raise TypeError(f"class list must be a string, got {type(spec).__name__}")
+    names = [c for c in (part.strip() for part in spec.split(",")) if c]
+    if not names:
+        raise ValueError(f"class list is empty: {spec!r}")
+    return normalize_classes([[s for s in c.split("|")] for c in names])
+
+
+def read_class_file(path) -> list[list[str]]:
+    """Synonym lists from a class-name file (or a dataset name such as ``voc21``)."""
+    from ..data.classnames import load_class_names
+
+    return load_class_names(path)
+
+
+def flatten_classes(classes: ClassSpec) -> tuple[list[str], Tensor]:
+    """(every synonym, ``class_index`` LongTensor mapping each synonym to its class)."""
+    classes = normalize_classes(classes)
+    names = [s for synonyms in classes for s in synonyms]
+    index = torch.tensor([i for i, synonyms in enumerate(classes) for _ in synonyms])
+    return names, index
+
+
+@dataclass(frozen=True)
+class TextEmbeddings:
+    embeddings: Tensor  # [S, E] float32, unit rows, one per synonym
+    class_index: Tensor  # [S] int64: class of each row
+    names: tuple[str, ...]  # the synonym of each row
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.class_index.max()) + 1
+
+
+@lru_cache(maxsize=8)
+def _tokenizer(model_name: str):
+    import open_clip
+
+    return open_clip.get_tokenizer(model_name)
+
+
+# model -> {((templates, device), name): [E] embedding}; weak keys so that a dropped model frees its cache
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def encode_names(model: nn.Module, names: Sequence[str], templates="openai", *, tokenizer=None,
+                 batch_size: int = 256) -> Tensor:
+    """``[len(names), E]`` float32 unit embeddings, template-averaged (see module docstring)."""
+    templates = resolve_templates(templates)
+    if not hasattr(model, "encode_text"):
+        raise TypeError(f"model must be an open_clip CLIP with encode_text, got {type(model).__name__}")
+    if tokenizer is None:
+        tokenizer = _tokenizer(getattr(model, "armfast_name", "ViT-B-16"))
+    device = next(model.parameters()).device
+    cache = _CACHE.setdefault(model, {})
+    key = (templates, str(device))  # a model moved to another device re-encodes
+    todo = list(dict.fromkeys(n for n in names if (key, n) not in cache))
+    per_batch = max(1, batch_size // len(templates))
+    # Plain no_grad tensors, even when called under inference_mode: the cached embeddings may
+    # later meet autograd (ARM training), which refuses inference tensors.
+    with torch.inference_mode(False), torch.no_grad():
+        for start in range(0, len(todo), per_batch):
+            chunk = todo[start:start + per_batch]
+            tokens = tokenizer([t.replace("{}", n) for n in chunk for t in templates]).to(device)
+            emb = F.normalize(model.encode_text(tokens).float(), dim=-1)
+            emb = F.normalize(emb.unflatten(0, (len(chunk), len(templates))).mean(1), dim=-1)
+            for n, e in zip(chunk, emb):
+                cache[(key, n)] = e
+        return torch.stack([cache[(key, n)] for n in names])
+
+
+def encode_classes(model: nn.Module, classes: ClassSpec, templates="openai", *, tokenizer=None,
+                   batch_size: int = 256) -> TextEmbeddings:
+    """Text embeddings of every synonym of ``classes`` and the synonym -> class index."""
+    names, index = flatten_classes(classes)
+    emb = encode_names(model, names, templates, tokenizer=tokenizer, batch_size=batch_size)
+    return TextEmbeddings(emb, index.to(emb.device), tuple(names))
