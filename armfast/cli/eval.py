@@ -1,0 +1,199 @@
+"""`armfast eval`: mIoU of baselines (with and without ARM) on the OVSS benchmarks.
+
+    armfast eval --dataset voc21,context60 --root data --baseline sclip,naclip \\
+        --pretrained openai --arm runs/arm/arm --json results.json
+
+One call gives a table over every (baseline, dataset) pair, each under the protocol its
+baseline published (armfast.eval.protocols); with --arm each baseline runs with and without it.
+Runs under torchrun too: images are sharded and the confusion matrices summed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import warnings
+from pathlib import Path
+
+
+def _csv(text: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("expected a non-empty comma-separated list")
+    return items
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("eval", help="evaluate baselines (+ ARM) on segmentation benchmarks",
+                       description="Evaluate CLIP baselines, with and without ARM, on the OVSS "
+                                   "benchmarks (mmseg layouts) and print an mIoU table.")
+    p.add_argument("--dataset", type=_csv, required=True,
+                   help="comma list: voc21, context60, coco_object, voc20, context59, "
+                        "coco_stuff164k, cityscapes, ade20k")
+    p.add_argument("--root", action="append", required=True, metavar="[NAME=]DIR",
+                   help="dataset root; DIR for all datasets (each is looked for in DIR and its "
+                        "usual sub-folders) or NAME=DIR for one; repeatable")
+    p.add_argument("--baseline", type=_csv, default=["sclip"], help="comma list (default sclip)")
+    p.add_argument("--arm", metavar="DIR", help="ARM save_pretrained directory: also evaluate with it")
+    w = p.add_mutually_exclusive_group()
+    w.add_argument("--clip-weights", metavar="PATH", help="CLIP weights file")
+    w.add_argument("--pretrained", metavar="TAG", help="open_clip pretrained tag, e.g. openai")
+    p.add_argument("--model", default="ViT-B-16", help="open_clip model name (default %(default)s)")
+    p.add_argument("--vfm", metavar="PATH", help="ProxyCLIP's vision foundation model checkpoint")
+    p.add_argument("--split", default="val", choices=("train", "val"))
+    p.add_argument("--limit", type=int, default=None, help="first N images of each dataset")
+    p.add_argument("--json", metavar="OUT", help="write every result to this JSON file")
+    p.add_argument("--backend", default="auto", help="armfast.ops backend (default auto)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default=None)
+    p.add_argument("--workers", type=int, default=2, help="data-loading processes")
+    p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--per-class", choices=("auto", "yes", "no"), default="auto",
+                   help="print per-class IoU tables (auto: when there is one result)")
+    o = p.add_argument_group("protocol overrides (default: each baseline's published values)")
+    o.add_argument("--short-side", type=int)
+    o.add_argument("--crop", type=int)
+    o.add_argument("--stride", type=int)
+    o.add_argument("--logit-scale", type=float)
+    o.add_argument("--prob-thd", type=float)
+    return p
+
+
+def resolve_roots(entries: list[str], datasets: list[str]) -> dict[str, str]:
+    from ..data import get_dataset_class
+
+    common, named = None, {}
+    for entry in entries:
+        name, sep, path = entry.partition("=")
+        if sep and not Path(entry).exists():
+            named[get_dataset_class(name).name] = path
+        else:
+            common = entry
+    roots = {}
+    for d in datasets:
+        key = get_dataset_class(d).name
+        if key in named:
+            roots[key] = named[key]
+        elif common is not None:
+            roots[key] = common
+        else:
+            raise ValueError(f"--root: no root given for dataset {key!r} (use --root DIR or "
+                             f"--root {key}=DIR)")
+    return roots
+
+
+def _fmt(v: float) -> str:
+    return "  n/a" if v is None or math.isnan(v) else f"{v:5.1f}"
+
+
+def print_per_class(result: dict) -> None:
+    print(f"\n{result['dataset']} / {result['method']}: per-class IoU")
+    names = result["class_names"]
+    width = max(len(n) for n in names)
+    for n, v in zip(names, result["per_class"]):
+        print(f"  {n:<{width}}  {_fmt(v)}")
+
+
+def print_table(results: list[dict], datasets: list[str]) -> None:
+    methods = list(dict.fromkeys(r["method"] for r in results))
+    by = {(r["method"], r["dataset"]): r["miou"] for r in results}
+    width = max(len("method"), *(len(m) for m in methods))
+    cols = [max(7, len(d)) for d in datasets]
+    print("\nmIoU (%)")
+    print(f"{'method':<{width}}  " + "  ".join(f"{d:>{c}}" for d, c in zip(datasets, cols))
+          + ("      avg" if len(datasets) > 1 else ""))
+    for m in methods:
+        vals = [by.get((m, d)) for d in datasets]
+        row = "  ".join(f"{_fmt(v):>{c}}" for v, c in zip(vals, cols))
+        good = [v for v in vals if v is not None and not math.isnan(v)]
+        avg = f"  {_fmt(sum(good) / len(good)):>7}" if len(datasets) > 1 and len(good) == len(vals) else ""
+        print(f"{m:<{width}}  {row}{avg}")
+
+
+def run(args) -> int:
+    import torch
+
+    from ..clip import encode_classes, load_clip
+    from ..data import build_dataset, get_dataset_class, load_class_names
+    from ..eval.protocols import get_protocol
+    from ..eval.runner import evaluate
+    from ..segmentor import load_arm
+    from ..train.distributed import cleanup, init_distributed
+
+    datasets = [get_dataset_class(d).name for d in args.dataset]
+    baselines = [b.lower() for b in args.baseline]
+    overrides = dict(short_side=args.short_side, crop=args.crop, stride=args.stride,
+                     logit_scale=args.logit_scale, prob_thd=args.prob_thd)
+    for b in baselines:  # fail on a bad name before loading anything
+        get_protocol(b, datasets[0])
+    roots = resolve_roots(args.root, datasets)
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be a positive integer, got {args.limit}")
+
+    info = init_distributed(args.device)
+    main = info.is_main
+    try:
+        pretrained = args.clip_weights or args.pretrained
+        if pretrained is None and ":" not in args.model and main:
+            warnings.warn("no CLIP weights given (--pretrained/--clip-weights): CLIP is randomly "
+                          "initialised and the numbers are meaningless", stacklevel=1)
+        model = load_clip(args.model, pretrained, device=info.device)
+        arm = load_arm(args.arm) if args.arm else None
+        variants = [None, arm] if arm is not None else [None]
+        amp = not args.no_amp
+        if main:
+            print("armfast eval configuration:")
+            weights = pretrained or ("the model folder's" if ":" in args.model else "random")
+            print(f"  model {args.model}, weights {weights}, device "
+                  f"{info.device}, processes {info.world_size}, backend {args.backend}, "
+                  f"bf16 autocast {'on' if amp and info.device.type == 'cuda' else 'off'}")
+            if arm is not None:
+                print(f"  ARM {args.arm}: tau {float(arm.logit_scale.detach().exp()):.2f}, "
+                      f"{arm.config.to_dict()}")
+            for d in datasets:
+                print(f"  {d}: root {roots[d]}, split {args.split}"
+                      + (f", first {args.limit} images" if args.limit else ""))
+                for b in baselines:
+                    p = get_protocol(b, d, **overrides)
+                    print(f"    {b:<10} short {p.short_side}, crop {p.crop}, stride {p.stride}, "
+                          f"logit_scale {p.logit_scale:g}{' (ARM: its tau)' if arm else ''}, "
+                          f"prob_thd {p.prob_thd:g}"
+                          + (f", area_thd {p.area_thd:g}" if p.area_thd is not None else ""))
+
+        results = []
+        for d in datasets:
+            dataset = build_dataset(d, roots[d], args.split, limit=args.limit)
+            text = encode_classes(model, load_class_names(d))
+            for b in baselines:
+                protocol = get_protocol(b, d, **overrides)
+                for a in variants:
+                    method = b + ("+arm" if a is not None else "")
+                    r = evaluate(model, dataset, baseline=b, protocol=protocol, arm=a,
+                                 text_embeddings=text, vfm=args.vfm, backend=args.backend,
+                                 rank=info.rank, world_size=info.world_size,
+                                 workers=args.workers, progress=not args.no_progress,
+                                 autocast=amp, desc=f"{d}/{method}")
+                    r.update(dataset=d, baseline=b, arm=a is not None, method=method,
+                             protocol=protocol.to_dict())
+                    results.append(r)
+                    if main:
+                        print(f"{d:<15} {method:<16} mIoU {_fmt(r['miou'])}  "
+                              f"({r['images']} images, {r['seconds']:.1f} s)")
+        if main:
+            show = args.per_class == "yes" or (args.per_class == "auto" and len(results) == 1)
+            if show:
+                for r in results:
+                    print_per_class(r)
+            print_table(results, datasets)
+            if args.json:
+                payload = {"config": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+                           "world_size": info.world_size, "results": results}
+                out = Path(args.json)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+                print(f"\nresults written to {out}")
+        sys.stdout.flush()
+        return 0
+    finally:
+        cleanup(info)

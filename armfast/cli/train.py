@@ -1,0 +1,98 @@
+"""`armfast train`: train an ARM on COCO-Stuff-164k (or another registered dataset).
+
+Runs under torchrun for several GPUs/processes:
+    torchrun --nproc_per_node=8 -m armfast.cli train --data-root data/coco_stuff164k --out runs/arm
+"""
+from __future__ import annotations
+
+import argparse
+
+
+def _layers(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated block indices, got {text!r}") from exc
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    from ..train.config import TrainConfig
+
+    d = TrainConfig(data_root="", out="")
+    p = sub.add_parser("train", help="train an ARM (frozen CLIP and baselines)",
+                       description="Train an Attention Refinement Module on a segmentation dataset "
+                                   "with CLIP and the training-free baselines frozen.")
+    p.add_argument("--data-root", required=True, help="dataset root (mmseg layout)")
+    p.add_argument("--out", required=True, help="run directory: checkpoints, logs, final ARM")
+    p.add_argument("--dataset", default=d.dataset, help=f"training dataset (default {d.dataset})")
+    p.add_argument("--baselines", default=",".join(d.baselines),
+                   help="comma list; one is drawn per batch (default %(default)s)")
+    w = p.add_mutually_exclusive_group()
+    w.add_argument("--clip-weights", metavar="PATH", help="CLIP weights file")
+    w.add_argument("--pretrained", metavar="TAG", help="open_clip pretrained tag, e.g. openai")
+    p.add_argument("--model", default=d.model, help="open_clip model name (default %(default)s)")
+    p.add_argument("--shallow-layers", type=_layers, default=None,
+                   help="comma list of 0-based blocks fused by ARM (default: depth/3, depth/2, 2*depth/3)")
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="per process and micro-batch")
+    p.add_argument("--accum", type=int, default=d.accum, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--warmup", type=int, default=d.warmup, help="linear warm-up steps")
+    p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio)
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="0 disables")
+    p.add_argument("--crop", type=int, default=d.crop)
+    p.add_argument("--base-short", type=int, default=d.base_short,
+                   help="short side before the random scale (default %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--workers", type=int, default=d.workers, help="data-loading processes")
+    p.add_argument("--log-every", type=int, default=d.log_every)
+    p.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
+    p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, help="0 keeps all")
+    p.add_argument("--val-every", type=int, default=d.val_every, help="0 disables validation")
+    p.add_argument("--val-samples", type=int, default=d.val_samples)
+    p.add_argument("--val-baseline", default=None, help="default: the first of --baselines")
+    p.add_argument("--val-short-side", type=int, default=None,
+                   help="validation protocol overrides (default: the baseline's published one)")
+    p.add_argument("--val-crop", type=int, default=None)
+    p.add_argument("--val-stride", type=int, default=None)
+    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                   help="continue from the newest checkpoint in OUT/checkpoints (or the one given)")
+    p.add_argument("--stop-at", type=int, default=None,
+                   help="leave after this step with a checkpoint (continue later with --resume)")
+    p.add_argument("--backend", default=d.backend, help="armfast.ops backend (default auto)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default=None)
+    p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
+    p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a bar")
+    return p
+
+
+def config_from_args(args):
+    from ..train.config import TrainConfig
+
+    return TrainConfig(
+        data_root=args.data_root, out=args.out, dataset=args.dataset, baselines=args.baselines,
+        model=args.model, pretrained=args.clip_weights or args.pretrained,
+        shallow_layers=args.shallow_layers, steps=args.steps, batch_size=args.batch_size,
+        accum=args.accum, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
+        min_lr_ratio=args.min_lr_ratio, grad_clip=args.grad_clip, crop=args.crop,
+        base_short=args.base_short, seed=args.seed, workers=args.workers,
+        log_every=args.log_every, ckpt_every=args.ckpt_every,
+        keep_checkpoints=args.keep_checkpoints, val_every=args.val_every,
+        val_samples=args.val_samples, val_baseline=args.val_baseline,
+        val_protocol={k: v for k, v in (("short_side", args.val_short_side),
+                                         ("crop", args.val_crop), ("stride", args.val_stride))
+                      if v is not None} or None,
+        resume=args.resume,
+        stop_at=args.stop_at, backend=args.backend, device=args.device, amp=not args.no_amp,
+        progress=not args.no_progress)
+
+
+def run(args) -> int:
+    from ..train import train
+
+    cfg = config_from_args(args)
+    result = train(cfg)
+    if result.val is not None:
+        print(f"armfast train: last validation mIoU {result.val['miou']:.2f}")
+    return 0

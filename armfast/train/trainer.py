@@ -1,0 +1,368 @@
+"""ARM training: frozen CLIP and baselines, per-pixel cross-entropy on the ARM's logits.
+
+One optimizer step = ``accum`` micro-batches of ``batch_size`` crops per process. The baseline
+is drawn per step from ``baselines`` (same on every rank); CLIP features are extracted under
+``torch.no_grad``; only the ARM (wrapped with its logits head in DDP) receives gradients.
+Data order, augmentation and baseline choice are functions of (seed, step), so a run resumed
+from a checkpoint continues exactly as if it had never stopped.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from ..arm import ARM, ARMConfig
+from ..data import IGNORE_INDEX, TrainAugment, build_dataset, flatten_class_names, load_class_names
+from .checkpoint import (checkpoint_name, latest_checkpoint, load_checkpoint, prune_checkpoints,
+                         restore_rng_state, save_checkpoint)
+from .config import RESUME_KEYS, TrainConfig
+from .data import AugmentedDataset, ResumableBatchSampler, baseline_for_step
+from .distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed
+from .schedule import build_scheduler, load_scheduler_state, scheduler_state
+
+
+class ARMHead(nn.Module):
+    """ARM followed by its cosine logits, as one module so that DDP sees every parameter used
+    in ``forward`` (``logit_scale`` lives in ``ARM.logits``)."""
+
+    def __init__(self, arm: ARM):
+        super().__init__()
+        self.arm = arm
+
+    def forward(self, shallow: list[Tensor], deep: Tensor, text: Tensor, backend: str = "auto") -> Tensor:
+        return self.arm.logits(self.arm(shallow, deep, backend=backend), text, backend=backend)
+
+
+def class_logits(query_logits: Tensor, query_class: Tensor, num_classes: int) -> Tensor:
+    """[B, N, Q] logits of every synonym -> [B, N, C]: each class takes its best synonym."""
+    if query_logits.shape[-1] == num_classes:
+        return query_logits
+    index = query_class.to(query_logits.device).expand_as(query_logits)
+    out = query_logits.new_full((*query_logits.shape[:-1], num_classes), -torch.inf)
+    return out.scatter_reduce(-1, index, query_logits, reduce="amax", include_self=False)
+
+
+def segmentation_loss(logits: Tensor, grid: tuple[int, int], masks: Tensor) -> Tensor:
+    """Cross-entropy of [B, N, C] patch logits, upsampled bilinearly to the masks' [B, H, W],
+    averaged over the labelled pixels (0 when a batch has none)."""
+    maps = logits.transpose(1, 2).unflatten(-1, grid).float()
+    maps = F.interpolate(maps, size=masks.shape[-2:], mode="bilinear", align_corners=False)
+    total = F.cross_entropy(maps, masks, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (masks != IGNORE_INDEX).sum().clamp(min=1)
+
+
+def arm_config_for(model: nn.Module, cfg: TrainConfig, overrides: dict | None = None) -> ARMConfig:
+    """ARM hyper-parameters matching the CLIP tower: width, output dim, shallow layers."""
+    from ..clip.model import vision_tower
+
+    visual = vision_tower(model)
+    depth = len(visual.transformer.resblocks)
+    layers = cfg.shallow_layers or (depth // 3, depth // 2, 2 * depth // 3)
+    embed_dim = visual.proj.shape[1] if visual.proj is not None else visual.transformer.width
+    values = dict(shallow_layers=layers, width=visual.transformer.width, embed_dim=embed_dim,
+                  backbone=cfg.model)
+    values.update(overrides or {})
+    return ARMConfig.from_dict(values)
+
+
+def param_groups(arm: nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases, norms, the fusion weights and the logit scale (1-D params)."""
+    decay, no_decay = [], []
+    for p in arm.parameters():
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+@dataclass
+class TrainResult:
+    step: int
+    arm: ARM
+    losses: list[float] = field(default_factory=list)  # this process's loss per step of this run
+    val: dict | None = None  # last validation result
+    checkpoint: Path | None = None
+    arm_dir: Path | None = None  # save_pretrained folder (when training finished)
+
+
+def train(cfg: TrainConfig, *, model: nn.Module | None = None, arm_config: dict | None = None,
+          text_embeddings: Tensor | None = None) -> TrainResult:
+    """Train an ARM. Under torchrun (WORLD_SIZE > 1) every process calls this.
+
+    Args:
+        cfg: the run's configuration.
+        model: a CLIP model to use instead of ``load_clip(cfg.model, cfg.pretrained)``.
+        arm_config: ARMConfig field overrides (e.g. smaller heads for a small CLIP).
+        text_embeddings: precomputed ``[Q, E]`` embeddings of the dataset's synonyms, in the
+            order of its class-name file (computed from CLIP's text tower otherwise).
+    """
+    owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    info = init_distributed(cfg.device)
+    try:
+        return Trainer(cfg, info, model=model, arm_config=arm_config,
+                       text_embeddings=text_embeddings).run()
+    finally:
+        if owns_group:
+            cleanup(info)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, info: DistInfo, *, model=None, arm_config=None,
+                 text_embeddings=None):
+        from ..clip import load_clip
+        from ..clip.model import image_stats, patch_size
+
+        self.cfg, self.info = cfg, info
+        cfg.world_size = info.world_size
+        self.out = Path(cfg.out)
+        self.ckpt_dir = self.out / "checkpoints"
+        self.device = info.device
+        self.amp = cfg.amp and self.device.type == "cuda"
+
+        if model is None:
+            if cfg.pretrained is None and ":" not in cfg.model and info.is_main:
+                warnings.warn("no CLIP weights given (--pretrained/--clip-weights): CLIP is randomly "
+                              "initialised, which only makes sense for tests", stacklevel=2)
+            model = load_clip(cfg.model, cfg.pretrained, device=self.device)
+        self.clip = model.to(self.device).eval().requires_grad_(False)
+        self.patch = patch_size(self.clip)
+        mean, std = image_stats(self.clip)
+
+        if cfg.crop % self.patch[0] or cfg.crop % self.patch[1]:
+            raise ValueError(f"crop ({cfg.crop}) must be a multiple of the patch size {self.patch}")
+        self.trainset = build_dataset(cfg.dataset, cfg.data_root, "train")
+        self.augment = TrainAugment(cfg.crop, cfg.base_short, cfg.scale_range, cfg.flip_prob,
+                                    mean=mean, std=std)
+        self.valset = self._val_dataset()
+
+        self.classes = load_class_names(cfg.dataset)
+        names, query_class = flatten_class_names(self.classes)
+        self.query_class = torch.tensor(query_class, dtype=torch.long, device=self.device)
+        self.text = self._text_embeddings(names, text_embeddings)
+
+        torch.manual_seed(cfg.seed)  # same ARM initialisation on every rank
+        self.arm = ARM(arm_config_for(self.clip, cfg, arm_config)).to(self.device)
+        self.head = ARMHead(self.arm)
+        self.optimizer = torch.optim.AdamW(param_groups(self.arm, cfg.weight_decay), lr=cfg.lr)
+        self.scheduler = build_scheduler(self.optimizer, total=cfg.steps, warmup=cfg.warmup,
+                                         min_ratio=cfg.min_lr_ratio)
+        self.step = 0
+        self.last_checkpoint: Path | None = None
+        if cfg.resume:
+            self._resume(cfg.resume)
+        self.model = (DistributedDataParallel(self.head, device_ids=[info.local_rank]
+                                              if self.device.type == "cuda" else None)
+                      if info.distributed else self.head)
+
+    # ---- setup helpers -------------------------------------------------------------------
+    def _text_embeddings(self, names: list[str], given: Tensor | None) -> Tensor:
+        if given is None:
+            from ..clip import encode_names
+
+            given = encode_names(self.clip, names)
+        if not isinstance(given, Tensor) or given.dim() != 2 or given.shape[0] != len(names):
+            got = tuple(given.shape) if isinstance(given, Tensor) else type(given).__name__
+            raise ValueError(f"text_embeddings must be [{len(names)}, E] (one row per synonym of "
+                             f"{self.cfg.dataset}), got {got}")
+        return given.detach().to(self.device, torch.float32)
+
+    def _val_dataset(self):
+        cfg = self.cfg
+        if cfg.val_every == 0 or cfg.val_samples == 0:
+            return None
+        try:
+            return build_dataset(cfg.dataset, cfg.data_root, "val", limit=cfg.val_samples)
+        except (FileNotFoundError, ValueError) as exc:
+            if self.info.is_main:
+                warnings.warn(f"periodic validation disabled: {exc}", stacklevel=2)
+            return None
+
+    def _resume(self, resume: str) -> None:
+        path = Path(resume)
+        if resume == "latest":
+            path = latest_checkpoint(self.ckpt_dir)
+            if path is None:
+                if self.info.is_main:
+                    print(f"armfast train: no checkpoint in {self.ckpt_dir}; starting from step 0")
+                return
+        ckpt = load_checkpoint(path)
+        saved = ckpt["extra"].get("config", {})
+        current = self.cfg.to_dict()
+        changed = [k for k in RESUME_KEYS if k in saved and saved[k] != current[k]]
+        if changed:
+            diffs = ", ".join(f"{k}: {saved[k]!r} -> {current[k]!r}" for k in changed)
+            raise ValueError(f"cannot resume from {path}: the run changed {diffs}; these fix the "
+                             f"data order and schedule (start a new --out to change them)")
+        missing, unexpected = self.arm.load_state_dict(ckpt["arm"], strict=False)
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {path} does not fit this ARM: missing {missing}, "
+                             f"unexpected {unexpected}")
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        load_scheduler_state(self.scheduler, ckpt["scheduler"])
+        if ckpt["rng"] is not None:
+            restore_rng_state(*ckpt["rng"])
+        self.step = int(ckpt["step"])
+        self.last_checkpoint = path
+        if self.info.is_main:
+            print(f"armfast train: resumed from {path} at step {self.step}")
+
+    # ---- the loop ------------------------------------------------------------------------
+    def loader(self) -> DataLoader:
+        cfg, info = self.cfg, self.info
+        sampler = ResumableBatchSampler(self.trainset, cfg.batch_size, seed=cfg.seed,
+                                        rank=info.rank, world_size=info.world_size,
+                                        start=self.step * cfg.accum)
+        return DataLoader(AugmentedDataset(self.trainset, self.augment), batch_sampler=sampler,
+                          num_workers=cfg.workers, pin_memory=self.device.type == "cuda")
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
+
+    def features(self, images: Tensor, baseline: str):
+        from ..clip import extract
+
+        with torch.no_grad(), self.autocast():
+            return extract(self.clip, images, baseline=baseline,
+                           shallow_layers=self.arm.config.shallow_layers, backend=self.cfg.backend)
+
+    def train_step(self, batches, baseline: str) -> float:
+        cfg = self.cfg
+        self.arm.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for k in range(cfg.accum):
+            images, masks = next(batches)
+            images = images.to(self.device, non_blocking=True)
+            masks = masks.to(self.device, non_blocking=True)
+            shallow, deep = self.features(images, baseline)
+            grid = (images.shape[-2] // self.patch[0], images.shape[-1] // self.patch[1])
+            last = k == cfg.accum - 1
+            sync = contextlib.nullcontext() if last or not self.info.distributed else self.model.no_sync()
+            with sync:
+                with self.autocast():
+                    logits = self.model(shallow, deep, self.text, cfg.backend)
+                logits = class_logits(logits.float(), self.query_class, len(self.classes))
+                loss = segmentation_loss(logits, grid, masks) / cfg.accum
+                loss.backward()
+            total += float(loss.detach())
+        if not math.isfinite(total):
+            raise FloatingPointError(f"training loss became {total} at step {self.step}; lower "
+                                     f"--lr or check the data")
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.arm.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        return total
+
+    def run(self) -> TrainResult:
+        cfg, info = self.cfg, self.info
+        end = min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps
+        if info.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+            self._print_setup()
+        result = TrainResult(step=self.step, arm=self.arm, checkpoint=self.last_checkpoint)
+        bar = None
+        if info.is_main and cfg.progress and self.step < end:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.steps, initial=self.step, desc="train", dynamic_ncols=True,
+                       file=sys.stderr)
+        batches = iter(self.loader()) if self.step < end else None
+        images_per_step = cfg.batch_size * cfg.accum * info.world_size
+        window, busy = [], 0.0  # losses and training seconds since the last log line
+        while self.step < end:
+            t0 = time.perf_counter()
+            baseline = baseline_for_step(cfg.baselines, cfg.seed, self.step)
+            loss = self.train_step(batches, baseline)
+            self.step += 1
+            busy += time.perf_counter() - t0
+            result.losses.append(loss)
+            window.append(loss)
+            if self.step % cfg.log_every == 0 or self.step == end:
+                mean_loss = all_reduce_mean(sum(window) / len(window), info)
+                ips = len(window) * images_per_step / max(busy, 1e-9)
+                self._log({"step": self.step, "loss": mean_loss, "lr": self.scheduler.get_last_lr()[0],
+                           "images_per_s": ips, "baseline": baseline})
+                if bar is not None:
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{ips:.1f}", base=baseline)
+                window, busy = [], 0.0
+            if bar is not None:
+                bar.update(1)
+            if self.valset is not None and self.step % cfg.val_every == 0:
+                result.val = self.validate()
+            if self.step % cfg.ckpt_every == 0 or self.step == end:
+                result.checkpoint = self.save_checkpoint()
+        if bar is not None:
+            bar.close()
+        result.step = self.step
+        if self.step >= cfg.steps:  # the loop's last step wrote a checkpoint (or resume found one)
+            if info.is_main:
+                result.arm_dir = self.out / "arm"
+                self.arm.save_pretrained(result.arm_dir)
+                print(f"armfast train: done at step {self.step}; ARM saved to {result.arm_dir}")
+        elif info.is_main:
+            print(f"armfast train: stopped at step {self.step} of {cfg.steps}; continue with --resume")
+        barrier(info)
+        return result
+
+    # ---- validation / checkpoints / logs -------------------------------------------------
+    def validate(self) -> dict:
+        from ..eval.runner import evaluate
+        from ..eval.protocols import get_protocol
+
+        cfg, info = self.cfg, self.info
+        baseline = cfg.val_baseline or cfg.baselines[0]
+        self.arm.eval()
+        result = evaluate(self.clip, self.valset, baseline=baseline,
+                          protocol=get_protocol(baseline, cfg.dataset, **(cfg.val_protocol or {})),
+                          arm=self.arm,
+                          text_embeddings=self.text, classes=self.classes, backend=cfg.backend,
+                          rank=info.rank, world_size=info.world_size, progress=False,
+                          autocast=self.amp)
+        self.arm.train()
+        self._log({"step": self.step, "val_miou": result["miou"], "val_baseline": baseline,
+                   "val_images": len(self.valset)})
+        return result
+
+    def save_checkpoint(self) -> Path:
+        path = self.ckpt_dir / checkpoint_name(self.step)
+        if self.info.is_main:
+            extra = {"config": self.cfg.to_dict(), "arm_config": self.arm.config.to_dict()}
+            save_checkpoint(path, step=self.step, arm=self.arm.state_dict(),
+                            optimizer=self.optimizer.state_dict(),
+                            scheduler=scheduler_state(self.scheduler), extra=extra)
+            prune_checkpoints(self.ckpt_dir, self.cfg.keep_checkpoints)
+        barrier(self.info)
+        self.last_checkpoint = path
+        return path
+
+    def _log(self, record: dict) -> None:
+        if not self.info.is_main:
+            return
+        with open(self.out / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if not self.cfg.progress:
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in record.items()))
+
+    def _print_setup(self) -> None:
+        cfg, info = self.cfg, self.info
+        n_params = sum(p.numel() for p in self.arm.parameters())
+        print(f"armfast train: {len(self.trainset)} {cfg.dataset} images, {len(self.classes)} classes "
+              f"({self.text.shape[0]} names), baselines {', '.join(cfg.baselines)}")
+        print(f"  ARM {n_params / 1e6:.2f} M params {self.arm.config.to_dict()}")
+        print(f"  {info.world_size} process(es) on {self.device.type}, batch {cfg.batch_size} x "
+              f"accum {cfg.accum} x world {info.world_size}, {cfg.steps} steps, lr {cfg.lr}, "
+              f"bf16 autocast {'on' if self.amp else 'off'}, backend {cfg.backend}")
