@@ -1,0 +1,204 @@
+"""`triton` backend: the Triton kernels of `armfast.kernels` (flash attention, fused cosine logits).
+
+This module allocates outputs, computes launch grids and calls the kernels; the public ops have
+already validated the arguments. It imports `triton` at load (a missing Triton makes the registry
+report this backend as unavailable), but the kernel modules only at the first launch: whether
+they are compiled for the GPU or run by the interpreter is fixed when they are imported, and
+`TRITON_INTERPRET=1` set after `import armfast` but before the first call still counts.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import sys
+from types import SimpleNamespace
+
+import torch
+import triton
+from torch import Tensor
+
+from ._library import define_attention, define_patch_text_logits, lse_dtype
+from ._registry import Backend
+
+MAX_HEAD_DIM = 128
+MIN_CAPABILITY = (8, 0)  # bfloat16 tensor-core dots need Ampere (sm_80) or newer
+
+# Tests set this to fill every buffer the wrappers allocate with NaN, so that an element a kernel
+# forgets to write shows up instead of passing as left-over memory.
+POISON_ALLOCATIONS = False
+
+
+@functools.cache
+def _kernels() -> SimpleNamespace:
+    """The kernel modules, imported at the first launch (see the module docstring)."""
+    from armfast.kernels import _common, attention, patch_text_logits
+    return SimpleNamespace(common=_common, attention=attention, logits=patch_text_logits)
+
+
+def _interpret_mode() -> bool:
+    """Whether the kernels run (or, once imported, will run) under the Triton interpreter."""
+    attention = sys.modules.get("armfast.kernels.attention")
+    if attention is not None:
+        return attention.INTERPRET
+    from armfast.kernels._common import interpreting
+    return interpreting()
+
+
+def runtime_check(device: torch.device):
+    """None when the kernels can run on `device` now, else the reason they cannot."""
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "torch.cuda is not available (no usable CUDA device or driver)"
+        if not _interpret_mode():
+            capability = torch.cuda.get_device_capability(device)
+            if capability < MIN_CAPABILITY:
+                return (f"needs a GPU of compute capability {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} "
+                        f"or newer, found {capability[0]}.{capability[1]}")
+        return None
+    if device.type == "cpu" and not _interpret_mode():
+        return ("set TRITON_INTERPRET=1 before importing armfast to run the Triton kernels on CPU "
+                "(interpreter)")
+    return None
+
+
+def _empty(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
+    if POISON_ALLOCATIONS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _on_device(t: Tensor):
+    """Triton launches on the current CUDA device; make it the tensors' one."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _block_d(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+# ---------------------------------------------------------------------------------------------
+# attention
+# ---------------------------------------------------------------------------------------------
+
+def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    kernels, common = _kernels().attention, _kernels().common
+    B, H, N_Q, d = q.shape
+    N_K = k.shape[2]
+    out = _empty((B, H, N_Q, d), q.dtype, q.device)
+    lse = _empty((B, H, N_Q), lse_dtype(q.dtype), q.device)
+
+    def grid(meta):
+        return triton.cdiv(N_Q, meta["BLOCK_M"]), B * H
+
+    with _on_device(q):
+        kernels.attn_fwd[grid](
+            q, k, v, out, lse, scale,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
+            H, N_Q, N_K, common.bucket(N_Q), common.bucket(N_K),
+            HEAD_DIM=d, BLOCK_D=_block_d(d),
+            ACC_DTYPE=common.acc_dtype(q.dtype), DOT_PRECISION=common.dot_precision(q.dtype))
+    return out, lse
+
+
+def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                       scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    kernels, common = _kernels().attention, _kernels().common
+    B, H, N_Q, d = q.shape
+    N_K = k.shape[2]
+    block_d, acc, precision = _block_d(d), common.acc_dtype(q.dtype), common.dot_precision(q.dtype)
+    buckets = common.bucket(N_Q), common.bucket(N_K)
+    delta = _empty((B, H, N_Q), lse_dtype(q.dtype), q.device)  # contiguous: the kernels index it flat
+    dq = _empty(q.shape, q.dtype, q.device)
+    dk = _empty(k.shape, k.dtype, k.device)
+    dv = _empty(v.shape, v.dtype, v.device)
+    qkv_strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride())
+
+    with _on_device(q):
+        block_m = kernels.BLOCK_M_PREPROCESS
+        kernels.attn_bwd_preprocess[(triton.cdiv(N_Q, block_m), B * H)](
+            out, dout, delta, *out.stride(), *dout.stride(), H, N_Q,
+            HEAD_DIM=d, BLOCK_D=block_d, ACC_DTYPE=acc, BLOCK_M=block_m)
+        kernels.attn_bwd_dkdv[lambda meta: (triton.cdiv(N_K, meta["BLOCK_N"]), B * H)](
+            q, k, v, dout, lse, delta, dk, dv, scale,
+            *qkv_strides, *dk.stride(), *dv.stride(),
+            H, N_Q, N_K, *buckets,
+            HEAD_DIM=d, BLOCK_D=block_d, ACC_DTYPE=acc, DOT_PRECISION=precision)
+        kernels.attn_bwd_dq[lambda meta: (triton.cdiv(N_Q, meta["BLOCK_M"]), B * H)](
+            q, k, v, dout, lse, delta, dq, scale,
+            *qkv_strides, *dq.stride(),
+            H, N_Q, N_K, *buckets,
+            HEAD_DIM=d, BLOCK_D=block_d, ACC_DTYPE=acc, DOT_PRECISION=precision)
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------------------------
+# patch_text_logits; x [B, N, E] is launched as R = B * N rows, text [C, E] as [1, C, E]
+# ---------------------------------------------------------------------------------------------
+
+def patch_text_logits_forward(x: Tensor, text: Tensor, logit_scale: Tensor) -> Tensor:
+    kernels, common = _kernels().logits, _kernels().common
+    B, N, E = x.shape
+    C, R = text.shape[0], B * N
+    out = _empty((B, N, C), x.dtype, x.device)
+
+    def grid(meta):
+        return triton.cdiv(R, meta["BLOCK_R"]), triton.cdiv(C, meta["BLOCK_C"])
+
+    with _on_device(x):
+        kernels.ptl_fwd[grid](
+            x, text, logit_scale, out, *x.stride(), *text.stride(), *out.stride(),
+            R, N, C, E, common.bucket(R),
+            ACC_DTYPE=common.acc_dtype(x.dtype), DOT_PRECISION=common.dot_precision(x.dtype))
+    return out
+
+
+def patch_text_logits_backward(dout: Tensor, x: Tensor, text: Tensor,
+                               logit_scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    kernels, common = _kernels().logits, _kernels().common
+    B, N, E = x.shape
+    C, R = text.shape[0], B * N
+    acc, precision = common.acc_dtype(x.dtype), common.dot_precision(x.dtype)
+    norm_dtype = lse_dtype(x.dtype)  # float32, float64 for float64 inputs
+    x_norm = _empty((R,), norm_dtype, x.device)
+    t_norm = _empty((C,), norm_dtype, x.device)
+    gcos = _empty((R, C), norm_dtype, x.device)  # dout * cos, reduced below in a fixed order
+    dx = _empty(x.shape, x.dtype, x.device)
+    dtext = _empty(text.shape, text.dtype, text.device)
+    x_strides, t_strides = x.stride(), text.stride()
+    strides = (*x_strides, *t_strides, *dout.stride())
+
+    with _on_device(x):
+        block_r, block_e = kernels.ROW_NORM_BLOCK_R, kernels.ROW_NORM_BLOCK_E
+        kernels.row_norm[(triton.cdiv(R, block_r),)](
+            x, x_norm, *x_strides, R, N, E, ACC_DTYPE=acc, BLOCK_R=block_r, BLOCK_E=block_e)
+        kernels.row_norm[(triton.cdiv(C, block_r),)](
+            text, t_norm, 0, *t_strides, C, C, E, ACC_DTYPE=acc, BLOCK_R=block_r, BLOCK_E=block_e)
+        kernels.ptl_bwd_gcos[lambda meta: (triton.cdiv(R, meta["BLOCK_R"]),
+                                           triton.cdiv(C, meta["BLOCK_C"]))](
+            x, text, dout, gcos, *strides, R, N, C, E, common.bucket(R),
+            ACC_DTYPE=acc, DOT_PRECISION=precision)
+        gc_row = gcos.sum(1)  # sum_c dout * cos, per row
+        gc_col = gcos.sum(0)  # sum over rows, per text row
+        dscale = gc_row.sum()
+        kernels.ptl_bwd_dx[lambda meta: (triton.cdiv(R, meta["BLOCK_R"]),
+                                         triton.cdiv(E, meta["BLOCK_E"]))](
+            x, text, dout, logit_scale, x_norm, t_norm, gc_row, dx, *strides, *dx.stride(),
+            R, N, C, E, common.bucket(R), ACC_DTYPE=acc, DOT_PRECISION=precision)
+        kernels.ptl_bwd_dtext[lambda meta: (triton.cdiv(C, meta["BLOCK_C"]),
+                                            triton.cdiv(E, meta["BLOCK_E"]))](
+            x, text, dout, logit_scale, x_norm, t_norm, gc_col, dtext, *strides, *dtext.stride(),
+            R, N, C, E, common.bucket(R), ACC_DTYPE=acc, DOT_PRECISION=precision)
+    return dx, dtext, dscale.to(logit_scale.dtype).reshape(logit_scale.shape)
+
+
+# The CPU entries run only under TRITON_INTERPRET=1; `runtime_check` says so otherwise.
+BACKEND = Backend(
+    name="triton",
+    attention=define_attention("triton", attention_forward, attention_backward),
+    patch_text_logits=define_patch_text_logits(
+        "triton", patch_text_logits_forward, patch_text_logits_backward),
+    dtypes={"cuda": (torch.float16, torch.bfloat16, torch.float32),
+            "cpu": (torch.float32, torch.float64)},
+    head_dims=range(1, MAX_HEAD_DIM + 1),
+    runtime_check=runtime_check,
+)

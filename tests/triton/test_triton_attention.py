@@ -1,0 +1,134 @@
+"""Triton flash attention against the float64 ground truth: outputs, saved lse and gradients."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from armfast.ops import _triton, attention
+from conftest import DEVICE, assert_close, attention_f64, make_qkv, max_err
+
+INTERPRETED = DEVICE.type == "cpu"
+
+# (B, H, Nq, Nk, d, strided). Under the interpreter (32 x 32 tiles) lengths 1, 7, 197 and 785
+# cover a single partial tile, several tiles with a partial last one, and Nq != Nk both ways.
+CASES = [
+    (1, 1, 1, 1, 32, False),
+    (2, 2, 7, 7, 64, False),
+    (1, 2, 197, 197, 32, True),
+    (1, 1, 7, 197, 40, False),  # odd head dim: BLOCK_D 64 with a masked tail
+    (1, 1, 197, 7, 128, True),
+    (1, 1, 785, 785, 32, True),
+    (1, 1, 785, 1, 16, False),
+]
+
+
+def _run(q, k, v, scale=None):
+    """Triton forward + backward on leaf copies, and the float64 reference on its own copies;
+    returns (out, dq, dk, dv) of both and the upstream gradient used."""
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = attention(q, k, v, scale=scale, backend="triton")
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = attention_f64(*ref_in, scale=scale)
+    ref.backward(dout.double())
+    return (out, q.grad, k.grad, v.grad), (ref, *(t.grad for t in ref_in)), dout
+
+
+@pytest.mark.parametrize("B,H,Nq,Nk,d,strided", CASES)
+def test_matches_float64(B, H, Nq, Nk, d, strided):
+    torch.manual_seed(Nq * 1000 + Nk + d)
+    q, k, v = make_qkv(B, H, Nq, Nk, d, device=DEVICE, strided=strided)
+    got, want, _ = _run(q, k, v)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        assert g.shape == w.shape and g.dtype == torch.float32 and g.is_contiguous(), name
+        assert_close(g, w, atol=2e-5, rtol=1e-4, name=name)
+
+
+def test_lse_and_custom_scale():
+    torch.manual_seed(1)
+    q, k, v = make_qkv(1, 2, 33, 65, 32, device=DEVICE)
+    out, lse = _triton.attention_forward(q, k, v, 0.3)
+    s = (q.double() @ k.double().transpose(-2, -1)) * 0.3
+    assert lse.dtype == torch.float32 and lse.shape == (1, 2, 33)
+    assert_close(lse, torch.logsumexp(s, -1), atol=1e-5, rtol=1e-5, name="lse")
+    got, want, _ = _run(q, k, v, scale=0.3)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        assert_close(g, w, atol=2e-5, rtol=1e-4, name=name)
+
+
+def test_large_scores_stay_finite():
+    """Scores of +-200 (std 64) overflow a naive float32 exp; the online softmax must not."""
+    torch.manual_seed(2)
+    q, k, v = make_qkv(1, 1, 40, 70, 32, device=DEVICE)
+    got, want, _ = _run(q * 8, k * 8, v)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        assert torch.isfinite(g).all(), name
+        assert_close(g, w, atol=1e-4, rtol=1e-4, name=name)
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="float64 is a CPU-interpreter dtype")
+def test_float64_and_gradcheck():
+    torch.manual_seed(3)
+    q, k, v = make_qkv(1, 2, 9, 20, 8, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    got, want, _ = _run(q, k, v)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        assert g.dtype == torch.float64
+        assert_close(g, w, atol=1e-6, rtol=1e-6, name=name)
+    assert torch.autograd.gradcheck(lambda *t: attention(*t, backend="triton"), (q, k, v),
+                                    fast_mode=True)
+
+
+def test_backward_is_deterministic():
+    torch.manual_seed(4)
+    q, k, v = make_qkv(1, 2, 70, 45, 32, device=DEVICE, strided=True)
+    out, lse = _triton.attention_forward(q, k, v, 0.2)
+    dout = torch.randn_like(out)
+    first = _triton.attention_backward(dout, q, k, v, out, lse, 0.2)
+    second = _triton.attention_backward(dout, q, k, v, out, lse, 0.2)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_opcheck():
+    torch.manual_seed(6)
+    q, k, v = make_qkv(1, 2, 5, 17, 16, device=DEVICE, requires_grad=True)
+    fn = _triton.BACKEND.attention
+    torch.library.opcheck(fn.forward_op, (q, k, v, 0.25))
+    out, lse = fn.forward_op(q, k, v, 0.25)
+    dout = torch.randn_like(out)
+    torch.library.opcheck(fn.backward_op, (dout, q.detach(), k.detach(), v.detach(), out.detach(),
+                                           lse.detach(), 0.25))
+
+
+def _torch_in_dtype(q, k, v, dout):
+    """Plain PyTorch attention in the inputs' own dtype: the error budget of that precision."""
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = torch.softmax(q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5, dim=-1) @ v
+    out.backward(dout)
+    return out, q.grad, k.grad, v.grad
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("Nq,Nk,d", [(197, 197, 64), (785, 785, 64), (785, 50, 128), (7, 300, 32),
+                                     (1000, 1000, 40)])
+def test_half_precision_gpu(dtype, Nq, Nk, d):
+    """Triton in half precision errs at most about as much as PyTorch in that precision."""
+    torch.manual_seed(7)
+    q, k, v = make_qkv(2, 8, Nq, Nk, d, dtype=dtype, device="cuda", strided=True)
+    got, want, dout = _run(q, k, v)
+    budget = _torch_in_dtype(q, k, v, dout)
+    for name, g, w, h in zip(("out", "dq", "dk", "dv"), got, want, budget):
+        assert g.dtype == dtype and torch.isfinite(g).all(), name
+        err, err_torch = max_err(g, w), max_err(h, w)
+        assert err <= 2 * err_torch + 1e-3, f"{name}: error {err:.2e}, PyTorch {dtype}: {err_torch:.2e}"
+
+
+@pytest.mark.gpu
+def test_float32_gpu_large():
+    torch.manual_seed(8)
+    q, k, v = make_qkv(4, 8, 1025, 785, 64, device="cuda", strided=True)
+    got, want, _ = _run(q, k, v)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        assert_close(g, w, atol=1e-4, rtol=1e-3, name=name)
