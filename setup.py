@@ -105,24 +105,35 @@ class BuildExt(build_ext):
                 f"or ARMFAST_CUDA_ARCH_LIST to targets your nvcc supports.") from exc
 
 
+def project_files(folder: str, *patterns: str) -> list:
+    return sorted(str(p.relative_to(ROOT)) for pattern in patterns for p in (ROOT / folder).glob(pattern))
+
+
 def extensions():
     include = [str(ROOT / "csrc" / "include")]
+    # Headers (and .cu files, which BuildExt compiles apart) as `depends`: editing only one of them
+    # still rebuilds the module, and sdists carry them.
+    shared_headers = project_files("csrc/include/armfast", "*.h", "*.cuh")
     cpu = Pybind11Extension(
         "armfast._C",
-        sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp")),
+        project_files("csrc/cpu", "*.cpp"),
+        depends=project_files("csrc/cpu", "*.h") + shared_headers,
         include_dirs=include,
         cxx_std=17,
-        extra_compile_args=["-O3", "-fopenmp"],
+        # -fno-trapping-math lets `omp simd` vectorise the softmax's branch-free selects (no code
+        # here reads floating-point exception flags).
+        extra_compile_args=["-O3", "-fopenmp", "-fno-trapping-math"],
         extra_link_args=["-fopenmp"],
     )
     exts = [cpu]
     cuda_home = find_cuda_home()
     if cuda_home is not None:
         archs = os.environ.get("ARMFAST_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
-        sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.c*"))
+        sources = project_files("csrc/cuda", "*.cu", "*.cpp")
         cuda = Pybind11Extension(
             "armfast._C_cuda",
             sources,
+            depends=project_files("csrc/cuda", "*.cu", "*.h") + shared_headers,
             include_dirs=include + [str(cuda_home / "include")],
             library_dirs=[str(cuda_home / "lib64")],
             libraries=["cudart_static", "rt", "pthread", "dl"],
@@ -143,6 +154,7 @@ setup(
     packages=["armfast"] + [f"armfast.{p}" for p in find_packages("armfast")]
     + ["armfast.kernels"] + [f"armfast.kernels.{p}" for p in find_packages("kernels")],
     package_dir={"armfast": "armfast", "armfast.kernels": "kernels"},
+    package_data={"armfast.data": ["classnames/*.txt"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExt},
 )

@@ -1,11 +1,143 @@
 // Python bindings of the CPU kernels (armfast._C). No libtorch: tensors arrive as data
 // pointers with sizes and strides; armfast/ops/_extension.py validates and allocates.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
+#include <cmath>
+#include <string>
+
+#include "armfast/tensor_arg.h"
+#include "kernels.h"
+
 namespace py = pybind11;
+using armfast::PyTensor;
+using armfast::TensorArg;
+using armfast::tensor_arg;
+namespace cpu = armfast::cpu;
+
+namespace {
+
+template <typename T>
+cpu::Strided<T> strided(const TensorArg& a) {
+  cpu::Strided<T> s{a.data<T>(), {0, 0, 0, 0}};
+  for (size_t i = 0; i < a.strides.size(); ++i) s.stride[i] = a.strides[i];
+  return s;
+}
+
+// "float32" -> false, "float64" -> true; anything else is a TypeError.
+bool is_double(const std::string& dtype) {
+  if (dtype == "float32") return false;
+  if (dtype == "float64") return true;
+  throw py::type_error("armfast._C kernels take float32 or float64, got " + dtype);
+}
+
+void check_scale(const char* name, double value, bool positive) {
+  if (!std::isfinite(value) || (positive && value <= 0))
+    throw std::invalid_argument(std::string(name) + " must be finite" + (positive ? " and > 0" : "") +
+                                ", got " + std::to_string(value));
+}
+
+void attention_forward(const std::string& dtype, const PyTensor& q, const PyTensor& k,
+                       const PyTensor& v, const PyTensor& out, const PyTensor& lse, double scale,
+                       int threads) {
+  const bool f64 = is_double(dtype);
+  const TensorArg qa = tensor_arg("q", q, {-1, -1, -1, -1});
+  const int64_t B = qa.size(0), H = qa.size(1), Nq = qa.size(2), d = qa.size(3);
+  const TensorArg ka = tensor_arg("k", k, {B, H, -1, d});
+  const int64_t Nk = ka.size(2);
+  const TensorArg va = tensor_arg("v", v, {B, H, Nk, d});
+  const TensorArg oa = tensor_arg("out", out, {B, H, Nq, d});
+  const TensorArg la = tensor_arg("lse", lse, {B, H, Nq});
+  check_scale("scale", scale, true);
+  const cpu::AttentionShape s{B, H, Nq, Nk, d};
+  py::gil_scoped_release release;
+  if (f64)
+    cpu::attention_forward<double>(s, strided<const double>(qa), strided<const double>(ka),
+                                   strided<const double>(va), strided<double>(oa),
+                                   strided<double>(la), scale, threads);
+  else
+    cpu::attention_forward<float>(s, strided<const float>(qa), strided<const float>(ka),
+                                  strided<const float>(va), strided<float>(oa), strided<float>(la),
+                                  scale, threads);
+}
+
+void attention_backward(const std::string& dtype, const PyTensor& dout, const PyTensor& q,
+                        const PyTensor& k, const PyTensor& v, const PyTensor& out,
+                        const PyTensor& lse, const PyTensor& dq, const PyTensor& dk,
+                        const PyTensor& dv, double scale, int threads) {
+  const bool f64 = is_double(dtype);
+  const TensorArg qa = tensor_arg("q", q, {-1, -1, -1, -1});
+  const int64_t B = qa.size(0), H = qa.size(1), Nq = qa.size(2), d = qa.size(3);
+  const TensorArg ka = tensor_arg("k", k, {B, H, -1, d});
+  const int64_t Nk = ka.size(2);
+  const TensorArg va = tensor_arg("v", v, {B, H, Nk, d});
+  const TensorArg ga = tensor_arg("dout", dout, {B, H, Nq, d});
+  const TensorArg oa = tensor_arg("out", out, {B, H, Nq, d});
+  const TensorArg la = tensor_arg("lse", lse, {B, H, Nq});
+  const TensorArg dqa = tensor_arg("dq", dq, {B, H, Nq, d});
+  const TensorArg dka = tensor_arg("dk", dk, {B, H, Nk, d});
+  const TensorArg dva = tensor_arg("dv", dv, {B, H, Nk, d});
+  check_scale("scale", scale, true);
+  const cpu::AttentionShape s{B, H, Nq, Nk, d};
+  py::gil_scoped_release release;
+  if (f64)
+    cpu::attention_backward<double>(
+        s, strided<const double>(ga), strided<const double>(qa), strided<const double>(ka),
+        strided<const double>(va), strided<const double>(oa), strided<const double>(la),
+        strided<double>(dqa), strided<double>(dka), strided<double>(dva), scale, threads);
+  else
+    cpu::attention_backward<float>(
+        s, strided<const float>(ga), strided<const float>(qa), strided<const float>(ka),
+        strided<const float>(va), strided<const float>(oa), strided<const float>(la),
+        strided<float>(dqa), strided<float>(dka), strided<float>(dva), scale, threads);
+}
+
+void patch_text_logits_forward(const std::string& dtype, const PyTensor& x, const PyTensor& text,
+                               const PyTensor& out, double logit_scale, int threads) {
+  const bool f64 = is_double(dtype);
+  const TensorArg xa = tensor_arg("x", x, {-1, -1, -1});
+  const int64_t B = xa.size(0), N = xa.size(1), E = xa.size(2);
+  const TensorArg ta = tensor_arg("text", text, {-1, E});
+  const int64_t C = ta.size(0);
+  const TensorArg oa = tensor_arg("out", out, {B, N, C});
+  check_scale("logit_scale", logit_scale, false);
+  const cpu::LogitsShape s{B, N, C, E};
+  py::gil_scoped_release release;
+  if (f64)
+    cpu::patch_text_logits_forward<double>(s, strided<const double>(xa), strided<const double>(ta),
+                                           strided<double>(oa), logit_scale, threads);
+  else
+    cpu::patch_text_logits_forward<float>(s, strided<const float>(xa), strided<const float>(ta),
+                                          strided<float>(oa), logit_scale, threads);
+}
+
+double patch_text_logits_backward(const std::string& dtype, const PyTensor& dout, const PyTensor& x,
+                                  const PyTensor& text, double logit_scale, const PyTensor& dx,
+                                  const PyTensor& dtext, int threads) {
+  const bool f64 = is_double(dtype);
+  const TensorArg xa = tensor_arg("x", x, {-1, -1, -1});
+  const int64_t B = xa.size(0), N = xa.size(1), E = xa.size(2);
+  const TensorArg ta = tensor_arg("text", text, {-1, E});
+  const int64_t C = ta.size(0);
+  const TensorArg ga = tensor_arg("dout", dout, {B, N, C});
+  const TensorArg dxa = tensor_arg("dx", dx, {B, N, E});
+  const TensorArg dta = tensor_arg("dtext", dtext, {C, E});
+  check_scale("logit_scale", logit_scale, false);
+  const cpu::LogitsShape s{B, N, C, E};
+  py::gil_scoped_release release;
+  if (f64)
+    return cpu::patch_text_logits_backward<double>(
+        s, strided<const double>(ga), strided<const double>(xa), strided<const double>(ta),
+        logit_scale, strided<double>(dxa), strided<double>(dta), threads);
+  return cpu::patch_text_logits_backward<float>(
+      s, strided<const float>(ga), strided<const float>(xa), strided<const float>(ta), logit_scale,
+      strided<float>(dxa), strided<float>(dta), threads);
+}
+
+}  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "armfast CPU kernels (C++/OpenMP)";
@@ -18,6 +150,24 @@ PYBIND11_MODULE(_C, m) {
     info["openmp"] = false;
     info["max_threads"] = 1;
 #endif
+    info["isa"] = cpu::active_isa();
     return info;
   });
+  m.def("isa", &cpu::active_isa,
+        "Instruction set the kernels run with (avx512, avx2 or generic); ARMFAST_CPU_ISA caps it.");
+  const char* tensor_doc = " Tensors are (data_ptr, sizes, strides) tuples, strides in elements.";
+  m.def("attention_forward", &attention_forward, py::arg("dtype"), py::arg("q"), py::arg("k"),
+        py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("scale"), py::arg("threads") = 0,
+        (std::string("Flash attention forward: writes out [B,H,Nq,d] and lse [B,H,Nq].") + tensor_doc).c_str());
+  m.def("attention_backward", &attention_backward, py::arg("dtype"), py::arg("dout"), py::arg("q"),
+        py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("dq"), py::arg("dk"),
+        py::arg("dv"), py::arg("scale"), py::arg("threads") = 0,
+        (std::string("Flash attention backward: writes dq, dk, dv from the saved out and lse.") + tensor_doc).c_str());
+  m.def("patch_text_logits_forward", &patch_text_logits_forward, py::arg("dtype"), py::arg("x"),
+        py::arg("text"), py::arg("out"), py::arg("logit_scale"), py::arg("threads") = 0,
+        (std::string("out [B,N,C] = logit_scale * normalize(x) normalize(text)^T.") + tensor_doc).c_str());
+  m.def("patch_text_logits_backward", &patch_text_logits_backward, py::arg("dtype"), py::arg("dout"),
+        py::arg("x"), py::arg("text"), py::arg("logit_scale"), py::arg("dx"), py::arg("dtext"),
+        py::arg("threads") = 0,
+        (std::string("Writes dx and dtext; returns d(loss)/d(logit_scale).") + tensor_doc).c_str());
 }

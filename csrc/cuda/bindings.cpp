@@ -1,17 +1,157 @@
 // Python bindings of the CUDA kernels (armfast._C_cuda). No libtorch: tensors arrive as data
-// pointers with sizes and strides plus torch's current stream handle.
+// pointers with sizes and strides plus torch's current stream handle and the device index.
 #include <cuda_runtime_api.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "armfast/tensor_arg.h"
+#include "kernels.h"
 
 namespace py = pybind11;
+using armfast::PyTensor;
+using armfast::TensorArg;
+using armfast::tensor_arg;
+namespace cu = armfast::cuda;
 
-namespace armfast {
-int cuda_device_count();
+namespace {
+
+cu::DType parse_dtype(const std::string& dtype) {
+  if (dtype == "float16") return cu::DType::float16;
+  if (dtype == "bfloat16") return cu::DType::bfloat16;
+  if (dtype == "float32") return cu::DType::float32;
+  throw py::type_error("armfast._C_cuda kernels take float16, bfloat16 or float32, got " + dtype);
 }
+
+cu::Strided strided(const TensorArg& a) {
+  cu::Strided s{reinterpret_cast<void*>(a.ptr), {0, 0, 0, 0}};
+  for (size_t i = 0; i < a.strides.size(); ++i) s.stride[i] = a.strides[i];
+  return s;
+}
+
+// Buffers the kernels index as flat arrays must be contiguous.
+void require_contiguous(const char* name, const TensorArg& a) {
+  int64_t expected = 1;
+  for (size_t i = a.sizes.size(); i-- > 0;) {
+    if (a.sizes[i] != 1 && a.strides[i] != expected)
+      throw std::invalid_argument(std::string(name) + " must be contiguous, got strides " +
+                                  armfast::shape_str(a.strides));
+    expected *= a.sizes[i];
+  }
+}
+
+void check_scale(double scale) {
+  if (!std::isfinite(scale) || scale <= 0)
+    throw std::invalid_argument("scale must be finite and > 0, got " + std::to_string(scale));
+}
+
+void check_device(int device) {
+  if (device < 0) throw std::invalid_argument("device must be a CUDA device index, got " + std::to_string(device));
+}
+
+void check_head_dim(int64_t d) {
+  if (d != 32 && d != 64 && d != 128)
+    throw std::invalid_argument("armfast CUDA attention supports head dims 32, 64, 128; got d=" + std::to_string(d));
+}
+
+void attention_forward(const std::string& dtype, const PyTensor& q, const PyTensor& k,
+                       const PyTensor& v, const PyTensor& out, const PyTensor& lse, double scale,
+                       int device, std::uintptr_t stream) {
+  const cu::DType dt = parse_dtype(dtype);
+  const TensorArg qa = tensor_arg("q", q, {-1, -1, -1, -1});
+  const int64_t B = qa.size(0), H = qa.size(1), Nq = qa.size(2), d = qa.size(3);
+  const TensorArg ka = tensor_arg("k", k, {B, H, -1, d});
+  const int64_t Nk = ka.size(2);
+  const TensorArg va = tensor_arg("v", v, {B, H, Nk, d});
+  const TensorArg oa = tensor_arg("out", out, {B, H, Nq, d});
+  const TensorArg la = tensor_arg("lse", lse, {B, H, Nq});
+  check_head_dim(d);
+  check_scale(scale);
+  check_device(device);
+  py::gil_scoped_release release;
+  cu::attention_forward(dt, {B, H, Nq, Nk, d}, strided(qa), strided(ka), strided(va), strided(oa),
+                        strided(la), static_cast<float>(scale), device, stream);
+}
+
+void attention_backward(const std::string& dtype, const PyTensor& dout, const PyTensor& q,
+                        const PyTensor& k, const PyTensor& v, const PyTensor& out,
+                        const PyTensor& lse, const PyTensor& delta, const PyTensor& dq,
+                        const PyTensor& dk, const PyTensor& dv, double scale, int device,
+                        std::uintptr_t stream) {
+  const cu::DType dt = parse_dtype(dtype);
+  const TensorArg qa = tensor_arg("q", q, {-1, -1, -1, -1});
+  const int64_t B = qa.size(0), H = qa.size(1), Nq = qa.size(2), d = qa.size(3);
+  const TensorArg ka = tensor_arg("k", k, {B, H, -1, d});
+  const int64_t Nk = ka.size(2);
+  const TensorArg va = tensor_arg("v", v, {B, H, Nk, d});
+  const TensorArg ga = tensor_arg("dout", dout, {B, H, Nq, d});
+  const TensorArg oa = tensor_arg("out", out, {B, H, Nq, d});
+  const TensorArg la = tensor_arg("lse", lse, {B, H, Nq});
+  const TensorArg wa = tensor_arg("delta", delta, {B, H, Nq});
+  require_contiguous("delta", wa);
+  const TensorArg dqa = tensor_arg("dq", dq, {B, H, Nq, d});
+  const TensorArg dka = tensor_arg("dk", dk, {B, H, Nk, d});
+  const TensorArg dva = tensor_arg("dv", dv, {B, H, Nk, d});
+  check_head_dim(d);
+  check_scale(scale);
+  check_device(device);
+  py::gil_scoped_release release;
+  cu::attention_backward(dt, {B, H, Nq, Nk, d}, strided(ga), strided(qa), strided(ka), strided(va),
+                         strided(oa), strided(la), wa.data<float>(), strided(dqa), strided(dka),
+                         strided(dva), static_cast<float>(scale), device, stream);
+}
+
+void patch_text_logits_forward(const std::string& dtype, const PyTensor& x, const PyTensor& text,
+                               const PyTensor& logit_scale, const PyTensor& out,
+                               const PyTensor& workspace, int device, std::uintptr_t stream) {
+  const cu::DType dt = parse_dtype(dtype);
+  const TensorArg xa = tensor_arg("x", x, {-1, -1, -1});
+  const int64_t B = xa.size(0), N = xa.size(1), E = xa.size(2);
+  const TensorArg ta = tensor_arg("text", text, {-1, E});
+  const int64_t C = ta.size(0);
+  const TensorArg sa = tensor_arg("logit_scale", logit_scale, {1});
+  const TensorArg oa = tensor_arg("out", out, {B, N, C});
+  const TensorArg wa = tensor_arg("workspace", workspace, {cu::patch_text_logits_workspace(B * N, C, E, false)});
+  require_contiguous("workspace", wa);
+  check_device(device);
+  py::gil_scoped_release release;
+  cu::patch_text_logits_forward(dt, {B, N, C, E}, strided(xa), strided(ta), sa.data<const float>(),
+                                strided(oa), wa.data<float>(), device, stream);
+}
+
+void patch_text_logits_backward(const std::string& dtype, const PyTensor& dout, const PyTensor& x,
+                                const PyTensor& text, const PyTensor& logit_scale,
+                                const PyTensor& dx, const PyTensor& dtext,
+                                const PyTensor& dlogit_scale, const PyTensor& workspace, int device,
+                                std::uintptr_t stream) {
+  const cu::DType dt = parse_dtype(dtype);
+  const TensorArg xa = tensor_arg("x", x, {-1, -1, -1});
+  const int64_t B = xa.size(0), N = xa.size(1), E = xa.size(2);
+  const TensorArg ta = tensor_arg("text", text, {-1, E});
+  const int64_t C = ta.size(0);
+  const TensorArg ga = tensor_arg("dout", dout, {B, N, C});
+  const TensorArg sa = tensor_arg("logit_scale", logit_scale, {1});
+  const TensorArg dxa = tensor_arg("dx", dx, {B, N, E});
+  const TensorArg dta = tensor_arg("dtext", dtext, {C, E});
+  const TensorArg dsa = tensor_arg("dlogit_scale", dlogit_scale, {1});
+  const TensorArg wa = tensor_arg("workspace", workspace, {cu::patch_text_logits_workspace(B * N, C, E, true)});
+  require_contiguous("workspace", wa);
+  check_device(device);
+  py::gil_scoped_release release;
+  cu::patch_text_logits_backward(dt, {B, N, C, E}, strided(ga), strided(xa), strided(ta),
+                                 sa.data<const float>(), strided(dxa), strided(dta),
+                                 dsa.data<float>(), wa.data<float>(), device, stream);
+}
+
+}  // namespace
 
 PYBIND11_MODULE(_C_cuda, m) {
   m.doc() = "armfast CUDA kernels";
-  m.def("device_count", &armfast::cuda_device_count,
+  m.def("device_count", &cu::cuda_device_count,
         "Number of CUDA devices; raises RuntimeError when the driver cannot be used.");
   m.def("build_info", [] {
     py::dict info;
@@ -19,4 +159,29 @@ PYBIND11_MODULE(_C_cuda, m) {
     info["cuda_runtime"] = CUDART_VERSION;
     return info;
   });
+  const std::string tensors =
+      " Tensors are (data_ptr, sizes, strides) tuples, strides in elements; `stream` is a "
+      "cudaStream_t handle (torch.cuda.current_stream().cuda_stream) on `device`.";
+  m.def("attention_forward", &attention_forward, py::arg("dtype"), py::arg("q"), py::arg("k"),
+        py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("scale"), py::arg("device"),
+        py::arg("stream"),
+        ("Flash attention forward: writes out [B,H,Nq,d] and lse [B,H,Nq] (float32)." + tensors).c_str());
+  m.def("attention_backward", &attention_backward, py::arg("dtype"), py::arg("dout"), py::arg("q"),
+        py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("delta"), py::arg("dq"),
+        py::arg("dk"), py::arg("dv"), py::arg("scale"), py::arg("device"), py::arg("stream"),
+        ("Flash attention backward: writes dq, dk, dv; delta is a contiguous float32 [B,H,Nq] "
+         "workspace." + tensors).c_str());
+  m.def("patch_text_logits_workspace", &cu::patch_text_logits_workspace, py::arg("rows"),
+        py::arg("classes"), py::arg("dim"), py::arg("backward"),
+        "float32 elements of workspace patch_text_logits_forward/backward need (rows = B*N).");
+  m.def("patch_text_logits_forward", &patch_text_logits_forward, py::arg("dtype"), py::arg("x"),
+        py::arg("text"), py::arg("logit_scale"), py::arg("out"), py::arg("workspace"),
+        py::arg("device"), py::arg("stream"),
+        ("out [B,N,C] = logit_scale * normalize(x) normalize(text)^T; logit_scale is a float32 "
+         "[1] tensor on the device." + tensors).c_str());
+  m.def("patch_text_logits_backward", &patch_text_logits_backward, py::arg("dtype"),
+        py::arg("dout"), py::arg("x"), py::arg("text"), py::arg("logit_scale"), py::arg("dx"),
+        py::arg("dtext"), py::arg("dlogit_scale"), py::arg("workspace"), py::arg("device"),
+        py::arg("stream"),
+        ("Writes dx, dtext and dlogit_scale (float32 [1])." + tensors).c_str());
 }

@@ -4,7 +4,9 @@
 #include <stdexcept>
 #include <string>
 
-namespace armfast {
+#include "kernels.h"
+
+namespace armfast::cuda {
 
 int cuda_device_count() {
   int count = 0;
@@ -16,4 +18,4 @@ int cuda_device_count() {
   return count;
 }
 
-}  // namespace armfast
+}  // namespace armfast::cuda

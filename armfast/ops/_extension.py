@@ -1,0 +1,297 @@
+"""`cpu` and `cuda` backends: the compiled kernels of armfast._C (C++/OpenMP) and armfast._C_cuda.
+
+Each module is imported on first use and on its own, so a missing or broken CUDA build, or a
+machine without a driver, only makes the `cuda` backend unavailable (the reason shows in
+`backend_status`) and never breaks `import armfast` or the `cpu` backend.
+
+The kernels never see libtorch: the wrappers here check what the kernels rely on (device, dtype,
+head dim), allocate the outputs and pass each tensor as ``(data_ptr, sizes, strides)`` with
+strides in elements, plus, for CUDA, the device index and torch's current stream.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import re
+from types import ModuleType
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._library import define_attention, define_patch_text_logits, lse_dtype
+from ._registry import Backend
+
+CPU_DTYPES = (torch.float32, torch.float64)
+CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+CUDA_HEAD_DIMS = (32, 64, 128)
+
+# Tests set this to fill every buffer the wrappers allocate with NaN, so that an element a kernel
+# forgets to write shows up instead of passing as left-over memory.
+POISON_ALLOCATIONS = False
+
+_DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
+                torch.float64: "float64"}
+
+
+# ---------------------------------------------------------------------------------------------
+# loading and availability
+# ---------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _import(name: str) -> tuple[Optional[ModuleType], Optional[str]]:
+    """(module, None), or (None, why armfast.<name> cannot be imported)."""
+    try:
+        return importlib.import_module(f"armfast.{name}"), None
+    except Exception as exc:  # ImportError, or an OSError/undefined symbol from a broken build
+        return None, (f"armfast.{name} failed to import ({type(exc).__name__}: {exc}); "
+                      f"reinstall armfast so that the extension is compiled")
+
+
+def _module(name: str) -> ModuleType:
+    module, reason = _import(name)
+    if module is None:
+        raise RuntimeError(reason)
+    return module
+
+
+def _cpu_runtime_check(device: torch.device) -> Optional[str]:
+    return _import("_C")[1]
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_devices() -> tuple[int, Optional[str]]:
+    """(number of devices armfast._C_cuda sees, None), or (0, why it sees none)."""
+    module, reason = _import("_C_cuda")
+    if module is None:
+        return 0, reason
+    try:
+        count = module.device_count()
+    except RuntimeError as exc:  # no driver, driver too old for the runtime, ...
+        return 0, f"the CUDA driver cannot be used by armfast._C_cuda ({exc})"
+    if count == 0:
+        return 0, "no CUDA device is visible"
+    return count, None
+
+
+def _arch_runs(arch_list: str, capability: tuple[int, int]) -> bool:
+    """Whether code built for `arch_list` ("8.0;9.0a;9.0+PTX") runs on a GPU of `capability`."""
+    for item in filter(None, re.split(r"[;,\s]+", arch_list)):
+        ptx = item.endswith("+PTX")
+        m = re.fullmatch(r"(\d+)\.(\d+)([af]?)", item[:-4] if ptx else item)
+        if m is None:
+            continue
+        built = (int(m[1]), int(m[2]))
+        if ptx and capability >= built:
+            return True  # the driver compiles the PTX for newer GPUs
+        if m[3] == "a" and capability == built:
+            return True  # arch-specific cubins run on that exact GPU only
+        if not m[3] and capability[0] == built[0] and capability[1] >= built[1]:
+            return True
+    return False
+
+
+def _cuda_runtime_check(device: torch.device) -> Optional[str]:
+    count, reason = _cuda_devices()
+    if reason is not None:
+        return reason
+    if not torch.cuda.is_available():
+        return "torch.cuda is not available (a CPU-only torch build, or no usable driver)"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index >= count:
+        return f"cuda:{index} does not exist (armfast._C_cuda sees {count} device(s))"
+    capability = torch.cuda.get_device_capability(index)
+    archs = _module("_C_cuda").build_info()["cuda_archs"]
+    if not _arch_runs(archs, capability):
+        return (f"armfast._C_cuda was built for {archs}, which cannot run on cuda:{index} "
+                f"(compute capability {capability[0]}.{capability[1]}); rebuild with "
+                f"ARMFAST_CUDA_ARCH_LIST=\"{capability[0]}.{capability[1]}\" (8.0 or newer)")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# shared helpers
+# ---------------------------------------------------------------------------------------------
+
+def _arg(t: Tensor) -> tuple[int, list[int], list[int]]:
+    return t.data_ptr(), list(t.shape), list(t.stride())
+
+
+def _empty(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
+    if POISON_ALLOCATIONS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _check(backend: str, dtypes: tuple[torch.dtype, ...], **tensors: Tensor) -> None:
+    """The kernels read raw memory: every tensor must be on the backend's device type and share
+    the first tensor's dtype and device."""
+    first_name, first = next(iter(tensors.items()))
+    if first.dtype not in dtypes:
+        names = ", ".join(_DTYPE_NAMES[d] for d in dtypes)
+        raise TypeError(f"backend '{backend}' takes {names} tensors; {first_name} is {first.dtype}")
+    for name, t in tensors.items():
+        if t.device.type != backend:
+            raise ValueError(f"backend '{backend}' needs {name} on a {backend} device, got {t.device}")
+        if t.dtype != first.dtype:
+            raise TypeError(f"{name} must have the dtype of {first_name} ({first.dtype}), got {t.dtype}")
+        if t.device != first.device:
+            raise ValueError(f"{name} must be on the device of {first_name} ({first.device}), got {t.device}")
+
+
+def _check_lse(lse: Tensor, q: Tensor) -> None:
+    if lse.dtype != lse_dtype(q.dtype) or lse.device != q.device:
+        raise TypeError(f"lse must be {lse_dtype(q.dtype)} on {q.device}, got {lse.dtype} on {lse.device}")
+
+
+def _check_head_dim(d: int) -> None:
+    if d not in CUDA_HEAD_DIMS:
+        raise ValueError(f"backend 'cuda' supports head dims {CUDA_HEAD_DIMS}, got d={d}")
+
+
+# ---------------------------------------------------------------------------------------------
+# cpu
+# ---------------------------------------------------------------------------------------------
+
+def cpu_attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    _check("cpu", CPU_DTYPES, q=q, k=k, v=v)
+    B, H, Nq, d = q.shape
+    out = _empty((B, H, Nq, d), q.dtype, q.device)
+    lse = _empty((B, H, Nq), lse_dtype(q.dtype), q.device)
+    _module("_C").attention_forward(_DTYPE_NAMES[q.dtype], _arg(q), _arg(k), _arg(v), _arg(out),
+                                    _arg(lse), float(scale), torch.get_num_threads())
+    return out, lse
+
+
+def cpu_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                           scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    _check("cpu", CPU_DTYPES, q=q, k=k, v=v, dout=dout, out=out)
+    _check_lse(lse, q)
+    dq = _empty(q.shape, q.dtype, q.device)
+    dk = _empty(k.shape, k.dtype, k.device)
+    dv = _empty(v.shape, v.dtype, v.device)
+    _module("_C").attention_backward(
+        _DTYPE_NAMES[q.dtype], _arg(dout), _arg(q), _arg(k), _arg(v), _arg(out), _arg(lse),
+        _arg(dq), _arg(dk), _arg(dv), float(scale), torch.get_num_threads())
+    return dq, dk, dv
+
+
+def cpu_patch_text_logits_forward(x: Tensor, text: Tensor, logit_scale: Tensor) -> Tensor:
+    _check("cpu", CPU_DTYPES, x=x, text=text)
+    out = _empty((x.shape[0], x.shape[1], text.shape[0]), x.dtype, x.device)
+    _module("_C").patch_text_logits_forward(_DTYPE_NAMES[x.dtype], _arg(x), _arg(text), _arg(out),
+                                            float(logit_scale), torch.get_num_threads())
+    return out
+
+
+def cpu_patch_text_logits_backward(dout: Tensor, x: Tensor, text: Tensor,
+                                   logit_scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    _check("cpu", CPU_DTYPES, x=x, text=text, dout=dout)
+    dx = _empty(x.shape, x.dtype, x.device)
+    dtext = _empty(text.shape, text.dtype, text.device)
+    dscale = _module("_C").patch_text_logits_backward(
+        _DTYPE_NAMES[x.dtype], _arg(dout), _arg(x), _arg(text), float(logit_scale), _arg(dx),
+        _arg(dtext), torch.get_num_threads())
+    return dx, dtext, torch.full(logit_scale.shape, dscale, dtype=logit_scale.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# cuda
+# ---------------------------------------------------------------------------------------------
+
+def _launch(t: Tensor) -> tuple[int, int]:
+    """(device index, handle of torch's current stream on it): the kernels run there, in order
+    with torch's own work."""
+    return t.device.index, torch.cuda.current_stream(t.device).cuda_stream
+
+
+def cuda_attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    _check("cuda", CUDA_DTYPES, q=q, k=k, v=v)
+    _check_head_dim(q.shape[-1])
+    B, H, Nq, d = q.shape
+    out = _empty((B, H, Nq, d), q.dtype, q.device)
+    lse = _empty((B, H, Nq), torch.float32, q.device)
+    _module("_C_cuda").attention_forward(_DTYPE_NAMES[q.dtype], _arg(q), _arg(k), _arg(v),
+                                         _arg(out), _arg(lse), float(scale), *_launch(q))
+    return out, lse
+
+
+def cuda_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                            scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    _check("cuda", CUDA_DTYPES, q=q, k=k, v=v, dout=dout, out=out)
+    _check_lse(lse, q)
+    _check_head_dim(q.shape[-1])
+    B, H, Nq, _ = q.shape
+    delta = _empty((B, H, Nq), torch.float32, q.device)  # workspace: rowsum(dout * out)
+    dq = _empty(q.shape, q.dtype, q.device)
+    dk = _empty(k.shape, k.dtype, k.device)
+    dv = _empty(v.shape, v.dtype, v.device)
+    _module("_C_cuda").attention_backward(
+        _DTYPE_NAMES[q.dtype], _arg(dout), _arg(q), _arg(k), _arg(v), _arg(out), _arg(lse),
+        _arg(delta), _arg(dq), _arg(dk), _arg(dv), float(scale), *_launch(q))
+    return dq, dk, dv
+
+
+def _cuda_logit_scale(logit_scale: Tensor, x: Tensor) -> Tensor:
+    if logit_scale.device != x.device:
+        raise ValueError(f"logit_scale must be on x's device ({x.device}), got {logit_scale.device}")
+    return logit_scale.detach().to(torch.float32).reshape(1).contiguous()
+
+
+def cuda_patch_text_logits_forward(x: Tensor, text: Tensor, logit_scale: Tensor) -> Tensor:
+    _check("cuda", CUDA_DTYPES, x=x, text=text)
+    module = _module("_C_cuda")
+    B, N, E = x.shape
+    C = text.shape[0]
+    scale = _cuda_logit_scale(logit_scale, x)
+    out = _empty((B, N, C), x.dtype, x.device)
+    workspace = _empty((module.patch_text_logits_workspace(B * N, C, E, False),), torch.float32,
+                       x.device)
+    module.patch_text_logits_forward(_DTYPE_NAMES[x.dtype], _arg(x), _arg(text), _arg(scale),
+                                     _arg(out), _arg(workspace), *_launch(x))
+    return out
+
+
+def cuda_patch_text_logits_backward(dout: Tensor, x: Tensor, text: Tensor,
+                                    logit_scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    _check("cuda", CUDA_DTYPES, x=x, text=text, dout=dout)
+    module = _module("_C_cuda")
+    B, N, E = x.shape
+    C = text.shape[0]
+    scale = _cuda_logit_scale(logit_scale, x)
+    dx = _empty(x.shape, x.dtype, x.device)
+    dtext = _empty(text.shape, text.dtype, text.device)
+    dscale = _empty((1,), torch.float32, x.device)
+    workspace = _empty((module.patch_text_logits_workspace(B * N, C, E, True),), torch.float32,
+                       x.device)
+    module.patch_text_logits_backward(
+        _DTYPE_NAMES[x.dtype], _arg(dout), _arg(x), _arg(text), _arg(scale), _arg(dx), _arg(dtext),
+        _arg(dscale), _arg(workspace), *_launch(x))
+    return dx, dtext, dscale.to(logit_scale.dtype).reshape(logit_scale.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# registration
+# ---------------------------------------------------------------------------------------------
+
+CPU_BACKEND = Backend(
+    name="cpu",
+    attention=define_attention("cpu", cpu_attention_forward, cpu_attention_backward,
+                               device_types="cpu"),
+    patch_text_logits=define_patch_text_logits(
+        "cpu", cpu_patch_text_logits_forward, cpu_patch_text_logits_backward, device_types="cpu"),
+    dtypes={"cpu": CPU_DTYPES},
+    runtime_check=_cpu_runtime_check,
+)
+
+CUDA_BACKEND = Backend(
+    name="cuda",
+    attention=define_attention("cuda", cuda_attention_forward, cuda_attention_backward,
+                               device_types="cuda"),
+    patch_text_logits=define_patch_text_logits(
+        "cuda", cuda_patch_text_logits_forward, cuda_patch_text_logits_backward,
+        device_types="cuda"),
+    dtypes={"cuda": CUDA_DTYPES},
+    head_dims=CUDA_HEAD_DIMS,
+    runtime_check=_cuda_runtime_check,
+)

@@ -1,0 +1,51 @@
+// Entry points of the CPU kernels (armfast._C). Plain pointers and element strides, no libtorch.
+#pragma once
+
+#include <cstdint>
+
+namespace armfast::cpu {
+
+// A strided tensor of up to 4 dims: element (i0, i1, ...) lives at data[i0*stride[0] + ...].
+template <typename T>
+struct Strided {
+  T* data;
+  int64_t stride[4];
+};
+
+struct AttentionShape {
+  int64_t B, H, Nq, Nk, d;
+};
+
+struct LogitsShape {
+  int64_t B, N, C, E;
+};
+
+// q [B,H,Nq,d], k/v [B,H,Nk,d] -> out [B,H,Nq,d], lse [B,H,Nq] (natural log-sum-exp of each row
+// of scaled scores). T is float or double; threads <= 0 means OpenMP's default.
+template <typename T>
+void attention_forward(const AttentionShape& s, Strided<const T> q, Strided<const T> k,
+                       Strided<const T> v, Strided<T> out, Strided<T> lse, double scale, int threads);
+
+// Gradients of attention from the saved out and lse; dq/dk/dv are written, never accumulated.
+template <typename T>
+void attention_backward(const AttentionShape& s, Strided<const T> dout, Strided<const T> q,
+                        Strided<const T> k, Strided<const T> v, Strided<const T> out,
+                        Strided<const T> lse, Strided<T> dq, Strided<T> dk, Strided<T> dv,
+                        double scale, int threads);
+
+// x [B,N,E], text [C,E] -> out [B,N,C] = logit_scale * normalize(x) normalize(text)^T.
+template <typename T>
+void patch_text_logits_forward(const LogitsShape& s, Strided<const T> x, Strided<const T> text,
+                               Strided<T> out, double logit_scale, int threads);
+
+// Writes dx [B,N,E] and dtext [C,E]; returns d(loss)/d(logit_scale).
+template <typename T>
+double patch_text_logits_backward(const LogitsShape& s, Strided<const T> dout, Strided<const T> x,
+                                  Strided<const T> text, double logit_scale, Strided<T> dx,
+                                  Strided<T> dtext, int threads);
+
+// Instruction set the kernels dispatch to: "avx512", "avx2" or "generic". The best the CPU
+// supports, capped by the environment variable ARMFAST_CPU_ISA (for tests and comparisons).
+const char* active_isa();
+
+}  // namespace armfast::cpu

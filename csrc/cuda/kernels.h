@@ -1,0 +1,53 @@
+// Host entry points of the CUDA kernels (armfast._C_cuda). Plain pointers and element strides, no
+// libtorch; every function launches on `stream` (torch's current stream) of `device` and throws
+// std::runtime_error naming the kernel when a launch fails.
+#pragma once
+
+#include <cstdint>
+
+namespace armfast::cuda {
+
+enum class DType { float16, bfloat16, float32 };
+
+// A strided tensor of up to 4 dims: element (i0, i1, ...) lives at data[i0*stride[0] + ...].
+struct Strided {
+  void* data;
+  int64_t stride[4];
+};
+
+struct AttentionShape {
+  int64_t B, H, Nq, Nk, d;
+};
+
+struct LogitsShape {
+  int64_t B, N, C, E;
+};
+
+// q [B,H,Nq,d], k/v [B,H,Nk,d] -> out [B,H,Nq,d] (q's dtype), lse [B,H,Nq] (float32, natural
+// log). d must be 32, 64 or 128.
+void attention_forward(DType dtype, const AttentionShape& s, Strided q, Strided k, Strided v,
+                       Strided out, Strided lse, float scale, int device, std::uintptr_t stream);
+
+// dq, dk, dv from the saved out and lse; `delta` is a float32 workspace of B*H*Nq elements.
+void attention_backward(DType dtype, const AttentionShape& s, Strided dout, Strided q, Strided k,
+                        Strided v, Strided out, Strided lse, float* delta, Strided dq, Strided dk,
+                        Strided dv, float scale, int device, std::uintptr_t stream);
+
+// float32 workspace elements the patch_text_logits functions need for `rows` = B*N.
+int64_t patch_text_logits_workspace(int64_t rows, int64_t classes, int64_t dim, bool backward);
+
+// out [B,N,C] = (*logit_scale) * normalize(x) normalize(text)^T; logit_scale: one float32 on the device.
+void patch_text_logits_forward(DType dtype, const LogitsShape& s, Strided x, Strided text,
+                               const float* logit_scale, Strided out, float* workspace, int device,
+                               std::uintptr_t stream);
+
+// Writes dx [B,N,E], dtext [C,E] and dlogit_scale (one float32 on the device).
+void patch_text_logits_backward(DType dtype, const LogitsShape& s, Strided dout, Strided x,
+                                Strided text, const float* logit_scale, Strided dx, Strided dtext,
+                                float* dlogit_scale, float* workspace, int device,
+                                std::uintptr_t stream);
+
+// Number of CUDA devices; throws std::runtime_error when the driver cannot be used.
+int cuda_device_count();
+
+}  // namespace armfast::cuda

@@ -1,0 +1,249 @@
+"""The `cuda` backend (CUDA kernels of armfast._C_cuda) against independent float64 math.
+
+Half-precision results are held to the accuracy of the same math done by PyTorch in that dtype:
+the kernel's error against float64 may be at most a few times PyTorch's own.
+"""
+import pytest
+import torch
+
+from armfast import ops
+from armfast.ops import _extension
+from armfast.ops._extension import CUDA_BACKEND
+
+from conftest import AWKWARD_N, attention_f64, make_qkv, patch_text_logits_f64
+
+pytestmark = pytest.mark.gpu
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DTYPE_IDS = {"ids": lambda dtype: str(dtype).removeprefix("torch.")}
+FLOOR = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}  # absolute error always allowed
+
+
+@pytest.fixture(autouse=True)
+def cuda_backend_available():
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("the cuda backend needs compute capability 8.0 or newer")
+    reason = ops.backend_status("cuda")["cuda"]
+    if reason is not None:  # a GPU is there, so a broken build must not pass as a skip
+        pytest.fail(f"a CUDA device is present but the cuda backend is unavailable: {reason}")
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Outputs start as NaN, so an element a kernel forgets to write fails the comparison."""
+    monkeypatch.setattr(_extension, "POISON_ALLOCATIONS", True)
+
+
+def assert_close_to_truth(got, truth, peer, name, factor=3.0):
+    """|got - truth| <= factor * |peer - truth| + floor, with peer the same math in got's dtype."""
+    assert got.dtype == peer.dtype and got.shape == truth.shape, name
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    err = (got.double() - truth).abs().max().item()
+    peer_err = (peer.double() - truth).abs().max().item()
+    assert err <= factor * peer_err + FLOOR[got.dtype], f"{name}: error {err:.3g}, PyTorch in {got.dtype}: {peer_err:.3g}"
+
+
+def attention_peer(q, k, v, scale=None):
+    """PyTorch in the inputs' dtype (softmax in float32, as the kernels do)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = torch.matmul(q, k.transpose(-2, -1)).float() * scale
+    return torch.matmul(torch.softmax(s, dim=-1).to(q.dtype), v)
+
+
+def cuda_qkv(B, H, nq, nk, d, dtype, *, strided=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return make_qkv(B, H, nq, nk, d, dtype=dtype, device="cuda", strided=strided, requires_grad=True,
+                    generator=g)
+
+
+def check_attention(q, k, v, *, scale=None, seed=0):
+    out = ops.attention(q, k, v, scale=scale, backend="cuda")
+    truth = attention_f64(q, k, v, scale)
+    peer = attention_peer(q, k, v, scale)
+    assert_close_to_truth(out, truth, peer, "out")
+    g = torch.Generator().manual_seed(seed + 1)
+    dout = torch.randn(out.shape, generator=g, dtype=torch.float64).to(device="cuda", dtype=q.dtype)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    truth_grads = torch.autograd.grad(truth, (q, k, v), dout.double())
+    peer_grads = torch.autograd.grad(peer, (q, k, v), dout)
+    for name, got, want, ref in zip(("dq", "dk", "dv"), grads, truth_grads, peer_grads):
+        assert_close_to_truth(got, want.double(), ref, name)
+
+
+# ---- attention --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, **DTYPE_IDS)
+@pytest.mark.parametrize("n", AWKWARD_N)
+@pytest.mark.parametrize("strided", [False, True])
+def test_attention_matches_float64(dtype, n, strided, poisoned):
+    check_attention(*cuda_qkv(2, 3, n, n, 64, dtype, strided=strided, seed=n), seed=n)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, **DTYPE_IDS)
+@pytest.mark.parametrize("d", [32, 64, 128])
+def test_attention_head_dims(dtype, d, poisoned):
+    check_attention(*cuda_qkv(1, 2, 100, 77, d, dtype, strided=True, seed=d), seed=d)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, **DTYPE_IDS)
+@pytest.mark.parametrize("nq,nk,d", [(7, 197, 64), (197, 1, 32), (5, 33, 128), (300, 65, 128)])
+def test_attention_cross_lengths_and_scale(dtype, nq, nk, d, poisoned):
+    check_attention(*cuda_qkv(2, 2, nq, nk, d, dtype, strided=True, seed=nq), scale=0.3, seed=nq)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, **DTYPE_IDS)
+def test_attention_saves_log_sum_exp(dtype):
+    q, k, v = (t.detach() for t in cuda_qkv(1, 2, 70, 90, 64, dtype, strided=True))
+    out, lse = CUDA_BACKEND.attention.forward_op(q, k, v, 0.2)
+    assert lse.dtype == torch.float32 and lse.is_contiguous() and out.is_contiguous()
+    truth = torch.logsumexp(q.double() @ k.double().transpose(-2, -1) * 0.2, dim=-1)
+    torch.testing.assert_close(lse.double(), truth, atol=1e-4 if dtype == torch.float32 else 2e-2, rtol=1e-4)
+
+
+def test_attention_expanded_grad():
+    # out.sum().backward() hands the kernel a zero-stride dout
+    q, k, v = cuda_qkv(1, 2, 65, 70, 64, torch.float32)
+    ops.attention(q, k, v, backend="cuda").sum().backward()
+    expected = torch.autograd.grad(attention_f64(q, k, v).sum(), (q, k, v))
+    for got, want in zip((q.grad, k.grad, v.grad), expected):
+        torch.testing.assert_close(got.double(), want.double(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, **DTYPE_IDS)
+def test_attention_backward_is_deterministic(dtype):
+    q, k, v = cuda_qkv(2, 4, 197, 197, 64, dtype)
+    dout = torch.randn(2, 4, 197, 64, device="cuda", dtype=dtype)
+    runs = []
+    for _ in range(3):
+        out = ops.attention(q, k, v, backend="cuda")
+        runs.append((out, *torch.autograd.grad(out, (q, k, v), dout)))
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+
+
+def test_attention_runs_on_the_current_stream():
+    q, k, v = (t.detach() for t in cuda_qkv(2, 2, 150, 150, 64, torch.float16))
+    expected = ops.attention(q, k, v, backend="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        got = ops.attention(q, k, v, backend="cuda")
+    torch.cuda.current_stream().wait_stream(stream)
+    assert torch.equal(got, expected)
+
+
+def test_attention_many_heads_exceed_a_grid_dimension():
+    q, k, v = cuda_qkv(70000, 1, 3, 5, 32, torch.float16)
+    check_attention(q, k, v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], **DTYPE_IDS)
+def test_attention_opcheck(dtype):
+    q, k, v = cuda_qkv(1, 2, 9, 11, 32, dtype, strided=True)
+    torch.library.opcheck(CUDA_BACKEND.attention.forward_op, (q, k, v, 0.25))
+    q, k, v = q.detach(), k.detach(), v.detach()  # the backward op itself has no autograd
+    out, lse = CUDA_BACKEND.attention.forward_op(q, k, v, 0.25)
+    torch.library.opcheck(CUDA_BACKEND.attention.backward_op,
+                          (torch.randn_like(out), q, k, v, out, lse, 0.25))
+
+
+# ---- patch_text_logits --------------------------------------------------------------------------
+
+def logits_peer(x, text, scale):
+    xn = torch.nn.functional.normalize(x.float(), dim=-1).to(x.dtype)
+    tn = torch.nn.functional.normalize(text.float(), dim=-1).to(x.dtype)
+    return scale.to(x.dtype) * (xn @ tn.t())
+
+
+def check_logits(x, text, scale, seed=0):
+    out = ops.patch_text_logits(x, text, logit_scale=scale, backend="cuda")
+    truth = patch_text_logits_f64(x, text, scale)
+    peer = logits_peer(x, text, scale)
+    assert_close_to_truth(out, truth, peer, "logits")
+    g = torch.Generator().manual_seed(seed)
+    dout = torch.randn(out.shape, generator=g, dtype=torch.float64).to(device="cuda", dtype=x.dtype)
+    inputs = (x, text, scale)
+    grads = torch.autograd.grad(out, inputs, dout)
+    truth_grads = torch.autograd.grad(truth, inputs, dout.double())
+    peer_grads = torch.autograd.grad(peer, inputs, dout)
+    for name, got, want, ref in zip(("dx", "dtext"), grads, truth_grads, peer_grads):
+        assert_close_to_truth(got, want.double(), ref, name)
+    # dlogit_scale sums B*N*C products: compare relative to its size
+    assert grads[2].dtype == scale.dtype and grads[2].shape == scale.shape
+    torch.testing.assert_close(grads[2].double(), truth_grads[2].double(),
+                               rtol=1e-4 if x.dtype == torch.float32 else 2e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, **DTYPE_IDS)
+@pytest.mark.parametrize("n", [1, 7, 197])
+def test_patch_text_logits_matches_float64(dtype, n, poisoned):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(2, n, 96, generator=g).to("cuda", dtype).requires_grad_()
+    text = torch.randn(71, 96, generator=g).to("cuda", dtype).requires_grad_()
+    check_logits(x, text, torch.tensor(40.0, device="cuda", requires_grad=True), seed=n)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, **DTYPE_IDS)
+def test_patch_text_logits_strided(dtype, poisoned):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 66, 2, generator=g).to("cuda", dtype).transpose(1, 2)[:, :, ::2]  # [3, 2, 33]
+    text = torch.randn(33, 17, generator=g).to("cuda", dtype).t()  # [17, 33]
+    x, text = x.requires_grad_(), text.requires_grad_()
+    assert not x.is_contiguous() and not text.is_contiguous()
+    check_logits(x, text, torch.tensor(2.5, device="cuda", requires_grad=True))
+
+
+def test_patch_text_logits_zero_rows_follow_the_eps_clamp():
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(1, 4, 8, generator=g)
+    x[0, 1] = 0
+    text = torch.randn(3, 8, generator=g)
+    text[2] = 0
+    scale = torch.tensor(1.5)
+    dout = torch.randn(1, 4, 3, generator=g)
+    results = []
+    for backend, device in (("cuda", "cuda"), ("reference", "cpu")):
+        xs, ts, ss = (t.to(device).requires_grad_() for t in (x, text, scale))
+        out = ops.patch_text_logits(xs, ts, logit_scale=ss, backend=backend)
+        results.append([r.cpu() for r in (out, *torch.autograd.grad(out, (xs, ts, ss), dout.to(device)))])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_patch_text_logits_backward_is_deterministic():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 197, 64, generator=g).to("cuda").requires_grad_()
+    text = torch.randn(21, 64, generator=g).to("cuda").requires_grad_()
+    scale = torch.tensor(10.0, device="cuda", requires_grad=True)
+    dout = torch.randn(4, 197, 21, device="cuda")
+    runs = []
+    for _ in range(3):
+        out = ops.patch_text_logits(x, text, logit_scale=scale, backend="cuda")
+        runs.append(torch.autograd.grad(out, (x, text, scale), dout))
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+
+
+def test_patch_text_logits_opcheck():
+    g = torch.Generator().manual_seed(16)
+    x = torch.randn(2, 5, 12, generator=g).cuda().requires_grad_()
+    text = torch.randn(4, 12, generator=g).cuda().requires_grad_()
+    scale = torch.tensor(10.0, device="cuda", requires_grad=True)
+    torch.library.opcheck(CUDA_BACKEND.patch_text_logits.forward_op, (x, text, scale))
+    torch.library.opcheck(CUDA_BACKEND.patch_text_logits.backward_op,
+                          (torch.randn(2, 5, 4, device="cuda"), x.detach(), text.detach(), scale.detach()))
+
+
+# ---- errors -------------------------------------------------------------------------------------
+
+def test_cuda_backend_rejects_what_it_cannot_run():
+    q, k, v = make_qkv(1, 1, 4, 4, 48, device="cuda")
+    with pytest.raises(ValueError, match=r"head dims \(32, 64, 128\), got d=48"):
+        ops.attention(q, k, v, backend="cuda")
+    q, k, v = make_qkv(1, 1, 4, 4, 32, device="cuda", dtype=torch.float64)
+    with pytest.raises(TypeError, match="backend 'cuda' supports dtypes"):
+        ops.attention(q, k, v, backend="cuda")
+    with pytest.raises(RuntimeError, match="backend 'cpu' is not available on cuda"):
+        ops.attention(q.float(), k.float(), v.float(), backend="cpu")
