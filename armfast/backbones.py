@@ -52,11 +52,37 @@ BACKBONES: dict[str, BackboneSpec] = {
 }
 
 
+# OpenAI's names for the same models (clip.available_models())
+ALIASES = {"ViT-B/16": "ViT-B-16", "ViT-B/32": "ViT-B-32", "ViT-L/14": "ViT-L-14",
+           "ViT-L/14@336px": "ViT-L-14-336", "ViT-L/14@336": "ViT-L-14-336"}
+
+
+def canonical_name(name: str) -> str | None:
+    """The registered name of `name` (an alias or a ``-quickgelu`` config), None if unregistered."""
+    if not isinstance(name, str):
+        return None
+    name = ALIASES.get(name, name)
+    base = name[: -len("-quickgelu")] if name.endswith("-quickgelu") else name
+    return base if base in BACKBONES else None
+
+
 def get_backbone(name: str) -> BackboneSpec:
-    """The spec of a registered backbone; `-quickgelu` suffixes resolve to their base model."""
+    """The spec of a registered backbone; `-quickgelu` suffixes resolve to their base model,
+    OpenAI's names (``ViT-B/16``, ``ViT-L/14@336px``) to open_clip's."""
     if not isinstance(name, str):
         raise TypeError(f"backbone name must be a string, got {type(name).__name__}")
-    base = name[: -len("-quickgelu")] if name.endswith("-quickgelu") else name
-    if base not in BACKBONES:
+    base = canonical_name(name)
+    if base is None:
         raise ValueError(f"unknown backbone {name!r}; registered: {', '.join(BACKBONES)}")
     return BACKBONES[base]
+
+
+def find_backbone(*, patch_size: int, image_size: int, width: int, layers: int,
+                  embed_dim: int) -> BackboneSpec | None:
+    """The registered backbone with this architecture (None if none has it): how a CLIP built
+    outside `armfast.clip.load_clip` is recognised."""
+    for spec in BACKBONES.values():
+        if (spec.patch_size, spec.image_size, spec.width, spec.layers, spec.embed_dim) == (
+                patch_size, image_size, width, layers, embed_dim):
+            return spec
+    return None

@@ -8,9 +8,13 @@ The protocol the baselines publish (SCLIP, NACLIP, ClearCLIP, ProxyCLIP):
 3. per crop: baseline deep features -> ARM (if any) -> cosine logits against the text
    embeddings (`armfast.ops.patch_text_logits`) -> bilinear upsampling to the crop's pixels;
 4. average overlapping logits, resize to the input image;
-5. multiply by ``logit_scale`` (ARM's learnt tau when ARM is used), softmax over every synonym,
-   max over each class's synonyms, optional ``area_thd`` (SCLIP's VOC21 rule), argmax, and
-   pixels whose best probability is under ``prob_thd`` go to ``background_index``.
+5. multiply by ``logit_scale`` (ARM's learnt tau when ARM is used), softmax over every synonym
+   (background words included), max over each class's synonyms, optional ``area_thd`` (SCLIP's
+   VOC21 rule), argmax, and pixels whose best probability is under the background's
+   ``prob_thd`` go to the background class (`armfast.background`).
+
+Without an explicit protocol the values are the default preset of the baseline on the CLIP's
+backbone (`armfast.eval.presets.default_preset`), the ones the benchmark path starts from.
 """
 from __future__ import annotations
 
@@ -23,11 +27,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
+from .background import Background, parse_background
 from .clip import model as clip_model_lib
-from .clip.text import TextEmbeddings, encode_classes
+from .clip.text import TextEmbeddings, encode_classes, encode_names
 
-DEFAULTS = dict(short_side=336, crop=224, stride=112, logit_scale=40.0, prob_thd=0.0,
-                area_thd=None)  # SCLIP / NACLIP ViT-B/16 defaults
+PROTOCOL_FIELDS = ("short_side", "crop", "stride", "logit_scale", "prob_thd", "area_thd")
 MAX_LONG_SIDE = 2048
 
 
@@ -114,13 +118,22 @@ class Segmentor:
         baseline: the last-block rewrite, see `armfast.clip.BASELINES`.
         arm: None, an `armfast.ARM` or its ``save_pretrained`` directory.
         vfm: proxyclip's vision foundation model (object or checkpoint path).
-        protocol: any object with ``short_side``, ``crop``, ``stride``, ``logit_scale``,
-            ``prob_thd`` (and optionally ``area_thd``) attributes, e.g.
-            `armfast.eval.protocols.Protocol`; the keyword arguments below override it.
+        protocol: any object with ``short_side``, ``crop``, ``stride``, ``logit_scale``
+            (and optionally ``prob_thd``, ``area_thd``) attributes, e.g.
+            `armfast.eval.protocols.Protocol`; the keyword arguments below override it. None:
+            the baseline's default preset for this CLIP's backbone.
         short_side, crop, stride: resizing and sliding window (ints or (h, w));
             ``short_side=0`` keeps the image size, ``crop=0`` runs the whole image at once.
         logit_scale: softmax temperature on cosine logits without ARM (ARM brings its own tau).
-        prob_thd, area_thd, background_index: post-processing (module docstring).
+        background: the background rule, a `Background` or a spec parsed by
+            `armfast.background.parse_background` (``"none"``, ``"thd:0.3"``,
+            ``"words:sky,wall"``, ``"words+thd:0.1"``). By default it adds a class
+            "background" at index 0 to ``classes``. When given it is the whole rule: the
+            protocol's ``prob_thd`` is not used.
+        prob_thd, background_index: the low-level rule for class lists that already hold their
+            background class (the benchmark class files): pixels under ``prob_thd`` get class
+            ``background_index`` (default 0). Used when ``background`` is None.
+        area_thd: SCLIP's VOC21 rule, see `postprocess`.
         templates: prompt templates for class names ('openai' = the 80 ImageNet ones).
         backend: `armfast.ops` backend; crop_batch_size: crops per forward pass;
         amp: bf16 autocast on CUDA.
@@ -132,14 +145,18 @@ class Segmentor:
                  crop: Union[int, Sequence[int], None] = None,
                  stride: Union[int, Sequence[int], None] = None,
                  logit_scale: Optional[float] = None, prob_thd: Optional[float] = None,
-                 area_thd: Optional[float] = None, background_index: int = 0,
-                 templates="openai", backend: str = "auto", crop_batch_size: int = 16,
-                 amp: bool = True):
+                 area_thd: Optional[float] = None, background=None,
+                 background_index: Optional[int] = None, templates="openai",
+                 backend: str = "auto", crop_batch_size: int = 16, amp: bool = True):
         from .clip import as_vfm, get_baseline
 
         self.clip = clip_model
         self.visual = clip_model_lib.vision_tower(clip_model)
         self.baseline = get_baseline(baseline).name
+        self.backbone = clip_model_lib.backbone_of(clip_model)  # None: not a registered one
+        if self.backbone is not None and self.baseline not in self.backbone.baselines:
+            raise ValueError(f"baseline {self.baseline!r} does not apply to backbone "
+                             f"{self.backbone.name} (it takes: {', '.join(self.backbone.baselines)})")
         self.vfm = as_vfm(vfm) if get_baseline(baseline).needs_vfm else None
         self.device = self.visual.conv1.weight.device
         self.backend = backend
@@ -151,31 +168,31 @@ class Segmentor:
         self.patch = clip_model_lib.patch_size(self.visual)
 
         self._set_protocol(protocol, short_side=short_side, crop=crop, stride=stride,
-                           logit_scale=logit_scale, prob_thd=prob_thd, area_thd=area_thd)
+                           logit_scale=logit_scale, area_thd=area_thd)
+        self.background = self._resolve_background(background, prob_thd, background_index)
+        self.templates = "openai" if templates is None else templates
         self._set_text(classes, class_index, templates)
-        if isinstance(background_index, bool) or not isinstance(background_index, int) or \
-                not 0 <= background_index < self.num_classes:
-            raise ValueError(f"background_index must be a class index in [0, {self.num_classes - 1}], "
-                             f"got {background_index!r}")
-        self.background_index = background_index
 
         self.arm = load_arm(arm)
         if self.arm is not None:
-            c = self.arm.config
-            width, embed_dim = self.visual.conv1.out_channels, self.text.shape[-1]
-            if c.width != width or c.embed_dim != embed_dim:
-                raise ValueError(f"arm was built for width {c.width} / embed dim {c.embed_dim}, "
-                                 f"this CLIP has {width} / {embed_dim}")
+            clip_model_lib.check_arm_matches(self.arm.config, self.clip)
             self.arm = self.arm.to(self.device).eval()
         self.shallow_layers = tuple(self.arm.config.shallow_layers) if self.arm is not None else ()
 
     # ------------------------------------------------------------------ configuration
     def _set_protocol(self, protocol, **overrides) -> None:
-        values = dict(DEFAULTS)
-        if protocol is not None:
-            for key in values:
-                if hasattr(protocol, key):
-                    values[key] = getattr(protocol, key)
+        from .eval.presets import default_preset
+
+        if protocol is None:
+            backbone = self.backbone.name if self.backbone is not None else None
+            protocol = default_preset(self.baseline, backbone).protocol
+        missing = [k for k in ("short_side", "crop", "stride", "logit_scale")
+                   if not hasattr(protocol, k)]
+        if missing:
+            raise TypeError(f"protocol must have short_side, crop, stride and logit_scale "
+                            f"attributes; {type(protocol).__name__} has no {', '.join(missing)}")
+        values = {k: getattr(protocol, k, None) for k in PROTOCOL_FIELDS}
+        values["prob_thd"] = values["prob_thd"] or 0.0
         values.update({k: v for k, v in overrides.items() if v is not None})
         self.short_side = _pair("short_side", values["short_side"])
         if self.short_side is not None and self.short_side[0] != self.short_side[1]:
@@ -185,14 +202,36 @@ class Segmentor:
         if self.crop is not None and self.stride is None:
             raise ValueError("stride must be set when crop is")
         self.logit_scale = float(values["logit_scale"])
-        self.prob_thd = float(values["prob_thd"])
+        self._protocol_prob_thd = float(values["prob_thd"])
         self.area_thd = None if values["area_thd"] is None else float(values["area_thd"])
         if self.logit_scale <= 0:
             raise ValueError(f"logit_scale must be > 0, got {self.logit_scale}")
-        if not 0.0 <= self.prob_thd <= 1.0:
-            raise ValueError(f"prob_thd must be in [0, 1], got {self.prob_thd}")
         if self.area_thd is not None and not 0.0 <= self.area_thd < 1.0:
             raise ValueError(f"area_thd must be in [0, 1) or None, got {self.area_thd}")
+
+    def _resolve_background(self, background, prob_thd, background_index) -> Background:
+        if background is not None:
+            if prob_thd is not None or background_index is not None:
+                raise ValueError("give either background= or prob_thd=/background_index=, not "
+                                 "both (the threshold and index belong to the Background)")
+            return parse_background(background)
+        index = 0 if background_index is None else background_index
+        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+            raise ValueError(f"background_index must be a non-negative class index, got {index!r}")
+        thd = self._protocol_prob_thd if prob_thd is None else float(prob_thd)
+        if not 0.0 <= thd <= 1.0:
+            raise ValueError(f"prob_thd must be in [0, 1], got {thd}")
+        if thd > 0:  # onto a class the caller's list already has
+            return Background.threshold(thd, index=index, name=None)
+        return Background(index=index, name=None)
+
+    @property
+    def prob_thd(self) -> float:
+        return self.background.prob_thd
+
+    @property
+    def background_index(self) -> int:
+        return self.background.index
 
     def _set_text(self, classes, class_index, templates) -> None:
         if isinstance(classes, TextEmbeddings):
@@ -214,20 +253,38 @@ class Segmentor:
         C = int(index.max()) + 1
         if int(index.min()) < 0 or set(index.tolist()) != set(range(C)):
             raise ValueError(f"class_index must cover every class 0..{C - 1}, got {index.tolist()}")
-        embed_dim = self.visual.output_dim if hasattr(self.visual, "output_dim") else text.shape[-1]
+        embed_dim = clip_model_lib.output_dim(self.visual)
         if text.shape[-1] != embed_dim:
             raise ValueError(f"text embeddings must have CLIP's embed dim {embed_dim}, got "
                              f"{text.shape[-1]}")
-        self.text = text.detach().to(device=self.device, dtype=torch.float32)
-        self.class_index = index
-        self.num_classes = C
         if names is None:
-            self.class_names = [f"class_{i}" for i in range(C)]
+            class_names = [f"class_{i}" for i in range(C)]
         else:  # the first synonym names the class
             first = {}
             for n, i in zip(names, index.tolist()):
                 first.setdefault(i, n)
-            self.class_names = [first[i] for i in range(C)]
+            class_names = [first[i] for i in range(C)]
+        text = text.detach().to(device=self.device, dtype=torch.float32)
+
+        bg = self.background
+        if bg.adds_class:
+            if bg.index > C:
+                raise ValueError(f"background index {bg.index} is past the end of the {C} classes "
+                                 f"(an added background class goes at 0..{C})")
+            index = index + (index >= bg.index).long()
+            class_names.insert(bg.index, bg.name)
+            C += 1
+        elif bg.index >= C:
+            raise ValueError(f"background_index must be a class index in [0, {C - 1}], got {bg.index}")
+        # a background word that is also a class's name would take that class's pixels
+        named = {n.strip().lower() for n in names or ()}
+        self.background_words = tuple(w for w in bg.words if w.lower() not in named)
+        if self.background_words:  # scored with the classes; a pixel they win is background
+            words = encode_names(self.clip, self.background_words, templates)
+            text = torch.cat([text, words.to(self.device, torch.float32)])
+            index = torch.cat([index, index.new_full((len(words),), bg.index)])
+        self.text, self.class_index, self.num_classes = text, index, C
+        self.class_names = class_names
 
     @property
     def effective_logit_scale(self) -> float:
@@ -346,3 +403,35 @@ class Segmentor:
         return self.postprocess(self.probabilities(image))
 
     __call__ = predict
+
+    def segment(self, image):
+        """A `armfast.result.SegmentationResult` of one image: labels, per-class probabilities,
+        class names, palette and this configuration, with ``save``/``overlay``."""
+        from .result import SegmentationResult
+        from .visualize import palette
+
+        pixels = to_image_tensor(image)
+        probs = self.probabilities(pixels)
+        labels = self.postprocess(probs)
+        return SegmentationResult(
+            labels=labels.cpu(), probs=probs.float().cpu(), class_names=list(self.class_names),
+            palette=palette(self.num_classes), background=self.background,
+            image=(pixels * 255).round().clamp(0, 255).to(torch.uint8).cpu(), config=self.config())
+
+    def config(self) -> dict:
+        """The effective configuration, for printouts and result files."""
+        pair = lambda v: None if v is None else (v[0] if v[0] == v[1] else list(v))  # noqa: E731
+        return {
+            "baseline": self.baseline,
+            "backbone": clip_model_lib.backbone_label(self.clip),
+            "arm": None if self.arm is None else self.arm.config.to_dict(),
+            "short_side": pair(self.short_side), "crop": pair(self.crop),
+            "stride": pair(self.stride), "logit_scale": self.effective_logit_scale,
+            "logit_scale_source": "ARM tau" if self.arm is not None else "protocol",
+            "area_thd": self.area_thd, "background": self.background.describe(),
+            "background_words_dropped": [w for w in self.background.words
+                                         if w not in self.background_words],
+            "classes": len(self.class_names), "text_queries": len(self.text),
+            "templates": self.templates if isinstance(self.templates, str) else len(self.templates),
+            "backend": self.backend,
+        }

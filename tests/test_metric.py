@@ -113,7 +113,7 @@ def test_protocol_table():
     with pytest.raises(ValueError, match="unknown dataset"):
         get_protocol("sclip", "nope")
     with pytest.raises(ValueError, match="crop"):
-        Protocol(336, 0, 112, 40.0)
+        Protocol(336, -1, 112, 40.0)  # 0 is valid: the whole image in one pass
 
 
 def _sync_worker(rank, world, init_file, preds, targets, out):

@@ -3,9 +3,12 @@
     armfast eval --dataset voc21,context60 --root data --baseline sclip,naclip \\
         --pretrained openai --arm runs/arm/arm --json results.json
 
-One call gives a table over every (baseline, dataset) pair, each under the protocol its
-baseline published (armfast.eval.protocols); with --arm each baseline runs with and without it.
-Runs under torchrun too: images are sharded and the confusion matrices summed.
+One call gives a table over every (baseline, dataset) pair, each under its preset
+(armfast.eval.presets: the protocol its baseline published, the background rule, the class
+file), printed in full before the run, with the paper's mIoU beside the measured one; with
+--arm each baseline runs with and without it. ``--dataset folder --images DIR --masks DIR
+--class-file F`` evaluates your own data. Runs under torchrun too: images are sharded and the
+confusion matrices summed.
 """
 from __future__ import annotations
 
@@ -14,7 +17,10 @@ import json
 import math
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
+
+from ._folder_args import FOLDER, add_folder_arguments, folder_dataset
 
 
 def _csv(text: str) -> list[str]:
@@ -30,8 +36,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                                    "benchmarks (mmseg layouts) and print an mIoU table.")
     p.add_argument("--dataset", type=_csv, required=True,
                    help="comma list: voc21, context60, coco_object, voc20, context59, "
-                        "coco_stuff164k, cityscapes, ade20k")
-    p.add_argument("--root", action="append", required=True, metavar="[NAME=]DIR",
+                        "coco_stuff164k, cityscapes, ade20k, or folder (your own data: "
+                        "--images, --masks, --class-file)")
+    p.add_argument("--root", action="append", default=[], metavar="[NAME=]DIR",
                    help="dataset root; DIR for all datasets (each is looked for in DIR and its "
                         "usual sub-folders) or NAME=DIR for one; repeatable")
     p.add_argument("--baseline", type=_csv, default=["sclip"], help="comma list (default sclip)")
@@ -57,6 +64,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     o.add_argument("--stride", type=int)
     o.add_argument("--logit-scale", type=float)
     o.add_argument("--prob-thd", type=float)
+    o.add_argument("--background", metavar="RULE",
+                   help="background rule instead of the preset's: none, thd:P, words, "
+                        "words:W1,W2, words:W1,W2+thd:P")
+    add_folder_arguments(p)
     return p
 
 
@@ -72,6 +83,8 @@ def resolve_roots(entries: list[str], datasets: list[str]) -> dict[str, str]:
             common = entry
     roots = {}
     for d in datasets:
+        if d == FOLDER:
+            continue
         key = get_dataset_class(d).name
         if key in named:
             roots[key] = named[key]
@@ -96,8 +109,20 @@ def print_per_class(result: dict) -> None:
 
 
 def print_table(results: list[dict], datasets: list[str]) -> None:
-    methods = list(dict.fromkeys(r["method"] for r in results))
-    by = {(r["method"], r["dataset"]): r["miou"] for r in results}
+    methods = []
+    by = {}
+    for r in results:  # each baseline's measured rows, then the paper's numbers
+        methods.append(r["method"])
+        by[(r["method"], r["dataset"])] = r["miou"]
+        if not r["arm"] and r.get("expected_miou") is not None:
+            paper = f"{r['baseline']} (paper)"
+            by[(paper, r["dataset"])] = r["expected_miou"]
+    methods = list(dict.fromkeys(methods))
+    papers = list(dict.fromkeys(m for m, _ in by if m.endswith(" (paper)")))
+    for paper in papers:  # after the last row of its baseline
+        base = paper[: -len(" (paper)")]
+        last = max(i for i, m in enumerate(methods) if m == base or m.startswith(base + "+"))
+        methods.insert(last + 1, paper)
     width = max(len("method"), *(len(m) for m in methods))
     cols = [max(7, len(d)) for d in datasets]
     print("\nmIoU (%)")
@@ -112,22 +137,23 @@ def print_table(results: list[dict], datasets: list[str]) -> None:
 
 
 def run(args) -> int:
-    import torch
-
     from ..clip import encode_classes, load_clip
-    from ..data import build_dataset, get_dataset_class, load_class_names
-    from ..eval.protocols import get_protocol
+    from ..clip.model import backbone_of
+    from ..data import build_dataset, get_dataset_class
+    from ..eval.presets import DEFAULT_BACKBONE, get_preset, warn_preset
+    from ..eval.protocols import base_protocol
     from ..eval.runner import evaluate
     from ..segmentor import load_arm
     from ..train.distributed import cleanup, init_distributed
 
-    datasets = [get_dataset_class(d).name for d in args.dataset]
+    datasets = [d.lower() if d.lower() == FOLDER else get_dataset_class(d).name for d in args.dataset]
     baselines = [b.lower() for b in args.baseline]
     overrides = dict(short_side=args.short_side, crop=args.crop, stride=args.stride,
                      logit_scale=args.logit_scale, prob_thd=args.prob_thd)
     for b in baselines:  # fail on a bad name before loading anything
-        get_protocol(b, datasets[0])
+        base_protocol(b)
     roots = resolve_roots(args.root, datasets)
+    folder = folder_dataset(args, limit=args.limit) if FOLDER in datasets else None
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be a positive integer, got {args.limit}")
 
@@ -142,43 +168,83 @@ def run(args) -> int:
         arm = load_arm(args.arm) if args.arm else None
         variants = [None, arm] if arm is not None else [None]
         amp = not args.no_amp
+        spec = backbone_of(model)  # an unregistered CLIP runs (and is labelled) as ViT-B/16
+        backbone = spec.name if spec else DEFAULT_BACKBONE
+        tag = args.pretrained if args.clip_weights is None else None
+
+        def preset_for(b: str, d: str):
+            if d != FOLDER:
+                return get_preset(b, d, backbone, pretrained=tag, background=args.background,
+                                  **overrides)
+            preset = get_preset(b, None, backbone, pretrained=tag, background=args.background,
+                                **overrides)
+            rule = preset.background  # the masks fix the classes: the rule targets class 0
+            if rule.adds_class:
+                rule = rule.at(rule.index, None)
+            return replace(preset, name=f"{b}/{FOLDER}/{backbone}", background=rule,
+                           classnames=folder.classnames)
+
+        presets = {(d, b): preset_for(b, d) for d in datasets for b in baselines}
         if main:
             print("armfast eval configuration:")
             weights = pretrained or ("the model folder's" if ":" in args.model else "random")
             print(f"  model {args.model}, weights {weights}, device "
                   f"{info.device}, processes {info.world_size}, backend {args.backend}, "
                   f"bf16 autocast {'on' if amp and info.device.type == 'cuda' else 'off'}")
+            print(f"  backbone presets {backbone}; text: each name in the 80 OpenAI ImageNet "
+                  f"templates, averaged")
             if arm is not None:
                 print(f"  ARM {args.arm}: tau {float(arm.logit_scale.detach().exp()):.2f}, "
                       f"{arm.config.to_dict()}")
             for d in datasets:
-                print(f"  {d}: root {roots[d]}, split {args.split}"
-                      + (f", first {args.limit} images" if args.limit else ""))
+                where = (f"images {folder.root}, masks {folder.mask_root}, {folder.num_classes} "
+                         f"classes from {folder.classnames}" if d == FOLDER
+                         else f"root {roots[d]}, split {args.split}")
+                print(f"  {d}: {where}" + (f", first {args.limit} images" if args.limit else ""))
                 for b in baselines:
-                    p = get_protocol(b, d, **overrides)
-                    print(f"    {b:<10} short {p.short_side}, crop {p.crop}, stride {p.stride}, "
-                          f"logit_scale {p.logit_scale:g}{' (ARM: its tau)' if arm else ''}, "
-                          f"prob_thd {p.prob_thd:g}"
+                    pr = presets[(d, b)]
+                    p = pr.protocol
+                    crops = f"crop {p.crop}, stride {p.stride}" if p.crop else "whole image"
+                    print(f"    {b:<10} preset {pr.name}: short {p.short_side or 'unchanged'}, "
+                          f"{crops}, logit_scale {p.logit_scale:g}"
+                          f"{' (ARM: its tau)' if arm else ''}, prob_thd {p.prob_thd:g}"
                           + (f", area_thd {p.area_thd:g}" if p.area_thd is not None else ""))
+                    paper = (f"{pr.expected_miou:.1f}" if pr.expected_miou is not None
+                             else "n/a (no published number for this setting)")
+                    print(f"    {'':<10} background {pr.background.describe()}; classes "
+                          f"{pr.classnames}; paper mIoU {paper}")
+                    print(f"    {'':<10} source: {pr.protocol.source}")
+            for (d, b), pr in presets.items():
+                warn_preset(pr, has_background=folder.has_background if d == FOLDER else None)
 
         results = []
         for d in datasets:
-            dataset = build_dataset(d, roots[d], args.split, limit=args.limit)
-            text = encode_classes(model, load_class_names(d))
+            dataset = folder if d == FOLDER else build_dataset(d, roots[d], args.split,
+                                                               limit=args.limit)
+            texts = {}  # foreground classes are the same for every baseline's preset
             for b in baselines:
-                protocol = get_protocol(b, d, **overrides)
+                preset = presets[(d, b)]
+                classes = preset.classes()
+                key = json.dumps(classes)
+                if key not in texts:
+                    texts[key] = encode_classes(model, classes)
                 for a in variants:
                     method = b + ("+arm" if a is not None else "")
-                    r = evaluate(model, dataset, baseline=b, protocol=protocol, arm=a,
-                                 text_embeddings=text, vfm=args.vfm, backend=args.backend,
+                    r = evaluate(model, dataset, baseline=b, protocol=preset.protocol, arm=a,
+                                 text_embeddings=texts[key], background=preset.background,
+                                 vfm=args.vfm, backend=args.backend,
                                  rank=info.rank, world_size=info.world_size,
                                  workers=args.workers, progress=not args.no_progress,
                                  autocast=amp, desc=f"{d}/{method}")
                     r.update(dataset=d, baseline=b, arm=a is not None, method=method,
-                             protocol=protocol.to_dict())
+                             protocol=preset.protocol.to_dict(), preset=preset.to_dict(),
+                             expected_miou=preset.expected_miou)
                     results.append(r)
                     if main:
-                        print(f"{d:<15} {method:<16} mIoU {_fmt(r['miou'])}  "
+                        paper = ("" if preset.expected_miou is None else
+                                 f"  paper{' (no ARM)' if a is not None else ''} "
+                                 f"{preset.expected_miou:.1f}")
+                        print(f"{d:<15} {method:<16} mIoU {_fmt(r['miou'])}{paper}  "
                               f"({r['images']} images, {r['seconds']:.1f} s)")
         if main:
             show = args.per_class == "yes" or (args.per_class == "auto" and len(results) == 1)

@@ -2,6 +2,9 @@
 
 For each IMAGE, OUTDIR receives ``<stem>.png`` (the label map, a palette PNG whose pixel values
 are class indices) and ``<stem>_overlay.png`` (the photo under the colour map, with a legend).
+The defaults are the baseline's preset for the backbone (armfast.eval.presets), the values the
+benchmarks run with; the effective configuration is printed first. A background rule
+(--background) adds a class "background" as class 0, before the named classes.
 A problem with one image is reported on one line and the others are still processed; the exit
 status is 1 if any image failed, 2 if nothing could start (no classes, missing weights, ...).
 """
@@ -27,7 +30,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--baseline", default="sclip",
                    help="vanilla, maskclip, sclip, clearclip, naclip or proxyclip (default: sclip)")
     p.add_argument("--arm", metavar="DIR", help="ARM checkpoint directory (ARM.save_pretrained)")
-    p.add_argument("--clip-model", default="ViT-B-16", help="open_clip model (default: ViT-B-16)")
+    p.add_argument("--clip-model", default="ViT-B-16",
+                   help="open_clip model: ViT-B-16 (default), ViT-B-32, ViT-L-14, ViT-L-14-336, ...")
     weights = p.add_mutually_exclusive_group()
     weights.add_argument("--clip-weights", metavar="PATH", help="local CLIP checkpoint (safetensors)")
     weights.add_argument("--pretrained", default="openai", metavar="TAG",
@@ -37,11 +41,18 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--vfm", metavar="PATH", help="proxyclip: VFM checkpoint (e.g. DINO ViT-B/8)")
     p.add_argument("--vfm-arch", default=None, metavar="NAME",
                    help="proxyclip: timm architecture of --vfm (default: vit_base_patch8_224.dino)")
-    p.add_argument("--short-side", type=int, help="resize short side to this (default 336; 0 = off)")
-    p.add_argument("--crop", type=int, help="sliding-window crop (default 224; 0 = whole image)")
-    p.add_argument("--stride", type=int, help="sliding-window stride (default 112)")
-    p.add_argument("--logit-scale", type=float, help="softmax temperature without ARM (default 40)")
-    p.add_argument("--prob-thd", type=float, help="pixels under this probability become class 0")
+    p.add_argument("--short-side", type=int,
+                   help="resize short side to this (default: the preset's, 336 for sclip; 0 = off)")
+    p.add_argument("--crop", type=int, help="sliding-window crop (default: the preset's; 0 = whole image)")
+    p.add_argument("--stride", type=int, help="sliding-window stride (default: the preset's)")
+    p.add_argument("--logit-scale", type=float,
+                   help="softmax temperature without ARM (default: the preset's)")
+    p.add_argument("--background", metavar="RULE",
+                   help="none (default); thd:P (pixels under probability P are background); "
+                        "words (SCLIP's background words: sky, wall, tree, ...) or words:W1,W2 "
+                        "(pixels these words win are background); both: words:sky,wall+thd:0.2")
+    p.add_argument("--prob-thd", type=float,
+                   help="short for --background thd:P (with a words rule: its threshold)")
     p.add_argument("--templates", choices=("openai", "simple"), default="openai",
                    help="prompt templates: the 80 OpenAI ImageNet ones, or 'a photo of a {}.'")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
@@ -69,22 +80,35 @@ def _classes(args):
 def _segmentor(args, classes):
     import torch
 
+    from ..backbones import canonical_name
     from ..clip import load_clip, load_vfm
     from ..clip.vfm import DEFAULT_VFM_ARCH
+    from ..eval.presets import DEFAULT_BACKBONE, get_preset, warn_preset
     from ..segmentor import Segmentor, load_arm
 
-    arm = load_arm(args.arm)  # before the CLIP build: a wrong path fails fast
+    # before the CLIP build, so that a wrong flag or path fails fast; an unregistered model
+    # gets ViT-B/16's preset (the protocols are the same for every backbone)
+    preset = get_preset(args.baseline, None, canonical_name(args.clip_model) or DEFAULT_BACKBONE,
+                        background=args.background, short_side=args.short_side, crop=args.crop,
+                        stride=args.stride, logit_scale=args.logit_scale, prob_thd=args.prob_thd)
+    arm = load_arm(args.arm)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.clip_weights is not None:
         pretrained = args.clip_weights
     else:
         pretrained = None if args.pretrained.lower() == "none" else args.pretrained
+        if ":" in args.clip_model and pretrained == "openai":  # the default; the folder has weights
+            pretrained = None
     clip = load_clip(args.clip_model, pretrained, device, quick_gelu=True if args.quick_gelu else None)
     vfm = load_vfm(args.vfm, args.vfm_arch or DEFAULT_VFM_ARCH) if args.vfm else None
-    return Segmentor(clip, classes, baseline=args.baseline, arm=arm, vfm=vfm,
-                     short_side=args.short_side, crop=args.crop, stride=args.stride,
-                     logit_scale=args.logit_scale, prob_thd=args.prob_thd,
-                     templates=args.templates, backend=args.backend)
+    warn_preset(preset)
+    segmentor = Segmentor(clip, classes, baseline=args.baseline, arm=arm, vfm=vfm,
+                          protocol=preset.protocol, background=preset.background,
+                          templates=args.templates, backend=args.backend)
+    print(f"{PROG}: {preset.describe()}")
+    print("  effective: " + ", ".join(f"{k} {v}" for k, v in segmentor.config().items()
+                                        if k not in ("arm",)))
+    return segmentor
 
 
 def _output_stems(images: list[str]) -> list[str]:
@@ -112,8 +136,6 @@ def run(args) -> int:
 
     from PIL import Image, UnidentifiedImageError
 
-    from ..visualize import label_image, overlay
-
     failed = 0
     for path, stem in zip(tqdm(args.images, desc="segment", unit="img", file=sys.stderr),
                           _output_stems(args.images)):
@@ -125,9 +147,9 @@ def run(args) -> int:
             failed += 1
             continue
         try:
-            labels = segmentor.predict(image).cpu().numpy()
-            label_image(labels, segmentor.num_classes).save(out_dir / f"{stem}.png")
-            overlay(image, labels, segmentor.class_names).save(out_dir / f"{stem}_overlay.png")
+            result = segmentor.segment(image)
+            result.save(out_dir / f"{stem}.png")
+            result.save(out_dir / f"{stem}_overlay.png", kind="overlay")
         except (OSError, ValueError, RuntimeError) as exc:
             _error(f"{path}: {exc}", tqdm.write)
             failed += 1

@@ -2,10 +2,15 @@
 
 Runs under torchrun for several GPUs/processes:
     torchrun --nproc_per_node=8 -m armfast.cli train --data-root data/coco_stuff164k --out runs/arm
+
+Your own data, no config file:
+    armfast train --dataset folder --images imgs --masks masks --class-file classes.txt --out runs/x
 """
 from __future__ import annotations
 
 import argparse
+
+from ._folder_args import FOLDER, add_folder_arguments
 
 
 def _layers(text: str) -> tuple[int, ...]:
@@ -22,9 +27,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train an ARM (frozen CLIP and baselines)",
                        description="Train an Attention Refinement Module on a segmentation dataset "
                                    "with CLIP and the training-free baselines frozen.")
-    p.add_argument("--data-root", required=True, help="dataset root (mmseg layout)")
+    p.add_argument("--data-root", help="dataset root (mmseg layout); not for --dataset folder")
     p.add_argument("--out", required=True, help="run directory: checkpoints, logs, final ARM")
-    p.add_argument("--dataset", default=d.dataset, help=f"training dataset (default {d.dataset})")
+    p.add_argument("--dataset", default=d.dataset,
+                   help=f"training dataset (default {d.dataset}), or folder: your own data "
+                        f"(--images, --masks, --class-file; --val-images, --val-masks to validate)")
     p.add_argument("--baselines", default=",".join(d.baselines),
                    help="comma list; one is drawn per batch (default %(default)s)")
     w = p.add_mutually_exclusive_group()
@@ -64,14 +71,26 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cuda", "cpu"), default=None)
     p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a bar")
+    add_folder_arguments(p)
+    add_folder_arguments(p, prefix="val-")
     return p
 
 
 def config_from_args(args):
     from ..train.config import TrainConfig
 
+    dataset = args.dataset.lower()
+    if dataset != FOLDER and args.data_root is None:
+        raise ValueError(f"--data-root is required for dataset {args.dataset!r} (or use --dataset "
+                         f"{FOLDER} with --images, --masks and --class-file)")
+    if dataset == FOLDER and args.has_background:
+        raise ValueError("--has-background is for evaluation; training uses every class of the "
+                         "class file as it is")
     return TrainConfig(
-        data_root=args.data_root, out=args.out, dataset=args.dataset, baselines=args.baselines,
+        data_root=args.data_root or "", out=args.out, dataset=dataset, baselines=args.baselines,
+        images=args.images, masks=args.masks, class_file=args.class_file,
+        val_images=args.val_images, val_masks=args.val_masks,
+        reduce_zero_label=args.reduce_zero_label,
         model=args.model, pretrained=args.clip_weights or args.pretrained,
         shallow_layers=args.shallow_layers, steps=args.steps, batch_size=args.batch_size,
         accum=args.accum, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,

@@ -16,13 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..backbones import ALIASES, BackboneSpec, canonical_name, find_backbone
 from .baselines import LastBlockInput, get_baseline, run_baseline
 from .blocks import block_forward, transformer_batch_first
 from .vfm import as_vfm
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP preprocessing
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-DEFAULT_SHALLOW_LAYERS = (4, 6, 8)
+DEFAULT_SHALLOW_LAYERS = (4, 6, 8)  # ViT-B/16's; other depths: `default_shallow_layers`
 
 
 # ----------------------------------------------------------------------------- loading
@@ -44,7 +45,9 @@ def load_clip(name: str = "ViT-B-16", pretrained: str | os.PathLike | None = Non
     """An open_clip CLIP model (with ``.visual``), frozen and in eval mode.
 
     Args:
-        name: open_clip model config, e.g. ``"ViT-B-16"``.
+        name: open_clip model config, e.g. ``"ViT-B-16"`` (OpenAI's ``"ViT-B/16"``,
+            ``"ViT-L/14@336px"`` are accepted for the registered backbones, see
+            `armfast.backbones`).
         pretrained: ``None`` for random weights (tests); an open_clip tag such as ``"openai"``
             (fetched through open_clip's own cache); or a local checkpoint file (safetensors
             preferred; other files load with ``weights_only=True``).
@@ -58,6 +61,7 @@ def load_clip(name: str = "ViT-B-16", pretrained: str | os.PathLike | None = Non
 
     if not isinstance(name, str) or not name:
         raise TypeError(f"name must be an open_clip model name, got {name!r}")
+    name = ALIASES.get(name, name)
     if ":" not in name and name not in open_clip.list_models():  # 'local-dir:'/'hf-hub:' pass
         raise ValueError(f"name must be an open_clip model (open_clip.list_models()), got {name!r}")
     if pretrained is not None:
@@ -78,6 +82,79 @@ def load_clip(name: str = "ViT-B-16", pretrained: str | os.PathLike | None = Non
     model.eval().requires_grad_(False)  # CLIP stays frozen everywhere in armfast
     model.armfast_name = name  # read by the text side to pick the tokenizer
     return model
+
+
+def backbone_of(model: nn.Module) -> BackboneSpec | None:
+    """The registered backbone (`armfast.backbones`) of a CLIP: from the name `load_clip` gave
+    it, else from its architecture (patch, native size, width, depth, output dim); None for
+    other models (test models, local configs)."""
+    from ..backbones import BACKBONES
+
+    for obj in (model, getattr(model, "visual", None)):
+        name = canonical_name(getattr(obj, "armfast_name", None))
+        if name is not None:
+            return BACKBONES[name]
+    visual = vision_tower(model)
+    ph, _ = patch_size(visual)
+    return find_backbone(patch_size=ph, image_size=native_grid(visual)[0] * ph,
+                         width=visual.conv1.out_channels, layers=len(visual.transformer.resblocks),
+                         embed_dim=output_dim(visual))
+
+
+def backbone_label(model: nn.Module) -> str:
+    """A name for messages: the registered backbone, else the name `load_clip` was given."""
+    spec = backbone_of(model)
+    if spec is not None:
+        return spec.name
+    name = getattr(model, "armfast_name", None) or getattr(getattr(model, "visual", None),
+                                                          "armfast_name", None)
+    return f"{name!r} (not a registered backbone)" if name else "an unregistered CLIP"
+
+
+def output_dim(model: nn.Module) -> int:
+    """E, the dim of the deep features (after ``proj``) and of the text embeddings."""
+    visual = vision_tower(model)
+    return int(visual.proj.shape[1]) if visual.proj is not None else int(visual.conv1.out_channels)
+
+
+def default_shallow_layers(model: nn.Module) -> tuple[int, ...]:
+    """ARM's shallow layers for this CLIP: the registered backbone's, else blocks at 1/3, 1/2
+    and 2/3 of the depth (``(4, 6, 8)`` for 12 blocks), kept below the last block."""
+    spec = backbone_of(model)
+    if spec is not None:
+        return spec.shallow_layers
+    depth = len(vision_tower(model).transformer.resblocks)
+    layers = (depth // 3, depth // 2, 2 * depth // 3)
+    return tuple(dict.fromkeys(min(i, max(depth - 2, 0)) for i in layers))
+
+
+def check_arm_matches(config, model: nn.Module) -> None:
+    """Raises ValueError, naming both backbones, when an ARM (its `ARMConfig`) was built for
+    another CLIP than `model`: another registered backbone, width, output dim, or shallow
+    layers past the model's depth."""
+    visual = vision_tower(model)
+    width, embed_dim = visual.conv1.out_channels, output_dim(visual)
+    depth = len(visual.transformer.resblocks)
+    clip_spec = backbone_of(model)
+    arm_name = canonical_name(config.backbone)
+    problems = []
+    if clip_spec is not None and arm_name is not None and clip_spec.name != arm_name:
+        problems.append(f"backbone {arm_name} != {clip_spec.name}")
+    if config.width != width:
+        problems.append(f"width {config.width} != {width}")
+    if config.embed_dim != embed_dim:
+        problems.append(f"embed dim {config.embed_dim} != {embed_dim}")
+    if max(config.shallow_layers) >= depth - 1 or min(config.shallow_layers) < 0:
+        problems.append(f"shallow layers {tuple(config.shallow_layers)} are not blocks 0..{depth - 2} "
+                        f"of a {depth}-block tower")
+    if problems:
+        clip_label = backbone_label(model)
+        raise ValueError(
+            f"arm was trained for backbone {config.backbone} (width {config.width}, embed dim "
+            f"{config.embed_dim}, shallow layers {tuple(config.shallow_layers)}) but is plugged "
+            f"into {clip_label} (width {width}, embed dim {embed_dim}, {depth} blocks): "
+            f"{'; '.join(problems)}. Load the CLIP the ARM was trained with, or train an ARM for "
+            f"{clip_label}.")
 
 
 # ----------------------------------------------------------------------------- vision tower
@@ -202,7 +279,7 @@ def resample_tokens(tokens: Tensor, grid: Sequence[int], new_grid: Sequence[int]
 
 
 def extract(model: nn.Module, images: Tensor, *, baseline: str = "vanilla",
-            shallow_layers: Sequence[int] = DEFAULT_SHALLOW_LAYERS, backend: str = "auto",
+            shallow_layers: Sequence[int] | None = None, backend: str = "auto",
             vfm=None) -> tuple[list[Tensor], Tensor]:
     """Shallow tokens and a baseline's deep patch features, ARM's two inputs.
 
@@ -211,7 +288,8 @@ def extract(model: nn.Module, images: Tensor, *, baseline: str = "vanilla",
         images: CLIP-normalised crops ``[B, 3, H, W]``, H and W multiples of the patch size
             (any size: the positional embedding is interpolated to the crop's grid).
         baseline: how the last block is run, one of `armfast.clip.BASELINES`.
-        shallow_layers: 0-based blocks whose outputs are returned as shallow tokens.
+        shallow_layers: 0-based blocks whose outputs are returned as shallow tokens; None:
+            the backbone's default (`default_shallow_layers`, ``(4, 6, 8)`` for ViT-B/16).
         backend: `armfast.ops` backend for the attention products.
         vfm: proxyclip's vision foundation model (an object or a checkpoint path).
 
@@ -224,6 +302,8 @@ def extract(model: nn.Module, images: Tensor, *, baseline: str = "vanilla",
     visual = vision_tower(model)
     spec = get_baseline(baseline)
     blocks = visual.transformer.resblocks
+    if shallow_layers is None:
+        shallow_layers = default_shallow_layers(visual)
     layers = _check_layers(shallow_layers, len(blocks))
     vfm = as_vfm(vfm) if spec.needs_vfm else None
     batch_first = transformer_batch_first(visual.transformer)

@@ -7,6 +7,8 @@ both naming the path.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Sequence
@@ -17,6 +19,21 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 IGNORE_INDEX = 255
+
+# `unchecked_files()` turns the readers' missing-file errors off so that `armfast check-dataset`
+# can list every sample, with or without its files, and report what is missing
+_CHECK_FILES: contextvars.ContextVar[bool] = contextvars.ContextVar("armfast_check_files",
+                                                                     default=True)
+
+
+@contextlib.contextmanager
+def unchecked_files():
+    """Inside this block, readers list their samples without checking that the files exist."""
+    token = _CHECK_FILES.set(False)
+    try:
+        yield
+    finally:
+        _CHECK_FILES.reset(token)
 
 
 @dataclass(frozen=True)
@@ -183,6 +200,8 @@ def pair_by_glob(image_dir: Path, pattern: str, image_suffix: str, mask_dir: Pat
 
 
 def check_exist(samples: Sequence[Sample], images: bool = True) -> None:
+    if not _CHECK_FILES.get():
+        return
     for kind in (("image", "mask") if images else ("mask",)):
         missing = [getattr(s, kind) for s in samples if not getattr(s, kind).is_file()]
         if missing:

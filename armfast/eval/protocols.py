@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass, replace
 
 @dataclass(frozen=True)
 class Protocol:
-    short_side: int  # resize so that min(H, W) == short_side (keep ratio)
-    crop: int  # sliding-window size
+    short_side: int  # resize so that min(H, W) == short_side (keep ratio); 0: keep the size
+    crop: int  # sliding-window size; 0: the whole image in one pass
     stride: int  # sliding-window stride
     logit_scale: float  # softmax temperature on cosine logits
     prob_thd: float = 0.0  # pixels whose best probability is below become class 0
@@ -25,14 +25,15 @@ class Protocol:
     source: str = ""  # where the numbers come from
 
     def __post_init__(self):
-        for name in ("short_side", "crop", "stride"):
+        for name, least in (("short_side", 0), ("crop", 0), ("stride", 1)):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"Protocol.{name} must be a positive integer, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, int) or v < least:
+                kind = "a positive integer" if least else "a positive integer or 0 (off)"
+                raise ValueError(f"Protocol.{name} must be {kind}, got {v!r}")
         if self.logit_scale <= 0:
             raise ValueError(f"Protocol.logit_scale must be > 0, got {self.logit_scale}")
-        if not 0.0 <= self.prob_thd < 1.0:
-            raise ValueError(f"Protocol.prob_thd must be in [0, 1), got {self.prob_thd}")
+        if not 0.0 <= self.prob_thd <= 1.0:
+            raise ValueError(f"Protocol.prob_thd must be in [0, 1], got {self.prob_thd}")
         if self.area_thd is not None and not 0.0 <= self.area_thd < 1.0:
             raise ValueError(f"Protocol.area_thd must be in [0, 1) or None, got {self.area_thd}")
 
@@ -89,6 +90,15 @@ PROTOCOLS: dict[tuple[str, str], Protocol] = {
     (b, d): replace(base, **_OVERRIDES[b].get(d, {}))
     for b, base in _BASE.items() for d in DATASET_NAMES
 }
+
+
+def base_protocol(baseline: str) -> Protocol:
+    """A baseline's own defaults (its segmentor's constructor values), before any dataset
+    config: what it runs on images outside the benchmarks."""
+    key = str(baseline).lower()
+    if key not in _BASE:
+        raise ValueError(f"no protocol for baseline {baseline!r} (known: {', '.join(sorted(_BASE))})")
+    return _BASE[key]
 
 
 def get_protocol(baseline: str, dataset: str, **overrides) -> Protocol:

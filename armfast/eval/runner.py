@@ -16,28 +16,29 @@ from .metric import MeanIoU
 
 
 def evaluate(clip_model, dataset: SegDataset, *, baseline: str, protocol, arm=None,
-             text_embeddings=None, class_index=None, classes=None, vfm=None,
+             text_embeddings=None, class_index=None, classes=None, background=None, vfm=None,
              backend: str = "auto", rank: int = 0, world_size: int = 1, workers: int = 0,
              progress: bool = True, autocast: bool = True, desc: str | None = None) -> dict:
     """mIoU of `baseline` (+ `arm`) on `dataset` under `protocol`.
 
     Text: `text_embeddings` (a `TextEmbeddings`, or a ``[S, E]`` tensor with `class_index`, or
     with ``classes`` = the synonym lists it was built from), else `classes` are encoded, else
-    the dataset's class-name file. Returns MeanIoU.compute()'s dict plus ``images`` and
-    ``seconds``.
+    the dataset's class-name file. ``background`` (an `armfast.background.Background`, e.g. a
+    preset's) is the background rule; None keeps the protocol's ``prob_thd`` onto class 0 of
+    the class list. Returns MeanIoU.compute()'s dict plus ``images`` and ``seconds``.
     """
     from ..data.classnames import flatten_class_names, load_class_names
     from ..segmentor import Segmentor
 
     if text_embeddings is None:
-        text = classes if classes is not None else load_class_names(dataset.name)
+        text = classes if classes is not None else load_class_names(dataset.classnames)
         class_index = None
     else:
         text = text_embeddings
         if isinstance(text, torch.Tensor) and class_index is None and classes is not None:
             class_index = torch.tensor(flatten_class_names(classes)[1])
     seg = Segmentor(clip_model, text, class_index=class_index, baseline=baseline, arm=arm, vfm=vfm,
-                    protocol=protocol, backend=backend, amp=autocast)
+                    protocol=protocol, background=background, backend=backend, amp=autocast)
     if seg.num_classes != dataset.num_classes:
         raise ValueError(f"the class names give {seg.num_classes} classes but {dataset.name} has "
                          f"{dataset.num_classes}")
@@ -60,5 +61,6 @@ def evaluate(clip_model, dataset: SegDataset, *, baseline: str, protocol, arm=No
         bar.close()
     result = metric.compute()
     result.update(images=len(dataset), seconds=time.perf_counter() - start,
-                  class_names=seg.class_names, logit_scale=seg.effective_logit_scale)
+                  class_names=seg.class_names, logit_scale=seg.effective_logit_scale,
+                  config=seg.config())
     return result

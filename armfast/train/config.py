@@ -11,11 +11,21 @@ RESUME_KEYS = ("dataset", "baselines", "seed", "batch_size", "accum", "crop", "b
                "min_lr_ratio", "model", "shallow_layers")
 
 
+FOLDER = "folder"  # `dataset` value of your own data (images / masks / class_file)
+
+
 @dataclass
 class TrainConfig:
-    data_root: str
+    data_root: str  # a registered dataset's root ("" for dataset="folder")
     out: str
     dataset: str = "coco_stuff164k"
+    # dataset="folder": your own data (armfast.data.FolderDataset); val_* optional
+    images: str | None = None
+    masks: str | None = None
+    class_file: str | None = None
+    val_images: str | None = None
+    val_masks: str | None = None
+    reduce_zero_label: bool = False
     baselines: tuple[str, ...] = ("sclip", "clearclip", "naclip")
     # CLIP
     model: str = "ViT-B-16"
@@ -84,6 +94,20 @@ class TrainConfig:
             raise ValueError(f"stop_at must be a positive step number, got {self.stop_at}")
         if self.val_baseline is not None and self.val_baseline not in _KNOWN_BASELINES:
             raise ValueError(f"unknown val_baseline {self.val_baseline!r}")
+        if self.dataset == FOLDER:
+            missing = [n for n in ("images", "masks", "class_file") if getattr(self, n) is None]
+            if missing:
+                raise ValueError(f"dataset 'folder' needs {', '.join(missing)} (a folder of images, "
+                                 f"a folder of masks and a class-name file)")
+            if (self.val_images is None) != (self.val_masks is None):
+                raise ValueError("val_images and val_masks go together (a validation folder pair)")
+        elif any(getattr(self, n) is not None for n in ("images", "masks", "val_images", "val_masks")):
+            raise ValueError(f"images/masks/val_images/val_masks are for dataset 'folder', not "
+                             f"{self.dataset!r}")
+
+    @property
+    def is_folder(self) -> bool:
+        return self.dataset == FOLDER
 
     def to_dict(self) -> dict:
         d = asdict(self)

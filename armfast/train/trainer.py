@@ -67,12 +67,13 @@ def arm_config_for(model: nn.Module, cfg: TrainConfig, overrides: dict | None = 
     """ARM hyper-parameters matching the CLIP tower: width, output dim, shallow layers."""
     from ..clip.model import vision_tower
 
+    from ..clip.model import backbone_of, default_shallow_layers, output_dim
+
     visual = vision_tower(model)
-    depth = len(visual.transformer.resblocks)
-    layers = cfg.shallow_layers or (depth // 3, depth // 2, 2 * depth // 3)
-    embed_dim = visual.proj.shape[1] if visual.proj is not None else visual.transformer.width
-    values = dict(shallow_layers=layers, width=visual.transformer.width, embed_dim=embed_dim,
-                  backbone=cfg.model)
+    layers = cfg.shallow_layers or default_shallow_layers(model)
+    spec = backbone_of(model)  # the registered name, so a mismatched CLIP is caught at inference
+    values = dict(shallow_layers=layers, width=visual.transformer.width,
+                  embed_dim=output_dim(model), backbone=spec.name if spec else cfg.model)
     values.update(overrides or {})
     return ARMConfig.from_dict(values)
 
@@ -141,12 +142,12 @@ class Trainer:
 
         if cfg.crop % self.patch[0] or cfg.crop % self.patch[1]:
             raise ValueError(f"crop ({cfg.crop}) must be a multiple of the patch size {self.patch}")
-        self.trainset = build_dataset(cfg.dataset, cfg.data_root, "train")
+        self.trainset = self._dataset("train")
         self.augment = TrainAugment(cfg.crop, cfg.base_short, cfg.scale_range, cfg.flip_prob,
                                     mean=mean, std=std)
         self.valset = self._val_dataset()
 
-        self.classes = load_class_names(cfg.dataset)
+        self.classes = load_class_names(cfg.class_file if cfg.is_folder else cfg.dataset)
         names, query_class = flatten_class_names(self.classes)
         self.query_class = torch.tensor(query_class, dtype=torch.long, device=self.device)
         self.text = self._text_embeddings(names, text_embeddings)
@@ -177,12 +178,24 @@ class Trainer:
                              f"{self.cfg.dataset}), got {got}")
         return given.detach().to(self.device, torch.float32)
 
+    def _dataset(self, split: str, limit: int | None = None):
+        cfg = self.cfg
+        if not cfg.is_folder:
+            return build_dataset(cfg.dataset, cfg.data_root, split, limit=limit)
+        from ..data import FolderDataset
+
+        images, masks = (cfg.images, cfg.masks) if split == "train" else (cfg.val_images, cfg.val_masks)
+        if images is None:
+            raise ValueError("no validation folders (val_images / val_masks) for dataset 'folder'")
+        return FolderDataset(images, masks, cfg.class_file, reduce_zero_label=cfg.reduce_zero_label,
+                             limit=limit)
+
     def _val_dataset(self):
         cfg = self.cfg
         if cfg.val_every == 0 or cfg.val_samples == 0:
             return None
         try:
-            return build_dataset(cfg.dataset, cfg.data_root, "val", limit=cfg.val_samples)
+            return self._dataset("val", limit=cfg.val_samples)
         except (FileNotFoundError, ValueError) as exc:
             if self.info.is_main:
                 warnings.warn(f"periodic validation disabled: {exc}", stacklevel=2)
@@ -319,14 +332,19 @@ class Trainer:
 
     # ---- validation / checkpoints / logs -------------------------------------------------
     def validate(self) -> dict:
+        from dataclasses import replace
+
+        from ..eval.protocols import base_protocol, get_protocol
         from ..eval.runner import evaluate
-        from ..eval.protocols import get_protocol
 
         cfg, info = self.cfg, self.info
         baseline = cfg.val_baseline or cfg.baselines[0]
+        if cfg.is_folder:  # no published protocol: the baseline's own defaults
+            protocol = replace(base_protocol(baseline), **(cfg.val_protocol or {}))
+        else:
+            protocol = get_protocol(baseline, cfg.dataset, **(cfg.val_protocol or {}))
         self.arm.eval()
-        result = evaluate(self.clip, self.valset, baseline=baseline,
-                          protocol=get_protocol(baseline, cfg.dataset, **(cfg.val_protocol or {})),
+        result = evaluate(self.clip, self.valset, baseline=baseline, protocol=protocol,
                           arm=self.arm,
                           text_embeddings=self.text, classes=self.classes, backend=cfg.backend,
                           rank=info.rank, world_size=info.world_size, progress=False,

@@ -1,0 +1,115 @@
+"""`armfast.segment`: one call from an image and class names to a segmentation.
+
+    import armfast
+    result = armfast.segment("street.jpg", ["road", "car", "person", "sky"])
+    result.save("street.png")          # palette PNG of class indices
+    result.save("street_overlay.jpg")  # photo + colour map + legend
+
+It runs the benchmark path with the default preset of the baseline on the backbone
+(`armfast.eval.presets.default_preset`: resizing, sliding windows, logit scale), so an image of
+your own is segmented the way the benchmarks are. The CLIP model is loaded once per
+(backbone, weights, device) and kept for the next call.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Optional
+
+import torch
+from torch import nn
+
+# (backbone, pretrained, device) -> loaded CLIP; weights stay in memory until clear_clip_cache()
+_CLIP_CACHE: dict[tuple, nn.Module] = {}
+_LOCK = threading.Lock()
+
+DEFAULT_BACKBONE = "ViT-B-16"
+PROTOCOL_KEYS = ("short_side", "crop", "stride", "logit_scale", "prob_thd", "area_thd")
+SEGMENTOR_KEYS = ("crop_batch_size", "amp")
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def get_clip(backbone: str = DEFAULT_BACKBONE, pretrained: Optional[str] = "openai",
+             device=None) -> nn.Module:
+    """`armfast.clip.load_clip(backbone, pretrained, device)`, cached in this process."""
+    from .backbones import canonical_name
+    from .clip import load_clip
+
+    device = torch.device(device) if device is not None else default_device()
+    name = canonical_name(backbone) or backbone  # "ViT-B/16" and "ViT-B-16" are one model
+    key = (name, None if pretrained is None else str(pretrained), str(device))
+    with _LOCK:
+        model = _CLIP_CACHE.get(key)
+        if model is None:
+            model = load_clip(name, pretrained, device)
+            _CLIP_CACHE[key] = model
+    return model
+
+
+def clear_clip_cache() -> None:
+    """Drops the CLIP models `segment` keeps between calls."""
+    with _LOCK:
+        _CLIP_CACHE.clear()
+
+
+def segment(image, classes, baseline: str = "sclip", arm=None, *,
+            backbone: Optional[str] = None, pretrained: Optional[str] = "openai", clip=None,
+            device=None, background=None, templates="openai", vfm=None, backend: str = "auto",
+            **overrides):
+    """Segments one image into `classes`; returns a `armfast.result.SegmentationResult`.
+
+    Args:
+        image: a path, a PIL image, an ``HxWx3`` uint8 array or a ``[3, H, W]`` tensor.
+        classes: class names; a list per class for synonyms (``["cat", ["person", "people"]]``).
+        baseline: vanilla, maskclip, sclip, clearclip, naclip or proxyclip (needs ``vfm``).
+        arm: an `armfast.ARM` or its ``save_pretrained`` directory; it must have been trained
+            for this backbone.
+        backbone: open_clip model name (``"ViT-B-16"`` unless ``clip`` is given; also
+            ``"ViT-B-32"``, ``"ViT-L-14"``, ``"ViT-L-14-336"``, OpenAI's ``"ViT-B/16"`` names).
+        pretrained: open_clip weights tag or a weights file; None for random weights.
+        clip: an already loaded CLIP to use instead (then ``backbone``/``pretrained`` are not
+            used to load one; a ``backbone`` that differs from the model's is an error).
+        device: where to run (default: CUDA when available, else CPU; ``clip``'s device).
+        background: `armfast.background.Background` or a spec: ``"none"`` (default),
+            ``"thd:0.3"``, ``"words"`` (SCLIP's background set), ``"words:sky,wall"``,
+            ``"words:sky,wall+thd:0.2"``. Any rule but none adds a class "background" at index
+            0, before `classes`.
+        templates: prompt templates ('openai' = the 80 ImageNet ones, 'simple', or a list).
+        **overrides: protocol fields (``short_side``, ``crop``, ``stride``, ``logit_scale``,
+            ``area_thd``; ``prob_thd=p`` is short for a ``thd:p`` background, or adds the
+            threshold to a words background) and ``crop_batch_size``, ``amp``.
+    """
+    from .clip.model import backbone_of
+    from .eval.presets import get_preset, warn_preset
+    from .segmentor import Segmentor, load_arm
+
+    unknown = sorted(set(overrides) - set(PROTOCOL_KEYS) - set(SEGMENTOR_KEYS))
+    if unknown:
+        raise TypeError(f"segment() got unknown keyword arguments {unknown}; protocol fields: "
+                        f"{', '.join(PROTOCOL_KEYS)}; segmentor: "
+                        f"{', '.join(SEGMENTOR_KEYS)}")
+    arm = load_arm(arm)  # before loading CLIP: a wrong path fails fast
+    if clip is None:
+        model = get_clip(backbone or DEFAULT_BACKBONE, pretrained, device)
+    else:
+        from .backbones import canonical_name
+        from .clip.model import backbone_label
+
+        model = clip
+        spec = backbone_of(model)
+        if backbone is not None and spec is not None and canonical_name(backbone) != spec.name:
+            raise ValueError(f"backbone {backbone!r} does not match the given clip, a "
+                             f"{backbone_label(model)}; leave backbone out when passing clip")
+        if device is not None:
+            model = model.to(device)
+    spec = backbone_of(model)  # an unregistered CLIP gets ViT-B/16's preset: the same protocol
+    protocol = {k: overrides.pop(k) for k in PROTOCOL_KEYS if k in overrides}
+    preset = get_preset(baseline, None, spec.name if spec else DEFAULT_BACKBONE,
+                        background=background, **protocol)
+    warn_preset(preset)
+    segmentor = Segmentor(model, classes, baseline=baseline, arm=arm, vfm=vfm,
+                          protocol=preset.protocol, background=preset.background,
+                          templates=templates, backend=backend, **overrides)
+    return segmentor.segment(image)
