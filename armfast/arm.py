@@ -12,7 +12,8 @@ Wo, Wo2 and the MLP's last layer start at zero, so an untrained ARM returns D ex
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+import numbers
+from dataclasses import asdict, dataclass, fields
 from typing import Sequence
 
 import torch
@@ -45,10 +46,12 @@ class ARMConfig:
                 raise ValueError(f"ARMConfig.{name} must be a positive integer, got {value!r}")
         if not self.shallow_layers:
             raise ValueError("ARMConfig.shallow_layers must name at least one layer")
-        if self.mlp_ratio <= 0:
-            raise ValueError(f"ARMConfig.mlp_ratio must be > 0, got {self.mlp_ratio}")
-        if self.logit_scale_init <= 0:
-            raise ValueError(f"ARMConfig.logit_scale_init must be > 0, got {self.logit_scale_init}")
+        for name in ("mlp_ratio", "ln_eps", "logit_scale_init"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"ARMConfig.{name} must be a real number, got {value!r}")
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"ARMConfig.{name} must be finite and > 0, got {value}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "ARMConfig":
@@ -170,10 +173,18 @@ class ARM(
         if not isinstance(deep, Tensor) or deep.dim() != 3 or deep.shape[-1] != c.embed_dim:
             got = tuple(deep.shape) if isinstance(deep, Tensor) else type(deep).__name__
             raise ValueError(f"deep must be [B, N, {c.embed_dim}], got {got}")
-        if isinstance(shallow, Tensor) or len(shallow) != len(c.shallow_layers):
+        param = self.deep_norm.weight
+        if deep.device != param.device:
+            raise ValueError(f"deep must be on the module's device ({param.device}), got {deep.device}")
+        if deep.dtype != param.dtype and not torch.is_autocast_enabled(deep.device.type):
+            raise TypeError(f"deep must have the module's dtype ({param.dtype}) outside autocast, "
+                            f"got {deep.dtype}")
+        if not isinstance(shallow, (list, tuple)):
+            raise TypeError(f"shallow must be a list of {len(c.shallow_layers)} tensors (layers "
+                            f"{c.shallow_layers}), got {type(shallow).__name__}")
+        if len(shallow) != len(c.shallow_layers):
             raise ValueError(f"shallow must be a list of {len(c.shallow_layers)} tensors (layers "
-                             f"{c.shallow_layers}), got {type(shallow).__name__} of length "
-                             f"{len(shallow)}")
+                             f"{c.shallow_layers}), got {len(shallow)}")
         expected = (deep.shape[0], deep.shape[1], c.width)
         for i, h in enumerate(shallow):
             if not isinstance(h, Tensor) or tuple(h.shape) != expected:

@@ -82,7 +82,7 @@ def test_from_pretrained_missing_dir(tmp_path):
 @pytest.mark.parametrize("kwargs,match", [
     (dict(num_heads=0), "num_heads must be a positive integer"),
     (dict(shallow_layers=()), "shallow_layers must name at least one layer"),
-    (dict(mlp_ratio=0), "mlp_ratio must be > 0"),
+    (dict(mlp_ratio=0), "mlp_ratio must be finite and > 0"),
 ])
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -100,3 +100,21 @@ def test_bad_forward_inputs():
         model([shallow[0], shallow[1][:, :3]], deep)
     with pytest.raises(TypeError, match="config must be an ARMConfig"):
         ARM(config=5)
+
+
+def test_bad_forward_container_dtype_and_device():
+    model = ARM(SMALL)
+    shallow, deep = inputs(SMALL)
+    with pytest.raises(TypeError, match="shallow must be a list of 2 tensors"):
+        model(None, deep)
+    with pytest.raises(TypeError, match="deep must have the module's dtype"):
+        model([h.double() for h in shallow], deep.double())
+
+
+@pytest.mark.parametrize("kwargs,error", [
+    (dict(mlp_ratio="4"), TypeError), (dict(logit_scale_init=float("nan")), ValueError),
+    (dict(ln_eps=float("inf")), ValueError),
+])
+def test_bad_config_numbers(kwargs, error):
+    with pytest.raises(error, match=next(iter(kwargs))):
+        ARMConfig(**kwargs)

@@ -60,3 +60,15 @@ def test_backend_on_wrong_device_says_why():
 def test_patch_text_logits_bad_inputs(x, text, scale, error, match):
     with pytest.raises(error, match=match):
         ops.patch_text_logits(x, text, logit_scale=scale, backend="reference")
+
+
+def test_auto_with_unsupported_dtype_is_a_type_error():
+    q = torch.randn(1, 1, 2, 4).to(torch.float8_e4m3fn)
+    with pytest.raises(TypeError, match="no backend can run attention on cpu with dtype float8"):
+        ops.attention(q, q, q)
+
+
+def test_sparse_input_is_refused():
+    q = torch.randn(1, 1, 2, 4)
+    with pytest.raises(TypeError, match="q must be a dense"):
+        ops.attention(q.to_sparse(), q, q)

@@ -100,11 +100,16 @@ def resolve(op: str, backend, dtype: torch.dtype, device: torch.device,
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     if backend == "auto":
         order = AUTO_ORDER[op].get(device.type, _FALLBACK_ORDER)
+        errors = []
         for name in order:
             b = load(name)
-            if not isinstance(b, str) and _unsupported(b, dtype, device, head_dim) is None:
+            problem = (RuntimeError, b) if isinstance(b, str) else _unsupported(b, dtype, device, head_dim)
+            if problem is None:
                 return b
-        raise RuntimeError(f"no backend can run {op} on {device} with dtype {dtype}")
+            errors.append(problem[0])
+        # the last candidate is the most permissive (reference): its error type says why
+        error = errors[-1] if errors else RuntimeError
+        raise error(f"no backend can run {op} on {device} with dtype {str(dtype).replace('torch.', '')}")
     if backend not in _LOCATIONS:
         raise ValueError(f"backend must be 'auto' or one of {', '.join(BACKENDS)}; got {backend!r}")
     b = load(backend)
