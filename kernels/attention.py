@@ -2,7 +2,7 @@
 
     O = softmax(Q K^T * scale) V,   Q [B, H, N_Q, d],  K, V [B, H, N_K, d]
 
-Forward (`attn_fwd`): one program per (query tile, batch * head). It walks over all key tiles
+Forward (`attn_fwd`): one program per (batch * head, query tile). It walks over all key tiles
 with an online softmax (running row max `m_i`, running row sum `l_i`, accumulator rescaled by
 `alpha` whenever the max grows), so no N_Q x N_K matrix ever exists, and it saves the row
 log-sum-exp `lse = log(sum_j exp(s_ij))` beside O.
@@ -17,8 +17,10 @@ Each program owns its output tile, so the backward is deterministic (no atomics)
 Scores are kept in log2 units (scale * log2(e) folded in) so the softmax uses `exp2`. Any
 lengths >= 1 work: keys past N_K score -inf, query rows past N_Q are computed but never stored.
 Head dims d <= 128: tiles are BLOCK_D = next power of two >= 16 wide and the tail is masked.
-Every tensor comes with its strides (strided views need no copy); accumulation is float32
-(float64 for float64 inputs).
+Every tensor comes with its strides (strided views need no copy) and every offset into one is
+int64, so no index * stride product wraps around at 2**31; accumulation is float32 (float64 for
+float64 inputs). Programs run on the grid (B * H, tiles): B * H on axis 0, whose CUDA limit is
+2**31 - 1 programs rather than the 65535 of axes 1 and 2.
 """
 from __future__ import annotations
 
@@ -71,9 +73,11 @@ def attn_fwd(
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    start_m = tl.program_id(0)
-    off_bh = tl.program_id(1)
-    off_b = (off_bh // H).to(tl.int64)  # int64: B*H*N*d may pass 2**31 elements
+    off_bh = tl.program_id(0)
+    start_m = tl.program_id(1)
+    # int64 offsets throughout: batch, row or column index times a stride may pass 2**31
+    # (B*H*N*d elements, or a sequence-major view whose row stride is B*H*d)
+    off_b = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
     Q += off_b * stride_qb + off_h * stride_qh
     K += off_b * stride_kb + off_h * stride_kh
@@ -81,9 +85,9 @@ def attn_fwd(
     O += off_b * stride_ob + off_h * stride_oh
     LSE += off_b * stride_lb + off_h * stride_lh
 
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_m = start_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
     mask_m = offs_m < N_Q
     mask_d = offs_d < HEAD_DIM
 
@@ -133,16 +137,16 @@ def attn_bwd_preprocess(
     ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """delta [B*H, N_Q] (contiguous) = rowsum(dO * O)."""
-    start_m = tl.program_id(0)
-    off_bh = tl.program_id(1)
-    off_b = (off_bh // H).to(tl.int64)
+    off_bh = tl.program_id(0)
+    start_m = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)  # int64 offsets, as in attn_fwd
     off_h = (off_bh % H).to(tl.int64)
     O += off_b * stride_ob + off_h * stride_oh
     DO += off_b * stride_dob + off_h * stride_doh
     DELTA += off_bh.to(tl.int64) * N_Q
 
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_m = start_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
     mask_m = offs_m < N_Q
     mask = mask_m[:, None] & (offs_d[None, :] < HEAD_DIM)
     o = tl.load(O + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, mask=mask, other=0.0)
@@ -171,9 +175,9 @@ def attn_bwd_dkdv(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dK, dV of one key tile (BLOCK_N keys), looping over all query tiles (BLOCK_M each)."""
-    start_n = tl.program_id(0)
-    off_bh = tl.program_id(1)
-    off_b = (off_bh // H).to(tl.int64)
+    off_bh = tl.program_id(0)
+    start_n = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)  # int64 offsets, as in attn_fwd
     off_h = (off_bh % H).to(tl.int64)
     Q += off_b * stride_qb + off_h * stride_qh
     K += off_b * stride_kb + off_h * stride_kh
@@ -184,9 +188,9 @@ def attn_bwd_dkdv(
     DK += off_b * stride_dkb + off_h * stride_dkh
     DV += off_b * stride_dvb + off_h * stride_dvh
 
-    offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = start_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
     mask_d = offs_d < HEAD_DIM
     kv_mask = (offs_n < N_K)[:, None] & mask_d[None, :]
     k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
@@ -239,9 +243,9 @@ def attn_bwd_dq(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dQ of one query tile (BLOCK_M queries), looping over all key tiles (BLOCK_N each)."""
-    start_m = tl.program_id(0)
-    off_bh = tl.program_id(1)
-    off_b = (off_bh // H).to(tl.int64)
+    off_bh = tl.program_id(0)
+    start_m = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)  # int64 offsets, as in attn_fwd
     off_h = (off_bh % H).to(tl.int64)
     Q += off_b * stride_qb + off_h * stride_qh
     K += off_b * stride_kb + off_h * stride_kh
@@ -251,9 +255,9 @@ def attn_bwd_dq(
     DELTA += off_bh.to(tl.int64) * N_Q
     DQ += off_b * stride_dqb + off_h * stride_dqh
 
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_m = start_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
     mask_m = offs_m < N_Q
     mask_d = offs_d < HEAD_DIM
     q_mask = mask_m[:, None] & mask_d[None, :]

@@ -7,6 +7,9 @@ tensor, read on the device: no host sync). eps = 1e-12 as in `F.normalize`.
 
 Forward (`ptl_fwd`): one program per (row tile, text tile) computes the raw dot products and both
 sets of squared norms in one loop over E, then scales: normalisation, product and scale fused.
+It and `ptl_bwd_gcos` run on a flat grid (row tiles x text tiles, all on axis 0): B * N rows
+and C classes may each need more tiles than the 65535 programs CUDA allows on grid axes 1 and 2.
+Offsets into tensors are int64 throughout, so no index * stride product wraps around at 2**31.
 
 Backward, with xn = x / rx, tn = t / rt, cos = <xn, tn> and g = dout (see
 armfast/ops/_reference.py, patch_text_logits_backward):
@@ -52,10 +55,28 @@ INTERPRET_CONFIG = triton.Config({"BLOCK_R": 32, "BLOCK_C": 32, "BLOCK_E": 32})
 ROW_NORM_BLOCK_R, ROW_NORM_BLOCK_E = 32, 64
 
 
+# Row indices r < R stay int32 (the cheaper division by N); `_row_offsets` widens them to int64
+# before they meet a stride. Text and feature indices are int64 from the start (`_tile_range`).
 @triton.jit
 def _row_offsets(rows, N, stride_b, stride_n):
     """Offsets of rows r = b * N + n of a [B, N, ...] tensor with strides (stride_b, stride_n)."""
     return (rows // N).to(tl.int64) * stride_b + (rows % N).to(tl.int64) * stride_n
+
+
+@triton.jit
+def _tile_range(tile, BLOCK: tl.constexpr):
+    """The int64 indices tile * BLOCK, ..., tile * BLOCK + BLOCK - 1."""
+    return tile.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+
+
+@triton.jit
+def _flat_tiles(R, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(rows, text) of this program on a flat grid of row tiles x text tiles, row tiles
+    varying fastest as on axis 0 of a 2-D grid."""
+    pid = tl.program_id(0)
+    row_tiles = tl.cdiv(R, BLOCK_R)
+    rows = (pid % row_tiles) * BLOCK_R + tl.arange(0, BLOCK_R)
+    return rows, _tile_range(pid // row_tiles, BLOCK_C)
 
 
 @triton.jit
@@ -65,7 +86,7 @@ def _cos_tile(X, T, x_rows, mask_r, offs_c, C, E, stride_xe, stride_tc, stride_t
     """<x_r, t_c> / (max(|x_r|, eps) max(|t_c|, eps)) for a [BLOCK_R, BLOCK_C] tile in one pass
     over E; `x_rows` are the rows' offsets into X, `mask_r` says which rows exist."""
     mask_c = offs_c < C
-    offs_e = tl.arange(0, BLOCK_E)
+    offs_e = tl.arange(0, BLOCK_E).to(tl.int64)
     dots = tl.zeros([BLOCK_R, BLOCK_C], ACC_DTYPE)
     x_sq = tl.zeros([BLOCK_R], ACC_DTYPE)
     t_sq = tl.zeros([BLOCK_C], ACC_DTYPE)
@@ -98,8 +119,7 @@ def ptl_fwd(
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    rows, offs_c = _flat_tiles(R, BLOCK_R, BLOCK_C)
     mask_r = rows < R
     x_rows = _row_offsets(rows, N, stride_xb, stride_xn)
     cos = _cos_tile(X, T, x_rows, mask_r, offs_c, C, E, stride_xe, stride_tc, stride_te,
@@ -121,7 +141,7 @@ def row_norm(
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = rows < R
     x_rows = _row_offsets(rows, N, stride_xb, stride_xn)
-    offs_e = tl.arange(0, BLOCK_E)
+    offs_e = tl.arange(0, BLOCK_E).to(tl.int64)
     sq = tl.zeros([BLOCK_R], ACC_DTYPE)
     for e0 in range(0, E, BLOCK_E):
         cols = e0 + offs_e
@@ -144,8 +164,7 @@ def ptl_bwd_gcos(
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     """GCOS [R, C] (contiguous, accumulator dtype) = dout * cos."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    rows, offs_c = _flat_tiles(R, BLOCK_R, BLOCK_C)
     mask_r = rows < R
     mask = mask_r[:, None] & (offs_c < C)[None, :]
     x_rows = _row_offsets(rows, N, stride_xb, stride_xn)
@@ -172,8 +191,8 @@ def ptl_bwd_dx(
 ):
     """dx for a [BLOCK_R, BLOCK_E] tile: s g tn summed over all text tiles, then projected."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
-    offs_c = tl.arange(0, BLOCK_C)
+    cols = _tile_range(tl.program_id(1), BLOCK_E)  # E / BLOCK_E tiles: far below 65535
+    offs_c = tl.arange(0, BLOCK_C).to(tl.int64)
     mask_r = rows < R
     mask_e = cols < E
     g_rows = _row_offsets(rows, N, stride_gb, stride_gn)
@@ -220,8 +239,8 @@ def ptl_bwd_dtext(
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     """dtext for a [BLOCK_C, BLOCK_E] tile: s g^T xn summed over all B * N rows, then projected."""
-    text = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cols = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    text = _tile_range(tl.program_id(0), BLOCK_C)
+    cols = _tile_range(tl.program_id(1), BLOCK_E)  # E / BLOCK_E tiles: far below 65535
     offs_r = tl.arange(0, BLOCK_R)
     mask_c = text < C
     mask_e = cols < E

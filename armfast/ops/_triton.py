@@ -76,6 +76,27 @@ def _block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
+# CUDA launches at most 2**31 - 1 programs along grid axis 0 but only 65535 along axes 1 and 2,
+# so every count that grows with the batch (B * H heads, B * N rows) goes on axis 0.
+MAX_GRID = (2**31 - 1, 65535, 65535)
+
+
+def launch_grid(*programs: int, what: str) -> tuple[int, ...]:
+    """`programs` (per axis) as a launch grid, checked against `MAX_GRID`: a grid past CUDA's
+    limits fails here with a ValueError naming `what`, not in the driver as "invalid argument"."""
+    for axis, (n, limit) in enumerate(zip(programs, MAX_GRID)):
+        if n > limit:
+            raise ValueError(f"{what} needs {n} programs on launch grid axis {axis}, "
+                             f"expected at most {limit} (CUDA's limit)")
+    return programs
+
+
+def attention_grid(batch_heads: int, length: int, block: int, what: str) -> tuple[int, int]:
+    """(B * H, tiles of `block` over `length`): the attention kernels' grid. B * H passes 65535
+    in real use (12 heads x 5462 crops); 65535 tiles would take sequences of 2 million tokens."""
+    return launch_grid(batch_heads, triton.cdiv(length, block), what=what)
+
+
 # ---------------------------------------------------------------------------------------------
 # attention
 # ---------------------------------------------------------------------------------------------
@@ -86,9 +107,10 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Te
     N_K = k.shape[2]
     out = _empty((B, H, N_Q, d), q.dtype, q.device)
     lse = _empty((B, H, N_Q), lse_dtype(q.dtype), q.device)
+    what = f"triton attention of q {tuple(q.shape)}"
 
     def grid(meta):
-        return triton.cdiv(N_Q, meta["BLOCK_M"]), B * H
+        return attention_grid(B * H, N_Q, meta["BLOCK_M"], what)
 
     with _on_device(q):
         kernels.attn_fwd[grid](
@@ -112,18 +134,20 @@ def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     dk = _empty(k.shape, k.dtype, k.device)
     dv = _empty(v.shape, v.dtype, v.device)
     qkv_strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride())
+    q_what = f"triton attention backward of q {tuple(q.shape)}"
+    k_what = f"triton attention backward of k {tuple(k.shape)}"
 
     with _on_device(q):
         block_m = kernels.BLOCK_M_PREPROCESS
-        kernels.attn_bwd_preprocess[(triton.cdiv(N_Q, block_m), B * H)](
+        kernels.attn_bwd_preprocess[attention_grid(B * H, N_Q, block_m, q_what)](
             out, dout, delta, *out.stride(), *dout.stride(), H, N_Q,
             HEAD_DIM=d, BLOCK_D=block_d, ACC_DTYPE=acc, BLOCK_M=block_m)
-        kernels.attn_bwd_dkdv[lambda meta: (triton.cdiv(N_K, meta["BLOCK_N"]), B * H)](
+        kernels.attn_bwd_dkdv[lambda meta: attention_grid(B * H, N_K, meta["BLOCK_N"], k_what)](
             q, k, v, dout, lse, delta, dk, dv, scale,
             *qkv_strides, *dk.stride(), *dv.stride(),
             H, N_Q, N_K, *buckets,
             HEAD_DIM=d, BLOCK_D=block_d, ACC_DTYPE=acc, DOT_PRECISION=precision)
-        kernels.attn_bwd_dq[lambda meta: (triton.cdiv(N_Q, meta["BLOCK_M"]), B * H)](
+        kernels.attn_bwd_dq[lambda meta: attention_grid(B * H, N_Q, meta["BLOCK_M"], q_what)](
             q, k, v, dout, lse, delta, dq, scale,
             *qkv_strides, *dq.stride(),
             H, N_Q, N_K, *buckets,
@@ -135,17 +159,20 @@ def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
 # patch_text_logits; x [B, N, E] is launched as R = B * N rows, text [C, E] as [1, C, E]
 # ---------------------------------------------------------------------------------------------
 
+def _cos_grid(R: int, C: int, meta: dict, what: str) -> tuple[int]:
+    """Flat grid of row tiles x text tiles (ptl_fwd, ptl_bwd_gcos): both counts can pass 65535."""
+    return launch_grid(triton.cdiv(R, meta["BLOCK_R"]) * triton.cdiv(C, meta["BLOCK_C"]), what=what)
+
+
 def patch_text_logits_forward(x: Tensor, text: Tensor, logit_scale: Tensor) -> Tensor:
     kernels, common = _kernels().logits, _kernels().common
     B, N, E = x.shape
     C, R = text.shape[0], B * N
     out = _empty((B, N, C), x.dtype, x.device)
-
-    def grid(meta):
-        return triton.cdiv(R, meta["BLOCK_R"]), triton.cdiv(C, meta["BLOCK_C"])
+    what = f"triton patch_text_logits of x {tuple(x.shape)} and text {tuple(text.shape)}"
 
     with _on_device(x):
-        kernels.ptl_fwd[grid](
+        kernels.ptl_fwd[lambda meta: _cos_grid(R, C, meta, what)](
             x, text, logit_scale, out, *x.stride(), *text.stride(), *out.stride(),
             R, N, C, E, common.bucket(R),
             ACC_DTYPE=common.acc_dtype(x.dtype), DOT_PRECISION=common.dot_precision(x.dtype))
@@ -166,26 +193,27 @@ def patch_text_logits_backward(dout: Tensor, x: Tensor, text: Tensor,
     dtext = _empty(text.shape, text.dtype, text.device)
     x_strides, t_strides = x.stride(), text.stride()
     strides = (*x_strides, *t_strides, *dout.stride())
+    what = (f"triton patch_text_logits backward of x {tuple(x.shape)} "
+            f"and text {tuple(text.shape)}")
 
     with _on_device(x):
         block_r, block_e = kernels.ROW_NORM_BLOCK_R, kernels.ROW_NORM_BLOCK_E
-        kernels.row_norm[(triton.cdiv(R, block_r),)](
+        kernels.row_norm[launch_grid(triton.cdiv(R, block_r), what=what)](
             x, x_norm, *x_strides, R, N, E, ACC_DTYPE=acc, BLOCK_R=block_r, BLOCK_E=block_e)
-        kernels.row_norm[(triton.cdiv(C, block_r),)](
+        kernels.row_norm[launch_grid(triton.cdiv(C, block_r), what=what)](
             text, t_norm, 0, *t_strides, C, C, E, ACC_DTYPE=acc, BLOCK_R=block_r, BLOCK_E=block_e)
-        kernels.ptl_bwd_gcos[lambda meta: (triton.cdiv(R, meta["BLOCK_R"]),
-                                           triton.cdiv(C, meta["BLOCK_C"]))](
+        kernels.ptl_bwd_gcos[lambda meta: _cos_grid(R, C, meta, what)](
             x, text, dout, gcos, *strides, R, N, C, E, common.bucket(R),
             ACC_DTYPE=acc, DOT_PRECISION=precision)
         gc_row = gcos.sum(1)  # sum_c dout * cos, per row
         gc_col = gcos.sum(0)  # sum over rows, per text row
         dscale = gc_row.sum()
-        kernels.ptl_bwd_dx[lambda meta: (triton.cdiv(R, meta["BLOCK_R"]),
-                                         triton.cdiv(E, meta["BLOCK_E"]))](
+        kernels.ptl_bwd_dx[lambda meta: launch_grid(triton.cdiv(R, meta["BLOCK_R"]),
+                                                    triton.cdiv(E, meta["BLOCK_E"]), what=what)](
             x, text, dout, logit_scale, x_norm, t_norm, gc_row, dx, *strides, *dx.stride(),
             R, N, C, E, common.bucket(R), ACC_DTYPE=acc, DOT_PRECISION=precision)
-        kernels.ptl_bwd_dtext[lambda meta: (triton.cdiv(C, meta["BLOCK_C"]),
-                                            triton.cdiv(E, meta["BLOCK_E"]))](
+        kernels.ptl_bwd_dtext[lambda meta: launch_grid(triton.cdiv(C, meta["BLOCK_C"]),
+                                                       triton.cdiv(E, meta["BLOCK_E"]), what=what)](
             x, text, dout, logit_scale, x_norm, t_norm, gc_col, dtext, *strides, *dtext.stride(),
             R, N, C, E, common.bucket(R), ACC_DTYPE=acc, DOT_PRECISION=precision)
     return dx, dtext, dscale.to(logit_scale.dtype).reshape(logit_scale.shape)
