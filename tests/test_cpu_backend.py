@@ -251,3 +251,18 @@ def test_extension_checks_shapes_itself():
         _C.attention_forward("float32", arg(q), arg(k[..., :4]), arg(v), arg(out), arg(lse), 1.0)
     with pytest.raises(TypeError, match="float32 or float64"):
         _C.attention_forward("float16", arg(q), arg(k), arg(v), arg(out), arg(lse), 1.0)
+
+
+# ---- availability (which builds run on which GPU; pure Python) ------------------------------- -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("archs,capability,runs", [
+    ("8.0;9.0", (8, 0), True), ("8.0;9.0", (8, 6), True), ("8.0;9.0", (8, 9), True),
+    ("8.0;9.0", (9, 0), True), ("8.0;9.0", (10, 0), False), ("8.0;9.0", (12, 0), False),
+    ("8.6", (8, 0), False), ("9.0+PTX", (10, 0), True), ("9.0+PTX", (8, 9), False),
+    ("9.0a", (9, 0), True), ("9.0a", (10, 0), False), ("9.0a+PTX", (10, 0), False),
+    ("10.0a", (10, 3), False), ("10.0f", (10, 0), True), ("10.0f", (10, 3), True),
+    ("10.3f", (10, 0), False), ("10.0f", (12, 0), False), ("10.0f+PTX", (12, 0), False),
+    ("12.0f", (12, 1), True), ("8.0, 12.0f", (12, 1), True), ("", (8, 0), False),
+])
+def test_arch_list_compatibility(archs, capability, runs):
+    assert _extension._arch_runs(archs, capability) is runs

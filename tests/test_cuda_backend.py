@@ -133,6 +133,44 @@ def test_attention_runs_on_the_current_stream():
     assert torch.equal(got, expected)
 
 
+# The layouts the kernels use on sm_86/sm_89/sm_120, which let a block use only 99 KiB of shared
+# memory; the cap makes an A100 or H100 run them too.
+SMEM_99_KIB = 99 * 1024
+
+
+@pytest.mark.parametrize("smem_cap", [None, SMEM_99_KIB], ids=["device-tiles", "99KiB-tiles"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], **DTYPE_IDS)
+def test_attention_d128_long_sequence(dtype, smem_cap, monkeypatch, poisoned):
+    # d=128 has the largest layouts (fp32 forward 117.5 KiB, bf16 dK/dV 145 KiB), too large for
+    # 99 KiB; N=785 leaves partial query and key tiles at every tile size.
+    if smem_cap is not None:
+        monkeypatch.setenv("ARMFAST_CUDA_MAX_SHARED_MEMORY", str(smem_cap))
+    check_attention(*cuda_qkv(1, 2, 785, 785, 128, dtype, strided=True, seed=785), seed=785)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, **DTYPE_IDS)
+@pytest.mark.parametrize("d", [32, 64, 128])
+def test_attention_fits_99_kib_of_shared_memory(dtype, d, monkeypatch, poisoned):
+    monkeypatch.setenv("ARMFAST_CUDA_MAX_SHARED_MEMORY", str(SMEM_99_KIB))
+    check_attention(*cuda_qkv(1, 2, 100, 77, d, dtype, strided=True, seed=d), seed=d)
+
+
+def test_attention_too_little_shared_memory_is_a_clear_error(monkeypatch):
+    q, k, v = make_qkv(1, 1, 8, 8, 128, device="cuda", dtype=torch.float16)
+    monkeypatch.setenv("ARMFAST_CUDA_MAX_SHARED_MEMORY", "60000")
+    with pytest.raises(ValueError, match=r"forward kernel for float16 with head dim 128 needs \d+ bytes "
+                                         r"of shared memory per block, but cuda:\d+ allows 60000 "
+                                         r"\(the cap set by ARMFAST_CUDA_MAX_SHARED_MEMORY\); use "
+                                         r"backend='triton' or backend='sdpa'"):
+        _extension.cuda_attention_forward(q, k, v, 0.125)
+    monkeypatch.setenv("ARMFAST_CUDA_MAX_SHARED_MEMORY", "64k")
+    with pytest.raises(ValueError, match="ARMFAST_CUDA_MAX_SHARED_MEMORY must be a number of bytes"):
+        _extension.cuda_attention_forward(q, k, v, 0.125)
+    monkeypatch.delenv("ARMFAST_CUDA_MAX_SHARED_MEMORY")
+    out, _ = _extension.cuda_attention_forward(q, k, v, 0.125)
+    assert_close_to_truth(out, attention_f64(q, k, v, 0.125), attention_peer(q, k, v, 0.125), "out")
+
+
 def test_attention_many_heads_exceed_a_grid_dimension():
     q, k, v = cuda_qkv(70000, 1, 3, 5, 32, torch.float16)
     check_attention(q, k, v)

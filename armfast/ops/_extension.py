@@ -7,6 +7,10 @@ machine without a driver, only makes the `cuda` backend unavailable (the reason 
 The kernels never see libtorch: the wrappers here check what the kernels rely on (device, dtype,
 head dim), allocate the outputs and pass each tensor as ``(data_ptr, sizes, strides)`` with
 strides in elements, plus, for CUDA, the device index and torch's current stream.
+
+The CUDA attention kernels pick their tiles per call from the shared memory a block may use on
+the device (large tiles on sm_80/sm_90, smaller ones on the 99 KiB of sm_86/sm_89/sm_120);
+ARMFAST_CUDA_MAX_SHARED_MEMORY (bytes) lowers that limit, e.g. to run the small tiles anywhere.
 """
 from __future__ import annotations
 
@@ -75,18 +79,24 @@ def _cuda_devices() -> tuple[int, Optional[str]]:
 
 
 def _arch_runs(arch_list: str, capability: tuple[int, int]) -> bool:
-    """Whether code built for `arch_list` ("8.0;9.0a;9.0+PTX") runs on a GPU of `capability`."""
+    """Whether code built for `arch_list` ("8.0;9.0a;10.0f;9.0+PTX", the syntax setup.py takes)
+    runs on a GPU of `capability`, by nvcc's compatibility rules."""
     for item in filter(None, re.split(r"[;,\s]+", arch_list)):
         ptx = item.endswith("+PTX")
         m = re.fullmatch(r"(\d+)\.(\d+)([af]?)", item[:-4] if ptx else item)
         if m is None:
             continue
-        built = (int(m[1]), int(m[2]))
-        if ptx and capability >= built:
-            return True  # the driver compiles the PTX for newer GPUs
-        if m[3] == "a" and capability == built:
-            return True  # arch-specific cubins run on that exact GPU only
-        if not m[3] and capability[0] == built[0] and capability[1] >= built[1]:
+        built, suffix = (int(m[1]), int(m[2])), m[3]
+        same_family = capability[0] == built[0] and capability[1] >= built[1]
+        if suffix == "a":
+            runs = capability == built  # arch-specific: that exact GPU only, PTX included
+        elif suffix == "f":
+            runs = same_family  # family-specific: same major, this minor or newer, PTX included
+        elif ptx:
+            runs = capability >= built  # the driver compiles plain PTX for any newer GPU
+        else:
+            runs = same_family  # a cubin runs on later minor versions of its major
+        if runs:
             return True
     return False
 
@@ -192,7 +202,8 @@ def cpu_patch_text_logits_backward(dout: Tensor, x: Tensor, text: Tensor,
     dscale = _module("_C").patch_text_logits_backward(
         _DTYPE_NAMES[x.dtype], _arg(dout), _arg(x), _arg(text), float(logit_scale), _arg(dx),
         _arg(dtext), torch.get_num_threads())
-    return dx, dtext, torch.full(logit_scale.shape, dscale, dtype=logit_scale.dtype)
+    return dx, dtext, torch.full(logit_scale.shape, dscale, dtype=logit_scale.dtype,
+                                 device=logit_scale.device)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,13 +12,22 @@
 // (nvcuda::wmma, 16x16x16, fp32 accumulate) for half types, exact FP32 FMA for float32. Softmax
 // statistics and all accumulators are fp32 in shared memory; P and dS are rounded to the input
 // type only to feed the tensor cores, as flash-attention does.
+//
+// Each kernel has large tiles, sized for the 163 KiB of shared memory a block may use on sm_80
+// (227 KiB on sm_90), and, where those exceed 99 KiB, small tiles for the GPUs that allow only
+// that much (sm_86, sm_89, sm_120: A10, L4, RTX 30xx-50xx). Every call picks per kernel from the
+// device's cudaDevAttrMaxSharedMemoryPerBlockOptin, lowered by ARMFAST_CUDA_MAX_SHARED_MEMORY
+// (bytes) when that is set, e.g. to run the small tiles on an A100 or H100.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <mma.h>
 
+#include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -55,10 +64,16 @@ constexpr int kPadF = 4;
 constexpr size_t align128(size_t x) { return (x + 127) / 128 * 128; }
 
 // ---- shared-memory layouts -------------------------------------------------------------------
-template <typename T, int D>
+// SMALL selects the tiles for GPUs with 99 KiB of shared memory per block (see kSmemFloor).
+
+// Large: 64 queries x 64 keys (fp32 d=128: 64 x 32). Small: half the key tile; fp32 d=128, whose
+// key tile is already at the 32 the softmax needs (one key per lane), halves the query tile.
+template <typename T, int D, bool SMALL>
 struct FwdCfg {
   static constexpr bool kF32 = std::is_same_v<T, float>;
-  static constexpr int BQ = 64, BK = (kF32 && D == 128) ? 32 : 64;
+  static constexpr int BQ = (SMALL && kF32 && D == 128) ? 32 : 64;
+  static constexpr int BK = (SMALL || (kF32 && D == 128)) ? 32 : 64;
+  static_assert(BK % 32 == 0, "the online softmax gives each lane BK / 32 keys");
   static constexpr int LDX = D + kPad<T>;   // q, k, v tiles (T)
   static constexpr int LDS = BK + kPadF;    // scores (float)
   static constexpr int LDP = BK + kPad<T>;  // probabilities (T)
@@ -74,10 +89,11 @@ struct FwdCfg {
   static constexpr size_t BYTES = align128(L + sizeof(float) * BQ);
 };
 
-template <typename T, int D>
+// Large: 64 keys x 32 queries (fp32 d=128: 32 x 32). Small: half the key tile.
+template <typename T, int D, bool SMALL>
 struct BwdKVCfg {
   static constexpr bool kF32 = std::is_same_v<T, float>;
-  static constexpr int BK = (kF32 && D == 128) ? 32 : 64, BQ = 32;
+  static constexpr int BK = ((kF32 && D == 128) ? 32 : 64) / (SMALL ? 2 : 1), BQ = 32;
   static constexpr int LDX = D + kPad<T>;   // k, v, q, dO tiles (T)
   static constexpr int LDA = D + kPadF;     // dK, dV accumulators (float)
   static constexpr int LDS = BQ + kPadF;    // S^T, dP^T (float)
@@ -97,10 +113,11 @@ struct BwdKVCfg {
   static constexpr size_t BYTES = align128(DEL + sizeof(float) * BQ);
 };
 
-template <typename T, int D>
+// Large: 64 queries x 64 keys (fp32 d=128: 32 x 32). Small: half the query tile.
+template <typename T, int D, bool SMALL>
 struct BwdQCfg {
   static constexpr bool kF32 = std::is_same_v<T, float>;
-  static constexpr int BQ = (kF32 && D == 128) ? 32 : 64, BK = BQ;
+  static constexpr int BK = (kF32 && D == 128) ? 32 : 64, BQ = BK / (SMALL ? 2 : 1);
   static constexpr int LDX = D + kPad<T>;   // q, dO, k, v tiles (T)
   static constexpr int LDA = D + kPadF;     // dQ accumulator (float)
   static constexpr int LDS = BK + kPadF;    // S, dP (float)
@@ -118,15 +135,27 @@ struct BwdQCfg {
   static constexpr size_t BYTES = align128(DEL + sizeof(float) * BQ);
 };
 
-// Every layout must fit the 163 KiB a block may opt into on sm_80 (sm_90: 227 KiB).
-constexpr size_t kMaxSmem = 160 * 1024;
+// Shared memory a block may opt into (cudaDevAttrMaxSharedMemoryPerBlockOptin): 163 KiB on
+// sm_80/sm_87, 227 KiB on sm_90/sm_100, and 99 KiB on sm_86/sm_89/sm_120, the least of any GPU
+// this backend runs on (compute capability 8.0 or newer). The large tiles must fit sm_80, so A100
+// and H100 run them; the small ones must fit 99 KiB, so every supported GPU runs the attention.
+constexpr size_t kSmemSm80 = 163 * 1024;
+constexpr size_t kSmemFloor = 99 * 1024;
+
+// Small tiles are compiled only for the kernels whose large tiles exceed 99 KiB: fp16/bf16 d=128
+// (all three kernels), fp32 d=64 (all three) and fp32 d=128 (forward, dK/dV).
+template <template <typename, int, bool> class Cfg, typename T, int D>
+constexpr bool kHasSmall = Cfg<T, D, false>::BYTES > kSmemFloor;
+
 template <typename T, int D>
 constexpr bool fits() {
-  return FwdCfg<T, D>::BYTES <= kMaxSmem && BwdKVCfg<T, D>::BYTES <= kMaxSmem &&
-         BwdQCfg<T, D>::BYTES <= kMaxSmem;
+  auto ok = [](size_t large, size_t small) { return large <= kSmemSm80 && small <= kSmemFloor; };
+  return ok(FwdCfg<T, D, false>::BYTES, FwdCfg<T, D, true>::BYTES) &&
+         ok(BwdKVCfg<T, D, false>::BYTES, BwdKVCfg<T, D, true>::BYTES) &&
+         ok(BwdQCfg<T, D, false>::BYTES, BwdQCfg<T, D, true>::BYTES);
 }
 static_assert(fits<__half, 32>() && fits<__half, 64>() && fits<__half, 128>(), "smem (fp16)");
-static_assert(fits<__nv_bfloat16, 128>(), "smem (bf16)");
+static_assert(fits<__nv_bfloat16, 32>() && fits<__nv_bfloat16, 64>() && fits<__nv_bfloat16, 128>(), "smem (bf16)");
 static_assert(fits<float, 32>() && fits<float, 64>() && fits<float, 128>(), "smem (fp32)");
 
 // ---- tile loads ------------------------------------------------------------------------------
@@ -230,9 +259,9 @@ __device__ __forceinline__ void block_gemm(const T* A, int lda, const T* B, int 
 }
 
 // ---- forward ---------------------------------------------------------------------------------
-template <typename T, int D>
+template <typename T, int D, bool SMALL>
 __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Params p) {
-  using C = FwdCfg<T, D>;
+  using C = FwdCfg<T, D, SMALL>;
   extern __shared__ __align__(128) unsigned char smem[];
   T* qs = reinterpret_cast<T*>(smem + C::Q);
   T* ks = reinterpret_cast<T*>(smem + C::K);
@@ -340,9 +369,9 @@ __device__ __forceinline__ void load_row_stats(const Params& p, int64_t bh, int 
 }
 
 // dK, dV of one key tile; loops over all query tiles.
-template <typename T, int D>
+template <typename T, int D, bool SMALL>
 __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Params p) {
-  using C = BwdKVCfg<T, D>;
+  using C = BwdKVCfg<T, D, SMALL>;
   extern __shared__ __align__(128) unsigned char smem[];
   T* ks = reinterpret_cast<T*>(smem + C::K);
   T* vs = reinterpret_cast<T*>(smem + C::V);
@@ -406,9 +435,9 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Para
 }
 
 // dQ of one query tile; loops over all key tiles.
-template <typename T, int D>
+template <typename T, int D, bool SMALL>
 __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const Params p) {
-  using C = BwdQCfg<T, D>;
+  using C = BwdQCfg<T, D, SMALL>;
   extern __shared__ __align__(128) unsigned char smem[];
   T* qs = reinterpret_cast<T*>(smem + C::Q);
   T* dos = reinterpret_cast<T*>(smem + C::DO);
@@ -475,6 +504,12 @@ std::string kernel_name(const char* base) {
   return std::string(base) + "<" + dtype_name<T>() + ", d=" + std::to_string(D) + ">";
 }
 
+template <typename T, int D, typename C>
+std::string kernel_name(const char* base) {
+  return std::string(base) + "<" + dtype_name<T>() + ", d=" + std::to_string(D) + ", " +
+         std::to_string(C::BQ) + " queries x " + std::to_string(C::BK) + " keys>";
+}
+
 // 16-byte loads are safe when the inner stride is 1 and every row start is 16-byte aligned.
 template <typename T>
 bool vec_ok(const Strided& t) {
@@ -487,37 +522,104 @@ void copy_strides(int64_t* dst, const Strided& t, int n) {
   for (int i = 0; i < n; ++i) dst[i] = t.stride[i];
 }
 
+// Where the kernels of one call run, and how much shared memory a block may use there.
+struct Device {
+  int index;
+  size_t smem;  // bytes per block: the device's opt-in limit, or the environment's lower cap
+  bool capped;  // smem comes from ARMFAST_CUDA_MAX_SHARED_MEMORY
+  cudaStream_t stream;
+};
+
+constexpr const char* kSmemEnv = "ARMFAST_CUDA_MAX_SHARED_MEMORY";
+
+Device make_device(int index, std::uintptr_t stream) {
+  Device dev{index, max_shared_memory_per_block(index), false, reinterpret_cast<cudaStream_t>(stream)};
+  // Read on every call (a getenv is cheap next to a launch) so that it can be changed at run time.
+  const char* env = std::getenv(kSmemEnv);
+  if (env != nullptr && *env != '\0') {
+    const std::string text(env);
+    if (text.size() > 12 || !std::all_of(text.begin(), text.end(), [](unsigned char c) { return std::isdigit(c); }))
+      throw std::invalid_argument(std::string(kSmemEnv) + " must be a number of bytes, got '" + text + "'");
+    const size_t cap = std::stoull(text);
+    if (cap < dev.smem) {
+      dev.smem = cap;
+      dev.capped = true;
+    }
+  }
+  return dev;
+}
+
+// Whether kernel `what` runs with its small tiles on `dev`: the large tiles when they fit, else
+// the small ones where they exist; a ValueError in Python when neither fits. Checked for every
+// kernel of a call before the first launch, so a call fails before it writes anything.
+template <template <typename, int, bool> class Cfg, typename T, int D>
+bool small_tiles(const Device& dev, const char* what) {
+  using Large = Cfg<T, D, false>;
+  if (Large::BYTES <= dev.smem) return false;
+  if constexpr (kHasSmall<Cfg, T, D>) {
+    if (Cfg<T, D, true>::BYTES <= dev.smem) return true;
+  }
+  constexpr size_t need = kHasSmall<Cfg, T, D> ? Cfg<T, D, true>::BYTES : Large::BYTES;
+  throw std::invalid_argument(
+      std::string("armfast CUDA attention: the ") + what + " kernel for " + dtype_name<T>() +
+      " with head dim " + std::to_string(D) + " needs " + std::to_string(need) +
+      " bytes of shared memory per block, but cuda:" + std::to_string(dev.index) + " allows " +
+      std::to_string(dev.smem) + (dev.capped ? std::string(" (the cap set by ") + kSmemEnv + ")" : std::string()) +
+      "; use backend='triton' or backend='sdpa' for this call");
+}
+
+// Calls f(std::true_type{}) for the small tiles, f(std::false_type{}) for the large ones; the
+// small variant is instantiated only where it exists.
+template <template <typename, int, bool> class Cfg, typename T, int D, typename F>
+void with_tiles(bool small, F&& f) {
+  if constexpr (kHasSmall<Cfg, T, D>) {
+    if (small) return f(std::true_type{});
+  }
+  f(std::false_type{});
+}
+
 template <typename Kernel>
-void launch(Kernel kernel, const std::string& name, int64_t blocks, size_t smem, cudaStream_t stream,
+void launch(Kernel kernel, const std::string& name, int64_t blocks, size_t smem, const Device& dev,
             const Params& p) {
+  if (blocks == 0) return;  // an empty batch or sequence: nothing to write
   if (blocks > 0x7fffffffLL) throw std::invalid_argument(name + ": too many blocks (" + std::to_string(blocks) + ")");
-  if (smem > 48 * 1024)
-    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
-               "cudaFuncSetAttribute(" + name + ", " + std::to_string(smem) + " bytes of shared memory)");
-  kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(p);
+  allow_dynamic_shared_memory(reinterpret_cast<const void*>(kernel), dev.index, smem, name);
+  kernel<<<static_cast<unsigned>(blocks), kThreads, smem, dev.stream>>>(p);
   check_launch(name);
 }
 
 template <typename T, int D>
-void forward_t(Params p, cudaStream_t stream) {
-  using C = FwdCfg<T, D>;
-  p.n_tiles = static_cast<int>(ceil_div(p.Nq, C::BQ));
-  launch(attention_fwd_kernel<T, D>, kernel_name<T, D>("attention_fwd_kernel"), p.BH * p.n_tiles,
-         C::BYTES, stream, p);
+void forward_t(Params p, const Device& dev) {
+  const bool small = small_tiles<FwdCfg, T, D>(dev, "forward");
+  with_tiles<FwdCfg, T, D>(small, [&](auto tiles) {
+    constexpr bool kSmall = decltype(tiles)::value;
+    using C = FwdCfg<T, D, kSmall>;
+    p.n_tiles = static_cast<int>(ceil_div(p.Nq, C::BQ));
+    launch(attention_fwd_kernel<T, D, kSmall>, kernel_name<T, D, C>("attention_fwd_kernel"),
+           p.BH * p.n_tiles, C::BYTES, dev, p);
+  });
 }
 
 template <typename T, int D>
-void backward_t(Params p, cudaStream_t stream) {
+void backward_t(Params p, const Device& dev) {
+  const bool kv_small = small_tiles<BwdKVCfg, T, D>(dev, "backward dK/dV");
+  const bool q_small = small_tiles<BwdQCfg, T, D>(dev, "backward dQ");
   launch(attention_bwd_delta_kernel<T>, kernel_name<T, D>("attention_bwd_delta_kernel"),
-         ceil_div(p.BH * p.Nq, kWarps), 0, stream, p);
-  using KV = BwdKVCfg<T, D>;
-  p.n_tiles = static_cast<int>(ceil_div(p.Nk, KV::BK));
-  launch(attention_bwd_dkdv_kernel<T, D>, kernel_name<T, D>("attention_bwd_dkdv_kernel"),
-         p.BH * p.n_tiles, KV::BYTES, stream, p);
-  using Q = BwdQCfg<T, D>;
-  p.n_tiles = static_cast<int>(ceil_div(p.Nq, Q::BQ));
-  launch(attention_bwd_dq_kernel<T, D>, kernel_name<T, D>("attention_bwd_dq_kernel"),
-         p.BH * p.n_tiles, Q::BYTES, stream, p);
+         ceil_div(p.BH * p.Nq, kWarps), 0, dev, p);
+  with_tiles<BwdKVCfg, T, D>(kv_small, [&](auto tiles) {
+    constexpr bool kSmall = decltype(tiles)::value;
+    using C = BwdKVCfg<T, D, kSmall>;
+    p.n_tiles = static_cast<int>(ceil_div(p.Nk, C::BK));
+    launch(attention_bwd_dkdv_kernel<T, D, kSmall>, kernel_name<T, D, C>("attention_bwd_dkdv_kernel"),
+           p.BH * p.n_tiles, C::BYTES, dev, p);
+  });
+  with_tiles<BwdQCfg, T, D>(q_small, [&](auto tiles) {
+    constexpr bool kSmall = decltype(tiles)::value;
+    using C = BwdQCfg<T, D, kSmall>;
+    p.n_tiles = static_cast<int>(ceil_div(p.Nq, C::BQ));
+    launch(attention_bwd_dq_kernel<T, D, kSmall>, kernel_name<T, D, C>("attention_bwd_dq_kernel"),
+           p.BH * p.n_tiles, C::BYTES, dev, p);
+  });
 }
 
 // Calls F<T, D>(args...) for the runtime dtype and head dim.
@@ -541,11 +643,11 @@ void dispatch(DType dtype, int64_t d, Args&&... args) {
 
 template <typename T, int D>
 struct Forward {
-  static void run(const Params& p, cudaStream_t s) { forward_t<T, D>(p, s); }
+  static void run(const Params& p, const Device& dev) { forward_t<T, D>(p, dev); }
 };
 template <typename T, int D>
 struct Backward {
-  static void run(const Params& p, cudaStream_t s) { backward_t<T, D>(p, s); }
+  static void run(const Params& p, const Device& dev) { backward_t<T, D>(p, dev); }
 };
 
 Params make_params(const AttentionShape& s, float scale) {
@@ -587,7 +689,7 @@ void attention_forward(DType dtype, const AttentionShape& s, Strided q, Strided 
   copy_strides(p.so, out, 4), copy_strides(p.sl, lse, 3);
   set_vec_flags(dtype, p, q, k, v, nullptr);
   DeviceGuard guard(device);
-  dispatch<Forward>(dtype, s.d, p, reinterpret_cast<cudaStream_t>(stream));
+  dispatch<Forward>(dtype, s.d, p, make_device(device, stream));
 }
 
 void attention_backward(DType dtype, const AttentionShape& s, Strided dout, Strided q, Strided k,
@@ -603,7 +705,7 @@ void attention_backward(DType dtype, const AttentionShape& s, Strided dout, Stri
   copy_strides(p.sdq, dq, 4), copy_strides(p.sdk, dk, 4), copy_strides(p.sdv, dv, 4);
   set_vec_flags(dtype, p, q, k, v, &dout);
   DeviceGuard guard(device);
-  dispatch<Backward>(dtype, s.d, p, reinterpret_cast<cudaStream_t>(stream));
+  dispatch<Backward>(dtype, s.d, p, make_device(device, stream));
 }
 
 }  // namespace armfast::cuda

@@ -82,30 +82,47 @@ struct GemmArgs {
 // ty + 16i and columns tx + 16j. A is staged transposed so both operands are read as rows.
 template <typename TIn, typename TOut>
 __global__ void __launch_bounds__(kGemmThreads) gemm_kernel(const GemmArgs<TIn, TOut> g) {
+  // Staging: consecutive threads walk k in A and n in B; each thread loads kLoads elements of each,
+  // A(mm_a + l * kStepA, kk_a) and B(kk_b + l * kStepB, nn_b) for l < kLoads.
+  constexpr int kLoads = kBM * kBK / kGemmThreads, kStepA = kGemmThreads / kBK, kStepB = kGemmThreads / kBN;
+  static_assert(kBM == kBN && kGemmThreads % kBK == 0 && kGemmThreads % kBN == 0,
+                "the A and B tiles split evenly over the threads");
   __shared__ float as[kBK][kBM + 1];
   __shared__ float bs[kBK][kBN];
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kBM, n0 = static_cast<int64_t>(blockIdx.y) * kBN;
+  const int mm_a = threadIdx.x / kBK, kk_a = threadIdx.x % kBK;
+  const int kk_b = threadIdx.x / kBN, nn_b = threadIdx.x % kBN;
+
+  // The rows of A and the column of B a thread stages are the same for every k0: their offsets
+  // (x's rows b*N + n cost a 64-bit division and modulo) are computed once, outside the K loop.
+  int64_t a_off[kLoads];
+  bool a_ok[kLoads];
+#pragma unroll
+  for (int l = 0; l < kLoads; ++l) {
+    const int64_t m = m0 + mm_a + l * kStepA;
+    a_ok[l] = m < g.M;
+    a_off[l] = a_ok[l] ? g.a_row(m) : 0;
+  }
+  const bool b_ok = n0 + nn_b < g.N;
+  const int64_t b_off = b_ok ? g.b_col(n0 + nn_b) : 0;
+
   float acc[4][4] = {};
   for (int64_t k0 = 0; k0 < g.K; k0 += kBK) {
+    const int64_t ka = k0 + kk_a;
+    const bool ka_ok = ka < g.K;
+    const int64_t a_col = ka_ok ? g.a_col(ka) : 0;
 #pragma unroll
-    for (int l = 0; l < (kBM * kBK) / kGemmThreads; ++l) {
-      const int idx = threadIdx.x + l * kGemmThreads;
-      {
-        const int mm = idx / kBK, kk = idx % kBK;  // consecutive threads walk k
-        const int64_t m = m0 + mm, k = k0 + kk;
-        as[kk][mm] = (m < g.M && k < g.K) ? to_float(g.a[g.a_row(m) + g.a_col(k)]) : 0.0f;
+    for (int l = 0; l < kLoads; ++l) {
+      as[kk_a][mm_a + l * kStepA] = (a_ok[l] && ka_ok) ? to_float(g.a[a_off[l] + a_col]) : 0.0f;
+      const int kk = kk_b + l * kStepB;
+      const int64_t k = k0 + kk;
+      float val = 0.0f;
+      if (b_ok && k < g.K) {
+        val = to_float(g.b[g.b_row(k) + b_off]);
+        if (g.kscale) val *= g.kscale[k];
       }
-      {
-        const int kk = idx / kBN, nn = idx % kBN;  // consecutive threads walk n
-        const int64_t k = k0 + kk, n = n0 + nn;
-        float val = 0.0f;
-        if (k < g.K && n < g.N) {
-          val = to_float(g.b[g.b_row(k) + g.b_col(n)]);
-          if (g.kscale) val *= g.kscale[k];
-        }
-        bs[kk][nn] = val;
-      }
+      bs[kk][nn_b] = val;
     }
     __syncthreads();
 #pragma unroll
@@ -128,12 +145,13 @@ __global__ void __launch_bounds__(kGemmThreads) gemm_kernel(const GemmArgs<TIn, 
     const int64_t m = m0 + ty + 16 * i;
     if (m >= g.M) continue;
     const float fm = g.mscale ? g.mscale[m] * s : s;
+    TOut* out_m = g.out + g.o_row(m);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int64_t n = n0 + tx + 16 * j;
       if (n >= g.N) continue;
       const float fn = g.nscale ? g.nscale[n] : 1.0f;
-      g.out[g.o_row(m) + n * g.o_col] = from_float<TOut>(acc[i][j] * fm * fn);
+      out_m[n * g.o_col] = from_float<TOut>(acc[i][j] * fm * fn);
     }
   }
 }

@@ -1,15 +1,20 @@
 // Small CUDA helpers shared by the kernels of armfast._C_cuda: dtype conversions, warp
-// reductions, error checks that throw (pybind11 turns std::runtime_error into RuntimeError) and a
-// guard that makes a device current for the duration of a call.
+// reductions, error checks that throw (pybind11 turns std::runtime_error into RuntimeError), a
+// guard that makes a device current for the duration of a call, and per-device shared-memory
+// limits and opt-ins.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <cstdint>
+#include <map>
+#include <mutex>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 namespace armfast::cuda {
 
@@ -83,5 +88,36 @@ class DeviceGuard {
  private:
   int previous_ = 0, current_ = 0;
 };
+
+// Shared memory one block may opt into on `device` (cudaDevAttrMaxSharedMemoryPerBlockOptin:
+// 163 KiB on sm_80/sm_87, 227 KiB on sm_90/sm_100, 99 KiB on sm_86/sm_89/sm_120), queried once
+// per device.
+inline size_t max_shared_memory_per_block(int device) {
+  static std::mutex mutex;
+  static std::map<int, size_t> cache;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto it = cache.find(device);
+  if (it != cache.end()) return it->second;
+  int bytes = 0;
+  check_cuda(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+             "cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin, device " + std::to_string(device) + ")");
+  return cache.emplace(device, static_cast<size_t>(bytes)).first->second;
+}
+
+// Lets `kernel` launch with `bytes` of dynamic shared memory on `device`, which must be current.
+// Above the default 48 KiB a kernel has to opt in; the setting belongs to the device's context,
+// so the runtime is asked once per (kernel, device), not on every launch.
+inline void allow_dynamic_shared_memory(const void* kernel, int device, size_t bytes,
+                                        const std::string& name) {
+  if (bytes <= 48 * 1024) return;
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, size_t> granted;
+  const std::lock_guard<std::mutex> lock(mutex);
+  size_t& done = granted[{kernel, device}];
+  if (done >= bytes) return;
+  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
+             "cudaFuncSetAttribute(" + name + ", " + std::to_string(bytes) + " bytes of shared memory)");
+  done = bytes;
+}
 
 }  // namespace armfast::cuda
