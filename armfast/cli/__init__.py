@@ -8,7 +8,7 @@ import sys
 from .._version import __version__
 
 # subcommand modules, in the order `armfast --help` lists them
-COMMANDS = ("backends",)
+COMMANDS = ("backends", "bench", "segment", "train", "eval", "check-dataset")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,283 @@
+"""Inputs and timed callables of the benchmark cases.
+
+`build(case, device)` makes a `Workload`: the inputs of the case, created once and shared by
+every backend so all of them are timed on the same numbers. ``workload.fn(backend)`` is the
+callable to time; ``workload.check(backend)`` runs it once and compares its outputs with the
+reference backend's, so no benchmark can time wrong results.
+
+Below float32 (GPU runs), the ARM and CLIP cases run under ``torch.autocast`` with float32
+weights, as mixed-precision training and inference do; the ops get inputs in the case dtype.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import ops
+from ..arm import ARM, ARMConfig
+from .cases import CLIP_BASELINE, CLIP_EMBED, CLIP_MODEL, Case
+
+# Largest accepted max|actual - expected| / max|expected|, per output; loose enough for
+# TF32 matmuls and half-precision accumulation order, far below what a wrong kernel gives.
+TOLERANCE = {torch.float64: 1e-7, torch.float32: 5e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+LOGIT_SCALE = 40.0  # CLIP-style cosine-logit scale
+SHALLOW_LAYERS = (4, 6, 8)
+
+
+class Unavailable(RuntimeError):
+    """The case cannot run here (e.g. armfast.clip is not importable); the message says why."""
+
+
+class CheckFailed(AssertionError):
+    """A backend's outputs differ from the reference beyond the tolerance."""
+
+
+def relative_error(actual: Sequence[Tensor], expected: Sequence[Tensor]) -> float:
+    """max over outputs of ``max|a - e| / max|e|`` (computed in float64)."""
+    if len(actual) != len(expected):
+        raise ValueError(f"actual has {len(actual)} outputs, expected {len(expected)}")
+    worst = 0.0
+    for a, e in zip(actual, expected):
+        if a.shape != e.shape:
+            raise CheckFailed(f"output shape {tuple(a.shape)} != reference {tuple(e.shape)}")
+        a, e = a.detach().double(), e.detach().double()
+        if not torch.isfinite(a).all():
+            return float("inf")
+        scale = e.abs().max().item()
+        worst = max(worst, (a - e).abs().max().item() / max(scale, 1e-30))
+    return worst
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Mixed precision for module cases below float32; nothing at float32/float64."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return torch.autocast(device.type, dtype=dtype)
+    return contextlib.nullcontext()
+
+
+class Workload:
+    """The inputs of one case on one device and, per backend, the callable to time."""
+
+    # check() runs the timed computation itself, so it also serves as the timer's warm-up
+    check_warms_up = True
+
+    def __init__(self, case: Case, device: torch.device, seed: int = 0):
+        self.case, self.device = case, device
+        self._generator = torch.Generator(device).manual_seed(seed)
+        self._expected: tuple[Tensor, ...] | None = None
+
+    def randn(self, *shape: int, dtype: torch.dtype | None = None) -> Tensor:
+        return torch.randn(*shape, generator=self._generator, device=self.device,
+                           dtype=dtype or self.case.dtype)
+
+    def fn(self, backend: str) -> Callable[[], object]:
+        """The callable that is timed for `backend`."""
+        raise NotImplementedError
+
+    def outputs(self, backend: str) -> tuple[Tensor, ...]:
+        """One run's outputs, to compare with the reference's (defaults to one call of fn)."""
+        out = self.fn(backend)()
+        return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+    def check(self, backend: str) -> float:
+        """Max relative error of `backend` against the reference; raises CheckFailed above
+        the tolerance of the case dtype. The reference itself is the ground truth (0)."""
+        if self._expected is None:
+            self._expected = self.outputs("reference")
+        if backend == "reference":
+            return 0.0
+        error = relative_error(self.outputs(backend), self._expected)
+        tol = TOLERANCE[self.case.dtype]
+        if not error <= tol:
+            raise CheckFailed(f"{self.case.group} [{self.case.label}] backend '{backend}': max "
+                              f"relative error {error:.3g} vs the reference exceeds {tol:g}")
+        return error
+
+
+class AttentionWorkload(Workload):
+    def __init__(self, case, device, seed=0):
+        super().__init__(case, device, seed)
+        s, self.train = case.shape, case.mode == "train"
+        self.q = self.randn(s["B"], s["H"], s["Nq"], s["d"]).requires_grad_(self.train)
+        self.k = self.randn(s["B"], s["H"], s["Nk"], s["d"]).requires_grad_(self.train)
+        self.v = self.randn(s["B"], s["H"], s["Nk"], s["d"]).requires_grad_(self.train)
+        self.dout = self.randn(s["B"], s["H"], s["Nq"], s["d"]) if self.train else None
+
+    def fn(self, backend):
+        q, k, v, dout = self.q, self.k, self.v, self.dout
+        if not self.train:
+            return lambda: ops.attention(q, k, v, backend=backend)
+
+        def forward_backward():  # autograd.grad: no .grad accumulation across calls
+            out = ops.attention(q, k, v, backend=backend)
+            return (out, *torch.autograd.grad(out, (q, k, v), dout))
+        return forward_backward
+
+
+class PatchTextLogitsWorkload(Workload):
+    def __init__(self, case, device, seed=0):
+        super().__init__(case, device, seed)
+        s, self.train = case.shape, case.mode == "train"
+        self.x = self.randn(s["B"], s["N"], s["E"]).requires_grad_(self.train)
+        self.text = self.randn(s["C"], s["E"]).requires_grad_(self.train)
+        self.scale = torch.tensor(LOGIT_SCALE, device=device).requires_grad_(self.train)
+        self.dout = self.randn(s["B"], s["N"], s["C"]) if self.train else None
+
+    def fn(self, backend):
+        x, text, scale, dout = self.x, self.text, self.scale, self.dout
+        if not self.train:
+            return lambda: ops.patch_text_logits(x, text, logit_scale=scale, backend=backend)
+
+        def forward_backward():
+            out = ops.patch_text_logits(x, text, logit_scale=scale, backend=backend)
+            return (out, *torch.autograd.grad(out, (x, text, scale), dout))
+        return forward_backward
+
+
+def randomize_residual_outputs(arm: ARM, generator: torch.Generator) -> ARM:
+    """ARM's residual output layers start at zero, which would make its output equal to the
+    deep features and every gradient through attention zero: a check would then compare
+    nothing. Random small weights make the attention matter, as in a trained module."""
+    with torch.no_grad():
+        for layer in (arm.cross_attn.out, arm.self_attn.out, arm.mlp.fc2):
+            layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator,
+                                           device=layer.weight.device) * 0.02)
+    return arm
+
+
+def seeded_arm(config: ARMConfig, seed: int) -> ARM:
+    """An ARM initialised from `seed` without disturbing the caller's global random state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return ARM(config)
+
+
+class ArmWorkload(Workload):
+    """The ARM module: forward (inference, no autograd) or a training step (forward, logits
+    against random labels at token resolution, cross-entropy, backward, AdamW step)."""
+
+    @property
+    def check_warms_up(self) -> bool:  # a step's check skips the optimizer (lazy state)
+        return self.case.mode == "forward"
+
+    def __init__(self, case, device, seed=0):
+        super().__init__(case, device, seed)
+        s = case.shape
+        config = ARMConfig(shallow_layers=SHALLOW_LAYERS, width=s["W"], embed_dim=s["E"],
+                           num_heads=s["h"], head_dim=s["d"])
+        self.model = randomize_residual_outputs(seeded_arm(config, seed).to(device), self._generator)
+        f32 = torch.float32  # activations enter in float32; autocast lowers them when asked
+        self.shallow = [self.randn(s["B"], s["N"], s["W"], dtype=f32) for _ in SHALLOW_LAYERS]
+        self.deep = self.randn(s["B"], s["N"], s["E"], dtype=f32)
+        self.text = self.randn(s["C"], s["E"], dtype=f32)
+        self.labels = torch.randint(s["C"], (s["B"] * s["N"],), generator=self._generator,
+                                    device=device)
+
+    def loss(self, model: ARM, backend: str) -> Tensor:
+        with autocast(self.device, self.case.dtype):
+            x = model(self.shallow, self.deep, backend=backend)
+            logits = model.logits(x, self.text, backend=backend)
+        return F.cross_entropy(logits.flatten(0, 1).float(), self.labels)
+
+    def fn(self, backend):
+        if self.case.mode == "forward":
+            model = self.model.eval()
+
+            def forward():
+                with torch.no_grad(), autocast(self.device, self.case.dtype):
+                    return model(self.shallow, self.deep, backend=backend)
+            return forward
+        model = copy.deepcopy(self.model).train()  # each backend steps its own copy
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def step():
+            loss = self.loss(model, backend)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss.detach()
+        return step
+
+    def outputs(self, backend):
+        if self.case.mode == "forward":
+            return super().outputs(backend)
+        model = copy.deepcopy(self.model).train()  # same starting weights for every backend
+        loss = self.loss(model, backend)
+        loss.backward()
+        # gradients as one vector: tiny per-tensor gradients (the fusion weights) are judged
+        # against the scale of all of them, not against their own rounding noise
+        grads = torch.cat([p.grad.flatten().float() for p in model.parameters()])
+        return loss.detach(), grads
+
+
+@functools.lru_cache(maxsize=2)
+def _clip_model(device: torch.device) -> nn.Module:
+    """Randomly initialised CLIP ViT-B/16 (no weights are downloaded), shared by the cases."""
+    from .. import clip
+
+    model = clip.load_clip(CLIP_MODEL, pretrained=None, device=device)
+    model.eval().requires_grad_(False)
+    return model
+
+
+def clip_module():
+    """armfast.clip, or Unavailable with the reason it cannot be imported."""
+    try:
+        from .. import clip
+    except ImportError as exc:
+        raise Unavailable(f"armfast.clip is not importable ({exc})") from exc
+    for name in ("load_clip", "extract"):
+        if not hasattr(clip, name):
+            raise Unavailable(f"armfast.clip has no {name}() yet")
+    return clip
+
+
+class ClipWorkload(Workload):
+    """Inference on one batch of crops: CLIP ViT-B/16 with the baseline's last block, then
+    logits against C classes, directly (`sclip`) or through an ARM (`sclip+arm`)."""
+
+    def __init__(self, case, device, seed=0):
+        super().__init__(case, device, seed)
+        self.clip = clip_module()
+        s = case.shape
+        self.baseline = case.variant.split("+")[0] or CLIP_BASELINE
+        self.model = _clip_model(device)
+        self.images = self.randn(s["B"], 3, s["crop"], s["crop"], dtype=torch.float32)
+        self.text = self.randn(s["C"], CLIP_EMBED, dtype=torch.float32)
+        self.arm = None
+        if case.variant.endswith("+arm"):
+            arm = seeded_arm(ARMConfig(shallow_layers=SHALLOW_LAYERS), seed).to(device)
+            self.arm = randomize_residual_outputs(arm, self._generator).eval()
+
+    def fn(self, backend):
+        clip, model, arm, images, text = self.clip, self.model, self.arm, self.images, self.text
+
+        def segment():
+            with torch.no_grad(), autocast(self.device, self.case.dtype):
+                shallow, deep = clip.extract(model, images, baseline=self.baseline,
+                                             shallow_layers=SHALLOW_LAYERS, backend=backend)
+                if arm is None:
+                    return ops.patch_text_logits(deep, text.to(deep.dtype),
+                                                 logit_scale=LOGIT_SCALE, backend=backend)
+                return arm.logits(arm(shallow, deep, backend=backend), text, backend=backend)
+        return segment
+
+
+_WORKLOADS = {"attention": AttentionWorkload, "patch_text_logits": PatchTextLogitsWorkload,
+              "arm": ArmWorkload, "clip": ClipWorkload}
+
+
+def build(case: Case, device: str | torch.device, seed: int = 0) -> Workload:
+    """The inputs of `case` on `device`; raises Unavailable when the case cannot run here."""
+    return _WORKLOADS[case.op](case, torch.device(device), seed)
+
+
+def clear_caches() -> None:
+    """Drops the cached CLIP model (it holds ~600 MB)."""
+    _clip_model.cache_clear()

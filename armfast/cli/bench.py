@@ -1,0 +1,140 @@
+"""`armfast bench`: every backend of a device against the reference and SDPA, on the same inputs.
+
+Prints one row per op, shape and backend: median time, speed-up over reference and sdpa, peak
+memory, TFLOP/s and GB/s with their fraction of the device ceilings measured at the start.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+
+SHAPES_ENV = "ARMFAST_BENCH_SHAPES"  # overrides the shape preset (tests use "tiny")
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _list(choices):
+    def parse(text: str) -> list[str]:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        bad = [t for t in items if t not in choices]
+        if not items or bad:
+            raise argparse.ArgumentTypeError(
+                f"expected a comma-separated list drawn from {','.join(choices)}; got {text!r}")
+        return items
+    return parse
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    from ..bench.cases import MODES, OPS, PRESETS
+    from ..ops import BACKENDS
+
+    p = sub.add_parser("bench", help="time the ops and modules on every backend of a device",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="small shapes and short timing (under two minutes on a 2-core CPU)")
+    p.add_argument("--shapes", choices=PRESETS,
+                   help=f"shape preset (default: quick with --quick, else full; env {SHAPES_ENV})")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if present, else cpu")
+    p.add_argument("--dtype", choices=DTYPES, help="default: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--ops", type=_list(OPS), default=list(OPS),
+                   help=f"comma-separated, from {','.join(OPS)} (default: all)")
+    p.add_argument("--modes", type=_list(MODES), default=list(MODES),
+                   help="forward and/or train (forward+backward; a training step for arm)")
+    p.add_argument("--backends", type=_list(BACKENDS),
+                   help="backends to time besides reference and sdpa (default: all available)")
+    p.add_argument("--no-ceilings", action="store_true",
+                   help="skip measuring the matmul and copy ceilings")
+    p.add_argument("--json", metavar="OUT", help="write results and environment as JSON")
+    p.add_argument("--markdown", metavar="OUT", help="write a RESULTS.md section for this run")
+    return p
+
+
+def resolve(args) -> dict:
+    """Settings after defaults: device, dtype, preset, timer."""
+    import torch
+
+    from ..bench import timer
+    from ..bench.cases import PRESETS, default_dtype
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("armfast bench: --device cuda given but torch sees no CUDA device")
+    preset = args.shapes or os.environ.get(SHAPES_ENV) or ("quick" if args.quick else "full")
+    if preset not in PRESETS:
+        raise SystemExit(f"armfast bench: {SHAPES_ENV} must be one of {', '.join(PRESETS)}; "
+                         f"got {preset!r}")
+    dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)
+    config = timer.QUICK if args.quick or preset == "tiny" else timer.FULL
+    return {"device": device, "dtype": dtype, "preset": preset, "timer": config}
+
+
+def command_line(args, settings: dict) -> str:
+    """The command that redoes this run, defaults spelt out."""
+    parts = ["armfast", "bench"] + (["--quick"] if args.quick else [])
+    parts += ["--shapes", settings["preset"], "--device", settings["device"],
+              "--dtype", str(settings["dtype"]).replace("torch.", ""),
+              "--ops", ",".join(args.ops), "--modes", ",".join(args.modes)]
+    if args.backends:
+        parts += ["--backends", ",".join(args.backends)]
+    if args.no_ceilings:
+        parts.append("--no-ceilings")
+    for flag in ("json", "markdown"):
+        if getattr(args, flag):
+            parts += [f"--{flag}", getattr(args, flag)]
+    return shlex.join(parts)
+
+
+def _progress(total: int):
+    done = [0]
+
+    def report(result) -> None:
+        done[0] += 1
+        c = result.case
+        what = (f"FAILED {result.error}" if result.error else f"skipped: {result.skipped}"
+                if result.skipped else f"{result.median_s * 1e3:.3f} ms")
+        print(f"[{done[0]}/{total}] {c.group} [{c.label}] {result.backend}: {what}",
+              file=sys.stderr, flush=True)
+    return report
+
+
+def run(args) -> int:
+    from ..bench import report, runner, timer
+    from ..bench.cases import make_cases
+    from ..bench.ceilings import measure_ceilings
+
+    settings = resolve(args)
+    device, dtype, config = settings["device"], settings["dtype"], settings["timer"]
+    cases = make_cases(args.ops, settings["preset"], dtype=dtype, modes=args.modes)
+    backends = runner.select_backends(device, args.backends)
+    command = command_line(args, settings)
+    print(f"# {command}", file=sys.stderr)
+    env = runner.environment(device)  # before the run: date and load at the start
+
+    ceilings = None
+    if not args.no_ceilings:
+        ceilings = measure_ceilings(device, dtype, config, quick=config is not timer.FULL)
+        print(f"# ceilings: matmul {ceilings.matmul_tflops:.3g} TFLOP/s, copy "
+              f"{ceilings.copy_gbps:.3g} GB/s", file=sys.stderr)
+    results = runner.run(cases, device, backends=args.backends, config=config,
+                         progress=_progress(len(cases) * len(backends)))
+    if hasattr(os, "getloadavg"):  # the run itself adds about its torch thread count
+        env["load_average_end"] = os.getloadavg()
+    data = report.to_json(results, env, ceilings, command)
+    print(f"armfast bench on {env['device_name']} ({device}, {str(dtype).replace('torch.', '')}), "
+          f"{env['date']}")
+    if ceilings:
+        print(f"ceilings: matmul {ceilings.matmul_tflops:.3g} TFLOP/s, copy {ceilings.copy_gbps:.3g} GB/s")
+    print(report.format_table(report.rows(data["results"], data["ceilings"])))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(data, f, indent=1, default=str)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            title = f"{report.TITLES.get(device, device)}: {env['device_name']}"
+            f.write(report.markdown_section(data, title))
+    failed = [r for r in results if r.error]
+    for r in failed:
+        print(f"error: {r.case.group} [{r.case.label}] {r.backend}: {r.error}", file=sys.stderr)
+    return 1 if failed else 0
