@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from armfast import ops
+from armfast.ops import _library
 from armfast.ops import _extension
 from armfast.ops._extension import CPU_BACKEND
 
@@ -18,7 +19,7 @@ OUT_TOL = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.float64: dict(atol=1
 @pytest.fixture
 def poisoned(monkeypatch):
     """Outputs start as NaN, so an element a kernel forgets to write fails the comparison."""
-    monkeypatch.setattr(_extension, "POISON_ALLOCATIONS", True)
+    monkeypatch.setattr(_library, "POISON_ALLOCATIONS", True)
 
 
 def check_attention(q, k, v, *, scale=None, generator=None):

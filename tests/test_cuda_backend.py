@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from armfast import ops
+from armfast.ops import _library
 from armfast.ops import _extension
 from armfast.ops._extension import CUDA_BACKEND
 
@@ -31,7 +32,7 @@ def cuda_backend_available():
 @pytest.fixture
 def poisoned(monkeypatch):
     """Outputs start as NaN, so an element a kernel forgets to write fails the comparison."""
-    monkeypatch.setattr(_extension, "POISON_ALLOCATIONS", True)
+    monkeypatch.setattr(_library, "POISON_ALLOCATIONS", True)
 
 
 def assert_close_to_truth(got, truth, peer, name, factor=3.0):

@@ -13,6 +13,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .. import ops
+from ..arm import merge_heads
 
 
 def is_standard_block(block: nn.Module) -> bool:
@@ -47,11 +48,6 @@ def value(attn: nn.MultiheadAttention, h: Tensor) -> Tensor:
     bias = None if attn.in_proj_bias is None else attn.in_proj_bias[2 * W:]
     v = nn.functional.linear(h, attn.in_proj_weight[2 * W:], bias)
     return v.unflatten(-1, (attn.num_heads, -1)).transpose(1, 2)
-
-
-def merge_heads(o: Tensor) -> Tensor:
-    """``[B, heads, T, d]`` -> ``[B, T, heads * d]``."""
-    return o.transpose(1, 2).flatten(2)
 
 
 def attention_branch(block: nn.Module, o: Tensor) -> Tensor:

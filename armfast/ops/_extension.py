@@ -23,16 +23,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._library import define_attention, define_patch_text_logits, lse_dtype
+from ._library import define_attention, define_patch_text_logits, empty, lse_dtype
 from ._registry import Backend
 
 CPU_DTYPES = (torch.float32, torch.float64)
 CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 CUDA_HEAD_DIMS = (32, 64, 128)
 
-# Tests set this to fill every buffer the wrappers allocate with NaN, so that an element a kernel
-# forgets to write shows up instead of passing as left-over memory.
-POISON_ALLOCATIONS = False
 
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
                 torch.float64: "float64"}
@@ -127,12 +124,6 @@ def _arg(t: Tensor) -> tuple[int, list[int], list[int]]:
     return t.data_ptr(), list(t.shape), list(t.stride())
 
 
-def _empty(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
-    if POISON_ALLOCATIONS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def _check(backend: str, dtypes: tuple[torch.dtype, ...], **tensors: Tensor) -> None:
     """The kernels read raw memory: every tensor must be on the backend's device type and share
     the first tensor's dtype and device."""
@@ -166,8 +157,8 @@ def _check_head_dim(d: int) -> None:
 def cpu_attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     _check("cpu", CPU_DTYPES, q=q, k=k, v=v)
     B, H, Nq, d = q.shape
-    out = _empty((B, H, Nq, d), q.dtype, q.device)
-    lse = _empty((B, H, Nq), lse_dtype(q.dtype), q.device)
+    out = empty((B, H, Nq, d), q.dtype, q.device)
+    lse = empty((B, H, Nq), lse_dtype(q.dtype), q.device)
     _module("_C").attention_forward(_DTYPE_NAMES[q.dtype], _arg(q), _arg(k), _arg(v), _arg(out),
                                     _arg(lse), float(scale), torch.get_num_threads())
     return out, lse
@@ -177,9 +168,9 @@ def cpu_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
                            scale: float) -> tuple[Tensor, Tensor, Tensor]:
     _check("cpu", CPU_DTYPES, q=q, k=k, v=v, dout=dout, out=out)
     _check_lse(lse, q)
-    dq = _empty(q.shape, q.dtype, q.device)
-    dk = _empty(k.shape, k.dtype, k.device)
-    dv = _empty(v.shape, v.dtype, v.device)
+    dq = empty(q.shape, q.dtype, q.device)
+    dk = empty(k.shape, k.dtype, k.device)
+    dv = empty(v.shape, v.dtype, v.device)
     _module("_C").attention_backward(
         _DTYPE_NAMES[q.dtype], _arg(dout), _arg(q), _arg(k), _arg(v), _arg(out), _arg(lse),
         _arg(dq), _arg(dk), _arg(dv), float(scale), torch.get_num_threads())
@@ -188,7 +179,7 @@ def cpu_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
 
 def cpu_patch_text_logits_forward(x: Tensor, text: Tensor, logit_scale: Tensor) -> Tensor:
     _check("cpu", CPU_DTYPES, x=x, text=text)
-    out = _empty((x.shape[0], x.shape[1], text.shape[0]), x.dtype, x.device)
+    out = empty((x.shape[0], x.shape[1], text.shape[0]), x.dtype, x.device)
     _module("_C").patch_text_logits_forward(_DTYPE_NAMES[x.dtype], _arg(x), _arg(text), _arg(out),
                                             float(logit_scale), torch.get_num_threads())
     return out
@@ -197,8 +188,8 @@ def cpu_patch_text_logits_forward(x: Tensor, text: Tensor, logit_scale: Tensor) 
 def cpu_patch_text_logits_backward(dout: Tensor, x: Tensor, text: Tensor,
                                    logit_scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     _check("cpu", CPU_DTYPES, x=x, text=text, dout=dout)
-    dx = _empty(x.shape, x.dtype, x.device)
-    dtext = _empty(text.shape, text.dtype, text.device)
+    dx = empty(x.shape, x.dtype, x.device)
+    dtext = empty(text.shape, text.dtype, text.device)
     dscale = _module("_C").patch_text_logits_backward(
         _DTYPE_NAMES[x.dtype], _arg(dout), _arg(x), _arg(text), float(logit_scale), _arg(dx),
         _arg(dtext), torch.get_num_threads())
@@ -220,8 +211,8 @@ def cuda_attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tup
     _check("cuda", CUDA_DTYPES, q=q, k=k, v=v)
     _check_head_dim(q.shape[-1])
     B, H, Nq, d = q.shape
-    out = _empty((B, H, Nq, d), q.dtype, q.device)
-    lse = _empty((B, H, Nq), torch.float32, q.device)
+    out = empty((B, H, Nq, d), q.dtype, q.device)
+    lse = empty((B, H, Nq), torch.float32, q.device)
     _module("_C_cuda").attention_forward(_DTYPE_NAMES[q.dtype], _arg(q), _arg(k), _arg(v),
                                          _arg(out), _arg(lse), float(scale), *_launch(q))
     return out, lse
@@ -233,10 +224,10 @@ def cuda_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: 
     _check_lse(lse, q)
     _check_head_dim(q.shape[-1])
     B, H, Nq, _ = q.shape
-    delta = _empty((B, H, Nq), torch.float32, q.device)  # workspace: rowsum(dout * out)
-    dq = _empty(q.shape, q.dtype, q.device)
-    dk = _empty(k.shape, k.dtype, k.device)
-    dv = _empty(v.shape, v.dtype, v.device)
+    delta = empty((B, H, Nq), torch.float32, q.device)  # workspace: rowsum(dout * out)
+    dq = empty(q.shape, q.dtype, q.device)
+    dk = empty(k.shape, k.dtype, k.device)
+    dv = empty(v.shape, v.dtype, v.device)
     _module("_C_cuda").attention_backward(
         _DTYPE_NAMES[q.dtype], _arg(dout), _arg(q), _arg(k), _arg(v), _arg(out), _arg(lse),
         _arg(delta), _arg(dq), _arg(dk), _arg(dv), float(scale), *_launch(q))
@@ -255,8 +246,8 @@ def cuda_patch_text_logits_forward(x: Tensor, text: Tensor, logit_scale: Tensor)
     B, N, E = x.shape
     C = text.shape[0]
     scale = _cuda_logit_scale(logit_scale, x)
-    out = _empty((B, N, C), x.dtype, x.device)
-    workspace = _empty((module.patch_text_logits_workspace(B * N, C, E, False),), torch.float32,
+    out = empty((B, N, C), x.dtype, x.device)
+    workspace = empty((module.patch_text_logits_workspace(B * N, C, E, False),), torch.float32,
                        x.device)
     module.patch_text_logits_forward(_DTYPE_NAMES[x.dtype], _arg(x), _arg(text), _arg(scale),
                                      _arg(out), _arg(workspace), *_launch(x))
@@ -270,10 +261,10 @@ def cuda_patch_text_logits_backward(dout: Tensor, x: Tensor, text: Tensor,
     B, N, E = x.shape
     C = text.shape[0]
     scale = _cuda_logit_scale(logit_scale, x)
-    dx = _empty(x.shape, x.dtype, x.device)
-    dtext = _empty(text.shape, text.dtype, text.device)
-    dscale = _empty((1,), torch.float32, x.device)
-    workspace = _empty((module.patch_text_logits_workspace(B * N, C, E, True),), torch.float32,
+    dx = empty(x.shape, x.dtype, x.device)
+    dtext = empty(text.shape, text.dtype, text.device)
+    dscale = empty((1,), torch.float32, x.device)
+    workspace = empty((module.patch_text_logits_workspace(B * N, C, E, True),), torch.float32,
                        x.device)
     module.patch_text_logits_backward(
         _DTYPE_NAMES[x.dtype], _arg(dout), _arg(x), _arg(text), _arg(scale), _arg(dx), _arg(dtext),

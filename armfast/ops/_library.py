@@ -28,6 +28,18 @@ def lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# Tests set this to fill every buffer the fused backends allocate with NaN, so that an element a
+# kernel forgets to write shows up instead of passing as left-over memory.
+POISON_ALLOCATIONS = False
+
+
+def empty(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Output/scratch allocation of the fused backends (NaN-filled when POISON_ALLOCATIONS)."""
+    if POISON_ALLOCATIONS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _contiguous(*ts: Tensor) -> tuple[Tensor, ...]:
     return tuple(t.contiguous() for t in ts)
 

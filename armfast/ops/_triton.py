@@ -17,15 +17,12 @@ import torch
 import triton
 from torch import Tensor
 
-from ._library import define_attention, define_patch_text_logits, lse_dtype
+from ._library import define_attention, define_patch_text_logits, empty, lse_dtype
 from ._registry import Backend
 
 MAX_HEAD_DIM = 128
 MIN_CAPABILITY = (8, 0)  # bfloat16 tensor-core dots need Ampere (sm_80) or newer
 
-# Tests set this to fill every buffer the wrappers allocate with NaN, so that an element a kernel
-# forgets to write shows up instead of passing as left-over memory.
-POISON_ALLOCATIONS = False
 
 
 @functools.cache
@@ -59,12 +56,6 @@ def runtime_check(device: torch.device):
         return ("set TRITON_INTERPRET=1 before importing armfast to run the Triton kernels on CPU "
                 "(interpreter)")
     return None
-
-
-def _empty(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
-    if POISON_ALLOCATIONS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _on_device(t: Tensor):
@@ -105,8 +96,8 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Te
     kernels, common = _kernels().attention, _kernels().common
     B, H, N_Q, d = q.shape
     N_K = k.shape[2]
-    out = _empty((B, H, N_Q, d), q.dtype, q.device)
-    lse = _empty((B, H, N_Q), lse_dtype(q.dtype), q.device)
+    out = empty((B, H, N_Q, d), q.dtype, q.device)
+    lse = empty((B, H, N_Q), lse_dtype(q.dtype), q.device)
     what = f"triton attention of q {tuple(q.shape)}"
 
     def grid(meta):
@@ -129,10 +120,10 @@ def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     N_K = k.shape[2]
     block_d, acc, precision = _block_d(d), common.acc_dtype(q.dtype), common.dot_precision(q.dtype)
     buckets = common.bucket(N_Q), common.bucket(N_K)
-    delta = _empty((B, H, N_Q), lse_dtype(q.dtype), q.device)  # contiguous: the kernels index it flat
-    dq = _empty(q.shape, q.dtype, q.device)
-    dk = _empty(k.shape, k.dtype, k.device)
-    dv = _empty(v.shape, v.dtype, v.device)
+    delta = empty((B, H, N_Q), lse_dtype(q.dtype), q.device)  # contiguous: the kernels index it flat
+    dq = empty(q.shape, q.dtype, q.device)
+    dk = empty(k.shape, k.dtype, k.device)
+    dv = empty(v.shape, v.dtype, v.device)
     qkv_strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride())
     q_what = f"triton attention backward of q {tuple(q.shape)}"
     k_what = f"triton attention backward of k {tuple(k.shape)}"
@@ -168,7 +159,7 @@ def patch_text_logits_forward(x: Tensor, text: Tensor, logit_scale: Tensor) -> T
     kernels, common = _kernels().logits, _kernels().common
     B, N, E = x.shape
     C, R = text.shape[0], B * N
-    out = _empty((B, N, C), x.dtype, x.device)
+    out = empty((B, N, C), x.dtype, x.device)
     what = f"triton patch_text_logits of x {tuple(x.shape)} and text {tuple(text.shape)}"
 
     with _on_device(x):
@@ -186,11 +177,11 @@ def patch_text_logits_backward(dout: Tensor, x: Tensor, text: Tensor,
     C, R = text.shape[0], B * N
     acc, precision = common.acc_dtype(x.dtype), common.dot_precision(x.dtype)
     norm_dtype = lse_dtype(x.dtype)  # float32, float64 for float64 inputs
-    x_norm = _empty((R,), norm_dtype, x.device)
-    t_norm = _empty((C,), norm_dtype, x.device)
-    gcos = _empty((R, C), norm_dtype, x.device)  # dout * cos, reduced below in a fixed order
-    dx = _empty(x.shape, x.dtype, x.device)
-    dtext = _empty(text.shape, text.dtype, text.device)
+    x_norm = empty((R,), norm_dtype, x.device)
+    t_norm = empty((C,), norm_dtype, x.device)
+    gcos = empty((R, C), norm_dtype, x.device)  # dout * cos, reduced below in a fixed order
+    dx = empty(x.shape, x.dtype, x.device)
+    dtext = empty(text.shape, text.dtype, text.device)
     x_strides, t_strides = x.stride(), text.stride()
     strides = (*x_strides, *t_strides, *dout.stride())
     what = (f"triton patch_text_logits backward of x {tuple(x.shape)} "

@@ -17,6 +17,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from armfast.ops import _library  # noqa: E402  (after TRITON_INTERPRET is settled)
+
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -51,7 +53,7 @@ def _triton_ready(monkeypatch):
     if reason is not None:
         pytest.skip(f"triton backend unavailable on {DEVICE}: {reason}")
     from armfast.ops import _triton
-    monkeypatch.setattr(_triton, "POISON_ALLOCATIONS", True)
+    monkeypatch.setattr(_library, "POISON_ALLOCATIONS", True)
 
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
