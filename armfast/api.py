@@ -24,7 +24,7 @@ _LOCK = threading.Lock()
 
 DEFAULT_BACKBONE = "ViT-B-16"
 PROTOCOL_KEYS = ("short_side", "crop", "stride", "logit_scale", "prob_thd", "area_thd")
-SEGMENTOR_KEYS = ("crop_batch_size", "amp")
+SEGMENTOR_KEYS = ("crop_batch_size", "max_memory", "precision", "amp", "cuda_graphs")
 
 
 def default_device() -> torch.device:
@@ -79,7 +79,8 @@ def segment(image, classes, baseline: str = "sclip", arm=None, *,
         templates: prompt templates ('openai' = the 80 ImageNet ones, 'simple', or a list).
         **overrides: protocol fields (``short_side``, ``crop``, ``stride``, ``logit_scale``,
             ``area_thd``; ``prob_thd=p`` is short for a ``thd:p`` background, or adds the
-            threshold to a words background) and ``crop_batch_size``, ``amp``.
+            threshold to a words background) and the `Segmentor`'s ``crop_batch_size``,
+            ``max_memory``, ``precision``, ``cuda_graphs`` (``amp``).
     """
     from .clip.model import backbone_of
     from .eval.presets import get_preset, warn_preset

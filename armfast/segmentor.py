@@ -4,7 +4,10 @@ The protocol the baselines publish (SCLIP, NACLIP, ClearCLIP, ProxyCLIP):
 
 1. resize so that the short side is ``short_side`` (mmseg's ``Resize(scale=(2048, short_side),
    keep_ratio=True)``: the long side is also capped at 2048);
-2. slide ``crop`` windows with ``stride`` (the crops of an image run as one batch);
+2. slide ``crop`` windows with ``stride``; the windows of an image, and of the next images of
+   a stream (`Segmentor.stream`), run in batches as large as the memory budget allows
+   (`armfast.windows`, `armfast.crop_budget`), replayed from CUDA graphs on a GPU
+   (`armfast.graphs`);
 3. per crop: baseline deep features -> ARM (if any) -> cosine logits against the text
    embeddings (`armfast.ops.patch_text_logits`) -> bilinear upsampling to the crop's pixels;
 4. average overlapping logits, resize to the input image;
@@ -19,17 +22,21 @@ backbone (`armfast.eval.presets.default_preset`), the ones the benchmark path st
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops
+from . import crop_budget, ops
+from . import precision as precision_lib
 from .background import Background, parse_background
 from .clip import model as clip_model_lib
 from .clip.text import TextEmbeddings, encode_classes, encode_names
+from .graphs import GraphedCall
+from .windows import WindowStream, slide_boxes
 
 PROTOCOL_FIELDS = ("short_side", "crop", "stride", "logit_scale", "prob_thd", "area_thd")
 MAX_LONG_SIDE = 2048
@@ -43,22 +50,6 @@ def _pair(name: str, v) -> Optional[tuple[int, int]]:
         raise ValueError(f"{name} must be a positive int, a (height, width) pair, or 0/None "
                          f"for off; got {v!r}")
     return t
-
-
-def slide_boxes(height: int, width: int, crop: Sequence[int], stride: Sequence[int]
-                ) -> list[tuple[int, int, int, int]]:
-    """``(y1, y2, x1, x2)`` sliding windows as mmseg places them: every window has the size
-    ``min(crop, image)``, the last one in a row/column is pushed back inside the image."""
-    ch, cw = min(crop[0], height), min(crop[1], width)
-    sh, sw = stride
-    rows = max(height - ch + sh - 1, 0) // sh + 1
-    cols = max(width - cw + sw - 1, 0) // sw + 1
-    boxes = []
-    for i in range(rows):
-        for j in range(cols):
-            y2, x2 = min(i * sh + ch, height), min(j * sw + cw, width)
-            boxes.append((y2 - ch, y2, x2 - cw, x2))
-    return boxes
 
 
 def to_image_tensor(image) -> Tensor:
@@ -91,6 +82,58 @@ def to_image_tensor(image) -> Tensor:
     if not image.is_floating_point():
         raise TypeError(f"image tensor must be uint8 or floating point, got {image.dtype}")
     return image.float()
+
+
+@dataclass
+class Prepared:
+    """An image ready for the windows: CLIP-normalised pixels at the protocol's size, the size
+    to return results at, and whatever the caller attaches (``meta``: a mask, a file name)."""
+
+    pixels: Tensor  # [1, 3, h, w] float32
+    size: tuple[int, int]  # (H, W) of the input image
+    meta: Any = field(default=None, compare=False)
+
+    def pin_memory(self) -> "Prepared":  # DataLoader(pin_memory=True) calls this in its thread
+        return Prepared(self.pixels.pin_memory(), self.size, self.meta)
+
+
+def resize_scale(height: int, width: int, short_side: Optional[int]) -> float:
+    """mmseg's ``Resize(scale=(2048, short_side), keep_ratio=True)``: the factor that takes the
+    short side to ``short_side`` with the long side at most 2048 (None: 1)."""
+    if short_side is None:
+        return 1.0
+    return min(short_side / min(height, width), MAX_LONG_SIDE / max(height, width))
+
+
+def resized_size(height: int, width: int, short_side: Optional[int]) -> tuple[int, int]:
+    """The image size after `resize_scale`."""
+    scale = resize_scale(height, width, short_side)
+    if scale == 1.0:
+        return height, width
+    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
+
+
+@dataclass(frozen=True)
+class Preparer:
+    """``preparer(image) -> Prepared``: an image (see `to_image_tensor`) resized to the short
+    side (bilinear, antialiased when shrinking) and CLIP-normalised. A plain picklable object,
+    so that DataLoader workers decode and resize off the main process."""
+
+    short_side: Optional[int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __call__(self, image, device=None, meta=None) -> Prepared:
+        x = to_image_tensor(image)
+        H, W = x.shape[-2:]
+        x = x.to(device)[None] if device is not None else x[None]
+        size = resized_size(H, W, self.short_side)
+        if size != (H, W):
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False,
+                              antialias=resize_scale(H, W, self.short_side) < 1)
+        mean = x.new_tensor(self.mean).view(1, 3, 1, 1)
+        std = x.new_tensor(self.std).view(1, 3, 1, 1)
+        return Prepared((x - mean) / std, (int(H), int(W)), meta)
 
 
 def load_arm(arm):
@@ -135,8 +178,18 @@ class Segmentor:
             ``background_index`` (default 0). Used when ``background`` is None.
         area_thd: SCLIP's VOC21 rule, see `postprocess`.
         templates: prompt templates for class names ('openai' = the 80 ImageNet ones).
-        backend: `armfast.ops` backend; crop_batch_size: crops per forward pass;
-        amp: bf16 autocast on CUDA.
+        backend: `armfast.ops` backend.
+        crop_batch_size: crops per forward pass; None: as many as ``max_memory`` allows (at
+            most `armfast.crop_budget.MAX_CROPS`).
+        max_memory: the memory a crop batch may take, bytes or a string such as ``"4GiB"``;
+            None: half the GPU's free memory, 2 GiB on CPU (`armfast.crop_budget`).
+        precision: ``"auto"`` (bf16 autocast on CUDA, float32 elsewhere), ``"bf16"``,
+            ``"fp16"`` or ``"fp32"``; softmax statistics and logits stay float32
+            (`armfast.precision`). ``amp=False`` is the older spelling of ``"fp32"``.
+        cuda_graphs: replay the crop forward (CLIP, the baseline's last block, ARM, logits)
+            from CUDA graphs, one per crop-batch shape (`armfast.graphs`); None: on for CUDA
+            models unless the baseline runs a VFM (arbitrary code). Each graph is checked
+            against the eager call once, and a mismatch turns graphs off with a warning.
     """
 
     def __init__(self, clip_model: nn.Module, classes, *, baseline: str = "sclip", arm=None,
@@ -147,7 +200,9 @@ class Segmentor:
                  logit_scale: Optional[float] = None, prob_thd: Optional[float] = None,
                  area_thd: Optional[float] = None, background=None,
                  background_index: Optional[int] = None, templates="openai",
-                 backend: str = "auto", crop_batch_size: int = 16, amp: bool = True):
+                 backend: str = "auto", crop_batch_size: Optional[int] = None,
+                 max_memory: Union[int, str, None] = None, precision: str = "auto",
+                 amp: Optional[bool] = None, cuda_graphs: Optional[bool] = None):
         from .clip import as_vfm, get_baseline
 
         self.clip = clip_model
@@ -160,10 +215,13 @@ class Segmentor:
         self.vfm = as_vfm(vfm) if get_baseline(baseline).needs_vfm else None
         self.device = self.visual.conv1.weight.device
         self.backend = backend
-        self.amp = bool(amp)
-        if isinstance(crop_batch_size, bool) or not isinstance(crop_batch_size, int) or crop_batch_size < 1:
-            raise ValueError(f"crop_batch_size must be a positive int, got {crop_batch_size!r}")
+        self.precision = precision_lib.from_amp(amp, precision)
+        self.autocast_dtype = precision_lib.autocast_dtype(self.precision, self.device)
+        if crop_batch_size is not None and (isinstance(crop_batch_size, bool) or not isinstance(
+                crop_batch_size, int) or crop_batch_size < 1):
+            raise ValueError(f"crop_batch_size must be a positive int or None, got {crop_batch_size!r}")
         self.crop_batch_size = crop_batch_size
+        self.max_memory = crop_budget.resolve_budget(max_memory, self.device)
         self.image_mean, self.image_std = clip_model_lib.image_stats(self.visual)
         self.patch = clip_model_lib.patch_size(self.visual)
 
@@ -178,6 +236,12 @@ class Segmentor:
             clip_model_lib.check_arm_matches(self.arm.config, self.clip)
             self.arm = self.arm.to(self.device).eval()
         self.shallow_layers = tuple(self.arm.config.shallow_layers) if self.arm is not None else ()
+        self.preparer = Preparer(None if self.short_side is None else self.short_side[0],
+                                 self.image_mean, self.image_std)
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda" and self.vfm is None
+        self._graphed = GraphedCall(self._batch_logits, enabled=bool(cuda_graphs))
+        self._batch_sizes: dict[tuple[int, int], int] = {}
 
     # ------------------------------------------------------------------ configuration
     def _set_protocol(self, protocol, **overrides) -> None:
@@ -285,6 +349,9 @@ class Segmentor:
             index = torch.cat([index, index.new_full((len(words),), bg.index)])
         self.text, self.class_index, self.num_classes = text, index, C
         self.class_names = class_names
+        # checked once here: the same test per image would wait for the GPU
+        self._one_query_per_class = len(index) == C and bool(
+            (index == torch.arange(C, device=index.device)).all())
 
     @property
     def effective_logit_scale(self) -> float:
@@ -293,9 +360,13 @@ class Segmentor:
             return float(self.arm.logit_scale.detach().exp())
         return self.logit_scale
 
+    @property
+    def amp(self) -> bool:
+        """Whether crops run under autocast (`precision`)."""
+        return self.autocast_dtype is not None
+
     def _autocast(self):
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
-                              enabled=self.amp and self.device.type == "cuda")
+        return precision_lib.autocast(self.device, self.autocast_dtype)
 
     # ------------------------------------------------------------------ crops (training reuse)
     def features(self, crops: Tensor) -> tuple[Tensor, tuple[int, int]]:
@@ -312,85 +383,131 @@ class Segmentor:
 
     def crop_logits(self, crops: Tensor, *, scaled: bool = False) -> Tensor:
         """Patch logits ``[B, S, h, w]`` of CLIP-normalised crops: cosine similarities to the
-        text embeddings, times ARM's tau (differentiable) or ``logit_scale`` when ``scaled``."""
+        text embeddings, times ARM's tau (differentiable) or ``logit_scale`` when ``scaled``.
+        Computed in float32 (float64 for a float64 model), also under autocast."""
         x, (h, w) = self.features(crops)
-        x = x.float()
-        if scaled and self.arm is not None:
-            logits = self.arm.logits(x, self.text, backend=self.backend)
-        else:
-            logits = ops.patch_text_logits(x, self.text, logit_scale=self.logit_scale if scaled else 1.0,
-                                           backend=self.backend)
+        x = x.to(torch.promote_types(x.dtype, torch.float32))
+        text = self.text.to(x.dtype)
+        # autocast off: a backend made of torch ops (sdpa) would run the product in bf16
+        with torch.autocast(x.device.type, enabled=False):
+            if scaled and self.arm is not None:
+                logits = self.arm.logits(x, text, backend=self.backend)
+            else:
+                logits = ops.patch_text_logits(
+                    x, text, logit_scale=self.logit_scale if scaled else 1.0, backend=self.backend)
         return logits.transpose(1, 2).unflatten(-1, (h, w))
 
-    # ------------------------------------------------------------------ images
-    def preprocess(self, image) -> Tensor:
-        """An image (see `to_image_tensor`) -> CLIP-normalised ``[1, 3, H, W]`` on the model's
-        device, resized to the protocol's short side."""
-        x = to_image_tensor(image).to(self.device)[None]
-        if self.short_side is not None:
-            H, W = x.shape[-2:]
-            scale = min(self.short_side[0] / min(H, W), MAX_LONG_SIDE / max(H, W))
-            size = (max(1, int(H * scale + 0.5)), max(1, int(W * scale + 0.5)))
-            if size != (H, W):
-                x = F.interpolate(x, size=size, mode="bilinear", align_corners=False,
-                                  antialias=scale < 1)
-        mean = x.new_tensor(self.image_mean).view(1, 3, 1, 1)
-        std = x.new_tensor(self.image_std).view(1, 3, 1, 1)
-        return (x - mean) / std
+    def _batch_logits(self, crops: Tensor) -> Tensor:
+        """Inference: the cosine logits of a crop batch under the segmentor's precision (the
+        call `GraphedCall` captures)."""
+        with self._autocast():
+            return self.crop_logits(crops)
 
-    def _padded_logits(self, crops: Tensor) -> Tensor:
-        """Cosine logits ``[B, S, H, W]`` at the crops' pixels (crops padded to the patch)."""
-        H, W = crops.shape[-2:]
+    def crops_per_batch(self, crop_shape: Sequence[int]) -> int:
+        """Crops per forward pass for crops of ``(h, w)`` pixels: ``crop_batch_size``, else
+        what ``max_memory`` holds by `armfast.crop_budget.crop_bytes`."""
+        if self.crop_batch_size is not None:
+            return self.crop_batch_size
+        key = tuple(int(s) for s in crop_shape)
+        n = self._batch_sizes.get(key)
+        if n is None:
+            n = crop_budget.crops_per_batch(self.max_memory, self._crop_bytes(key))
+            self._batch_sizes[key] = n
+        return n
+
+    def _crop_bytes(self, crop_shape: tuple[int, int]) -> int:
         ph, pw = self.patch
-        pad_h, pad_w = -H % ph, -W % pw
-        if pad_h or pad_w:  # zero in normalised space: the dataset mean colour
-            crops = F.pad(crops, (0, pad_w, 0, pad_h))
-        logits = self.crop_logits(crops).float()
-        logits = F.interpolate(logits, size=crops.shape[-2:], mode="bilinear", align_corners=False)
-        return logits[..., :H, :W]
+        padded = (-(-crop_shape[0] // ph) * ph, -(-crop_shape[1] // pw) * pw)
+        grid = (padded[0] // ph, padded[1] // pw)
+        deep = clip_model_lib.feature_grid(self.visual, padded, self.baseline, self.vfm)
+        last = self.visual.transformer.resblocks[-1]
+        heads = getattr(getattr(last, "attn", None), "num_heads", 1)
+        weight = self.visual.conv1.weight
+        return crop_budget.crop_bytes(
+            tokens=grid[0] * grid[1] + 1, width=weight.shape[0], heads=heads,
+            queries=len(self.text), patches=deep[0] * deep[1],
+            embed_dim=clip_model_lib.output_dim(self.visual),
+            shallow_layers=len(self.shallow_layers),
+            explicit_softmax=self.baseline in ("naclip", "proxyclip") or self.backend == "reference",
+            arm_heads=self.arm.config.num_heads if self.arm is not None else None,
+            elem_size=2 if self.autocast_dtype is not None else weight.element_size())
+
+    # ------------------------------------------------------------------ images
+    def prepare(self, image, meta=None) -> Prepared:
+        """An image (see `to_image_tensor`) resized to the protocol's short side and
+        CLIP-normalised, on the model's device; `Preparer` does the same in other processes."""
+        return self.preparer(image, device=self.device, meta=meta)
+
+    def preprocess(self, image) -> Tensor:
+        """An image -> CLIP-normalised ``[1, 3, H, W]`` on the model's device, resized to the
+        protocol's short side."""
+        return self.prepare(image).pixels
+
+    def windows(self) -> WindowStream:
+        return WindowStream(self.crop, self.stride, self.patch, self.crops_per_batch)
+
+    def _averaged(self, prepared: Iterable[Prepared]) -> Iterator[tuple[Prepared, Tensor]]:
+        """``(prepared, averaged cosine logits [S, h, w])`` per image, the windows of
+        consecutive images batched together; step it under inference mode."""
+        def pixels(p: Prepared) -> Tensor:
+            return p.pixels.to(self.device, non_blocking=True)
+        return self.windows().run(prepared, self._graphed, pixels)
 
     def slide_logits(self, x: Tensor) -> Tensor:
         """Averaged cosine logits ``[S, H, W]`` of one preprocessed image ``[1, 3, H, W]``."""
-        H, W = x.shape[-2:]
-        if self.crop is None:
-            return self._padded_logits(x)[0]
-        boxes = slide_boxes(H, W, self.crop, self.stride)
-        crops = torch.cat([x[..., y1:y2, x1:x2] for y1, y2, x1, x2 in boxes])
-        out = x.new_zeros(len(self.text), H, W, dtype=torch.float32)
-        count = x.new_zeros(1, H, W, dtype=torch.float32)
-        for start in range(0, len(boxes), self.crop_batch_size):
-            logits = self._padded_logits(crops[start:start + self.crop_batch_size])
-            for (y1, y2, x1, x2), crop_logits in zip(boxes[start:], logits):
-                out[:, y1:y2, x1:x2] += crop_logits
-                count[:, y1:y2, x1:x2] += 1
-        return out / count
+        return next(_each_in_inference_mode(self._averaged([Prepared(x, tuple(x.shape[-2:]))])))[1]
 
-    def logits(self, image) -> Tensor:
-        """Scaled logits ``[S, H0, W0]`` per text embedding (synonym), at the input's size."""
-        image = to_image_tensor(image)
-        with torch.inference_mode(), self._autocast():
-            x = self.preprocess(image)
-            logits = self.slide_logits(x)
-            logits = F.interpolate(logits[None], size=tuple(image.shape[-2:]), mode="bilinear",
-                                   align_corners=False)[0]
-            return logits * self.effective_logit_scale
+    def stream(self, images: Iterable, output: str = "labels") -> Iterator[tuple[Prepared, Tensor]]:
+        """Segments a stream of images, batching the windows of consecutive images.
 
-    def probabilities(self, image) -> Tensor:
-        """Per-class probabilities ``[C, H0, W0]``: softmax over every synonym, max over each
-        class's synonyms (before ``area_thd``/``prob_thd``)."""
-        probs = self.logits(image).softmax(0)
-        if len(self.class_index) == self.num_classes and bool(
-                (self.class_index == torch.arange(self.num_classes, device=self.device)).all()):
+        ``images`` holds images (anything `to_image_tensor` takes) or `Prepared` ones (e.g.
+        from `Preparer` in DataLoader workers, with a ``meta`` to carry along). Yields
+        ``(prepared, result)`` in input order; ``output``: ``"logits"`` (scaled ``[S, H, W]``
+        per synonym), ``"probs"`` (``[C, H, W]``) or ``"labels"`` (``[H, W]`` int64), at the
+        input image's size, on the model's device.
+        """
+        if output not in ("logits", "probs", "labels"):
+            raise ValueError(f"output must be 'logits', 'probs' or 'labels', got {output!r}")
+        prepared = (p if isinstance(p, Prepared) else self.prepare(p) for p in images)
+        for p, averaged in _each_in_inference_mode(self._averaged(prepared)):
+            with torch.inference_mode():
+                result = self._scaled_logits(averaged, p.size)
+                if output != "logits":
+                    result = self._class_probabilities(result)
+                    if output == "labels":
+                        result = self.postprocess(result)
+            yield p, result
+
+    def _scaled_logits(self, averaged: Tensor, size: tuple[int, int]) -> Tensor:
+        logits = F.interpolate(averaged[None], size=tuple(size), mode="bilinear",
+                               align_corners=False)[0]
+        if self.arm is not None:  # tau stays on the device: reading it would wait for the GPU
+            return logits * self.arm.logit_scale.detach().exp().to(logits.dtype)
+        return logits * self.logit_scale
+
+    def _class_probabilities(self, logits: Tensor) -> Tensor:
+        probs = logits.softmax(0)
+        if self._one_query_per_class:
             return probs
         out = probs.new_zeros(self.num_classes, *probs.shape[1:])
         index = self.class_index.view(-1, 1, 1).expand_as(probs)
         return out.scatter_reduce_(0, index, probs, reduce="amax", include_self=False)
 
+    def logits(self, image) -> Tensor:
+        """Scaled logits ``[S, H0, W0]`` per text embedding (synonym), at the input's size."""
+        return next(self.stream([image], "logits"))[1]
+
+    def probabilities(self, image) -> Tensor:
+        """Per-class probabilities ``[C, H0, W0]``: softmax over every synonym, max over each
+        class's synonyms (before ``area_thd``/``prob_thd``)."""
+        return next(self.stream([image], "probs"))[1]
+
     def postprocess(self, probs: Tensor) -> Tensor:
         """Label map ``[H, W]`` (int64) from per-class probabilities ``[C, H, W]``."""
         if self.area_thd is not None:  # SCLIP: drop non-background classes with a small area
-            pred = probs.argmax(0)
-            area = torch.bincount(pred.flatten(), minlength=self.num_classes).to(probs.dtype)
+            pred = probs.argmax(0).flatten()
+            # scatter_add, not bincount: bincount reads the maximum back to the host on a GPU
+            area = probs.new_zeros(self.num_classes).scatter_add_(0, pred, probs.new_ones(pred.shape))
             area[self.background_index] = 0
             keep = area > self.area_thd * area.sum()
             keep[self.background_index] = True
@@ -400,7 +517,12 @@ class Segmentor:
 
     def predict(self, image) -> Tensor:
         """Label map ``[H0, W0]`` (int64, on the model's device) of an image."""
-        return self.postprocess(self.probabilities(image))
+        return next(self.stream([image], "labels"))[1]
+
+    def predict_many(self, images: Iterable) -> Iterator[Tensor]:
+        """Label maps of a stream of images (see `stream`), windows batched across images."""
+        for _, labels in self.stream(images, "labels"):
+            yield labels
 
     __call__ = predict
 
@@ -433,5 +555,19 @@ class Segmentor:
                                          if w not in self.background_words],
             "classes": len(self.class_names), "text_queries": len(self.text),
             "templates": self.templates if isinstance(self.templates, str) else len(self.templates),
-            "backend": self.backend,
+            "backend": self.backend, "precision": precision_lib.describe(self.autocast_dtype),
+            "crop_batch_size": self.crop_batch_size or "auto",
+            "max_memory": self.max_memory, "cuda_graphs": self._graphed.disabled is None,
         }
+
+
+def _each_in_inference_mode(steps: Iterator):
+    """Runs each step of a generator under inference mode, but not the consumer's code between
+    steps (a ``with`` around a ``yield`` would leak the mode to the caller)."""
+    while True:
+        with torch.inference_mode():
+            try:
+                item = next(steps)
+            except StopIteration:
+                return
+        yield item

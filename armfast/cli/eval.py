@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import warnings
 from dataclasses import replace
@@ -53,8 +54,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="OUT", help="write every result to this JSON file")
     p.add_argument("--backend", default="auto", help="armfast.ops backend (default auto)")
     p.add_argument("--device", choices=("cuda", "cpu"), default=None)
-    p.add_argument("--workers", type=int, default=2, help="data-loading processes")
-    p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
+    p.add_argument("--workers", type=int, default=2,
+                   help="data-loading processes: read, decode, resize (default %(default)s)")
+    add_speed_arguments(p)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--per-class", choices=("auto", "yes", "no"), default="auto",
                    help="print per-class IoU tables (auto: when there is one result)")
@@ -69,6 +71,41 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "words:W1,W2, words:W1,W2+thd:P")
     add_folder_arguments(p)
     return p
+
+
+def add_speed_arguments(p: argparse.ArgumentParser) -> None:
+    """Precision, crop batching, CUDA graphs and the text-embedding cache (eval and segment)."""
+    from ..precision import PRECISIONS
+
+    g = p.add_argument_group("speed")
+    g.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="auto (default): bf16 autocast on CUDA, float32 on CPU; fp32: float32 "
+                        "everywhere")
+    g.add_argument("--no-amp", action="store_true", help="same as --precision fp32")
+    g.add_argument("--max-memory", metavar="SIZE",
+                   help="memory a batch of crops may take, e.g. 4GiB (default: half the free "
+                        "GPU memory, 2GiB on CPU)")
+    g.add_argument("--crop-batch-size", type=int, metavar="N",
+                   help="crops per forward pass (default: as many as --max-memory allows, at "
+                        "most 64)")
+    g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay the crop forward from CUDA graphs (default: on for CUDA)")
+    g.add_argument("--text-cache", metavar="DIR",
+                   help="keep text embeddings in DIR, keyed by a hash of the CLIP text tower, "
+                        "the templates and the names (default: $ARMFAST_TEXT_CACHE, else memory "
+                        "only)")
+
+
+def speed_options(args) -> dict:
+    """The `Segmentor`/`evaluate` keywords of `add_speed_arguments`."""
+    from ..crop_budget import parse_bytes
+    from ..precision import from_amp
+
+    if args.crop_batch_size is not None and args.crop_batch_size < 1:
+        raise ValueError(f"--crop-batch-size must be a positive integer, got {args.crop_batch_size}")
+    return dict(precision=from_amp(not args.no_amp, args.precision),
+                max_memory=None if args.max_memory is None else parse_bytes(args.max_memory),
+                crop_batch_size=args.crop_batch_size, cuda_graphs=args.cuda_graphs)
 
 
 def resolve_roots(entries: list[str], datasets: list[str]) -> dict[str, str]:
@@ -138,11 +175,12 @@ def print_table(results: list[dict], datasets: list[str]) -> None:
 
 def run(args) -> int:
     from ..clip import encode_classes, load_clip
+    from ..clip.text import TEXT_CACHE_ENV
     from ..clip.model import backbone_of
     from ..data import build_dataset, get_dataset_class
     from ..eval.presets import DEFAULT_BACKBONE, get_preset, warn_preset
     from ..eval.protocols import base_protocol
-    from ..eval.runner import evaluate
+    from ..eval.runner import evaluate, throughput_line
     from ..segmentor import load_arm
     from ..train.distributed import cleanup, init_distributed
 
@@ -157,6 +195,8 @@ def run(args) -> int:
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be a positive integer, got {args.limit}")
 
+    if args.text_cache:  # every encoding of this run, the segmentors' background words too
+        os.environ[TEXT_CACHE_ENV] = args.text_cache
     info = init_distributed(args.device)
     main = info.is_main
     try:
@@ -167,7 +207,10 @@ def run(args) -> int:
         model = load_clip(args.model, pretrained, device=info.device)
         arm = load_arm(args.arm) if args.arm else None
         variants = [None, arm] if arm is not None else [None]
-        amp = not args.no_amp
+        speed = speed_options(args)
+        from ..precision import autocast_dtype, describe
+
+        compute = describe(autocast_dtype(speed["precision"], info.device))
         spec = backbone_of(model)  # an unregistered CLIP runs (and is labelled) as ViT-B/16
         backbone = spec.name if spec else DEFAULT_BACKBONE
         tag = args.pretrained if args.clip_weights is None else None
@@ -190,7 +233,7 @@ def run(args) -> int:
             weights = pretrained or ("the model folder's" if ":" in args.model else "random")
             print(f"  model {args.model}, weights {weights}, device "
                   f"{info.device}, processes {info.world_size}, backend {args.backend}, "
-                  f"bf16 autocast {'on' if amp and info.device.type == 'cuda' else 'off'}")
+                  f"{compute}, data workers {args.workers}")
             print(f"  backbone presets {backbone}; text: each name in the 80 OpenAI ImageNet "
                   f"templates, averaged")
             if arm is not None:
@@ -235,7 +278,7 @@ def run(args) -> int:
                                  vfm=args.vfm, backend=args.backend,
                                  rank=info.rank, world_size=info.world_size,
                                  workers=args.workers, progress=not args.no_progress,
-                                 autocast=amp, desc=f"{d}/{method}")
+                                 desc=f"{d}/{method}", **speed)
                     r.update(dataset=d, baseline=b, arm=a is not None, method=method,
                              protocol=preset.protocol.to_dict(), preset=preset.to_dict(),
                              expected_miou=preset.expected_miou)
@@ -245,7 +288,7 @@ def run(args) -> int:
                                  f"  paper{' (no ARM)' if a is not None else ''} "
                                  f"{preset.expected_miou:.1f}")
                         print(f"{d:<15} {method:<16} mIoU {_fmt(r['miou'])}{paper}  "
-                              f"({r['images']} images, {r['seconds']:.1f} s)")
+                              f"({throughput_line(r)})")
         if main:
             show = args.per_class == "yes" or (args.per_class == "auto" and len(results) == 1)
             if show:

@@ -52,7 +52,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--base-short", type=int, default=d.base_short,
                    help="short side before the random scale (default %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--workers", type=int, default=d.workers, help="data-loading processes")
+    p.add_argument("--workers", type=int, default=d.workers,
+                   help="data-loading processes: read, decode, augment (default %(default)s)")
     p.add_argument("--log-every", type=int, default=d.log_every)
     p.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
     p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, help="0 keeps all")
@@ -69,7 +70,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="leave after this step with a checkpoint (continue later with --resume)")
     p.add_argument("--backend", default=d.backend, help="armfast.ops backend (default auto)")
     p.add_argument("--device", choices=("cuda", "cpu"), default=None)
-    p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
+    from ..precision import PRECISIONS
+
+    p.add_argument("--precision", choices=PRECISIONS, default=d.precision,
+                   help="auto (default): bf16 autocast on CUDA, float32 on CPU; fp32: float32 everywhere")
+    p.add_argument("--no-amp", action="store_true", help="same as --precision fp32")
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a bar")
     add_folder_arguments(p)
     add_folder_arguments(p, prefix="val-")
@@ -104,6 +109,7 @@ def config_from_args(args):
                       if v is not None} or None,
         resume=args.resume,
         stop_at=args.stop_at, backend=args.backend, device=args.device, amp=not args.no_amp,
+        precision=args.precision,
         progress=not args.no_progress)
 
 

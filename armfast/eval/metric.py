@@ -65,6 +65,19 @@ class MeanIoU:
                              f"min {int(pred.min())}, max {int(pred.max())}")
         self.confusion += torch.bincount(target * C + pred, minlength=C * C).view(C, C)
 
+    @torch.no_grad()
+    def add(self, pred: Tensor, target: Tensor) -> None:
+        """`update` for ids already known to be valid (a dataset's checked masks, a segmentor's
+        labels), without its checks: they read values back to the host, which on a GPU waits
+        for all queued work. Here the counting is queued like the rest."""
+        C = self.num_classes
+        target = target.reshape(-1).to(device=self.confusion.device, dtype=torch.int64)
+        pred = pred.reshape(-1).to(device=self.confusion.device, dtype=torch.int64)
+        index = torch.where(target == self.ignore_index, C * C, target * C + pred)  # extra bin
+        counts = torch.zeros(C * C + 1, dtype=torch.int64, device=index.device)
+        counts.index_add_(0, index, torch.ones_like(index))
+        self.confusion += counts[:-1].view(C, C)
+
     def merge(self, other: "MeanIoU") -> "MeanIoU":
         """Add another metric's counts (same num_classes) into this one."""
         if not isinstance(other, MeanIoU) or other.num_classes != self.num_classes:

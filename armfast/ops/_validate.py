@@ -135,4 +135,5 @@ def patch_text_logits_args(x, text, logit_scale) -> torch.Tensor:
         raise TypeError(f"logit_scale must be a real number or a tensor, got {type(logit_scale).__name__}")
     if not math.isfinite(logit_scale):
         raise ValueError(f"logit_scale must be finite, got {logit_scale}")
-    return torch.tensor(float(logit_scale), dtype=torch.float32, device=x.device)
+    # a fill kernel, not torch.tensor's copy from host memory: no wait, and CUDA-graph capturable
+    return torch.full((), float(logit_scale), dtype=torch.float32, device=x.device)

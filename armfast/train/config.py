@@ -59,7 +59,8 @@ class TrainConfig:
     stop_at: int | None = None  # leave after this step (resumable), e.g. for time-sliced jobs
     backend: str = "auto"
     device: str | None = None  # "cuda", "cpu" or None (CUDA when available)
-    amp: bool = True  # bf16 autocast on CUDA
+    amp: bool = True  # False: float32 (the older switch for precision="fp32")
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, float32 elsewhere), bf16, fp16, fp32
     progress: bool = True
     world_size: int = field(default=1, repr=False)  # filled in by the trainer
 
@@ -92,6 +93,9 @@ class TrainConfig:
             raise ValueError("weight_decay and grad_clip must be >= 0")
         if self.stop_at is not None and self.stop_at < 1:
             raise ValueError(f"stop_at must be a positive step number, got {self.stop_at}")
+        from ..precision import check_precision
+
+        self.precision = check_precision(self.precision)
         if self.val_baseline is not None and self.val_baseline not in _KNOWN_BASELINES:
             raise ValueError(f"unknown val_baseline {self.val_baseline!r}")
         if self.dataset == FOLDER:

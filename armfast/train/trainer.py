@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 
 from ..arm import ARM, ARMConfig
 from ..data import IGNORE_INDEX, TrainAugment, build_dataset, flatten_class_names, load_class_names
+from ..precision import autocast_dtype, describe, from_amp
 from .checkpoint import (checkpoint_name, latest_checkpoint, load_checkpoint, prune_checkpoints,
                          restore_rng_state, save_checkpoint)
 from .config import RESUME_KEYS, TrainConfig
@@ -61,6 +62,16 @@ def segmentation_loss(logits: Tensor, grid: tuple[int, int], masks: Tensor) -> T
     maps = F.interpolate(maps, size=masks.shape[-2:], mode="bilinear", align_corners=False)
     total = F.cross_entropy(maps, masks, ignore_index=IGNORE_INDEX, reduction="sum")
     return total / (masks != IGNORE_INDEX).sum().clamp(min=1)
+
+
+def throughput_line(images: int, seconds: float, data_wait: float, device: torch.device) -> str:
+    """``"480 images in 12.0 s: 40.0 images/s, waiting for data 3% of the time, GPU peak 9.1 GiB"``
+    (images of all processes; the time of this one's training steps, validation excluded)."""
+    line = (f"{images} images in {seconds:.1f} s: {images / max(seconds, 1e-9):.1f} images/s, "
+            f"waiting for data {100 * data_wait / max(seconds, 1e-9):.0f}% of the time")
+    if device.type == "cuda":
+        line += f", GPU peak {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
+    return line
 
 
 def arm_config_for(model: nn.Module, cfg: TrainConfig, overrides: dict | None = None) -> ARMConfig:
@@ -129,7 +140,9 @@ class Trainer:
         self.out = Path(cfg.out)
         self.ckpt_dir = self.out / "checkpoints"
         self.device = info.device
-        self.amp = cfg.amp and self.device.type == "cuda"
+        self.autocast_dtype = autocast_dtype(from_amp(cfg.amp, cfg.precision), self.device)
+        self.amp = self.autocast_dtype is not None
+        self.data_wait = 0.0  # seconds spent waiting for the loader since the last log line
 
         if model is None:
             if cfg.pretrained is None and ":" not in cfg.model and info.is_main:
@@ -240,7 +253,9 @@ class Trainer:
                           num_workers=cfg.workers, pin_memory=self.device.type == "cuda")
 
     def autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def features(self, images: Tensor, baseline: str):
         from ..clip import extract
@@ -253,9 +268,11 @@ class Trainer:
         cfg = self.cfg
         self.arm.train()
         self.optimizer.zero_grad(set_to_none=True)
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
         for k in range(cfg.accum):
+            t0 = time.perf_counter()
             images, masks = next(batches)
+            self.data_wait += time.perf_counter() - t0
             images = images.to(self.device, non_blocking=True)
             masks = masks.to(self.device, non_blocking=True)
             shallow, deep = self.features(images, baseline)
@@ -268,7 +285,8 @@ class Trainer:
                 logits = class_logits(logits.float(), self.query_class, len(self.classes))
                 loss = segmentation_loss(logits, grid, masks) / cfg.accum
                 loss.backward()
-            total += float(loss.detach())
+            total += loss.detach()  # read once per step: each read waits for the GPU
+        total = float(total)
         if not math.isfinite(total):
             raise FloatingPointError(f"training loss became {total} at step {self.step}; lower "
                                      f"--lr or check the data")
@@ -295,6 +313,7 @@ class Trainer:
         batches = iter(self.loader()) if self.step < end else None
         images_per_step = cfg.batch_size * cfg.accum * info.world_size
         window, busy = [], 0.0  # losses and training seconds since the last log line
+        total_images, total_busy, total_wait = 0, 0.0, 0.0
         while self.step < end:
             t0 = time.perf_counter()
             baseline = baseline_for_step(cfg.baselines, cfg.seed, self.step)
@@ -306,11 +325,18 @@ class Trainer:
             if self.step % cfg.log_every == 0 or self.step == end:
                 mean_loss = all_reduce_mean(sum(window) / len(window), info)
                 ips = len(window) * images_per_step / max(busy, 1e-9)
-                self._log({"step": self.step, "loss": mean_loss, "lr": self.scheduler.get_last_lr()[0],
-                           "images_per_s": ips, "baseline": baseline})
+                record = {"step": self.step, "loss": mean_loss, "lr": self.scheduler.get_last_lr()[0],
+                          "images_per_s": ips, "data_wait": self.data_wait / max(busy, 1e-9),
+                          "baseline": baseline}
+                if self.device.type == "cuda":
+                    record["gpu_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+                self._log(record)
                 if bar is not None:
                     bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{ips:.1f}", base=baseline)
-                window, busy = [], 0.0
+                total_images += len(window) * images_per_step
+                total_busy += busy
+                total_wait += self.data_wait
+                window, busy, self.data_wait = [], 0.0, 0.0
             if bar is not None:
                 bar.update(1)
             if self.valset is not None and self.step % cfg.val_every == 0:
@@ -319,6 +345,9 @@ class Trainer:
                 result.checkpoint = self.save_checkpoint()
         if bar is not None:
             bar.close()
+        if info.is_main and total_images:
+            print("armfast train: " + throughput_line(total_images, total_busy, total_wait,
+                                                      self.device))
         result.step = self.step
         if self.step >= cfg.steps:  # the loop's last step wrote a checkpoint (or resume found one)
             if info.is_main:
@@ -348,7 +377,7 @@ class Trainer:
                           arm=self.arm,
                           text_embeddings=self.text, classes=self.classes, backend=cfg.backend,
                           rank=info.rank, world_size=info.world_size, progress=False,
-                          autocast=self.amp)
+                          precision=from_amp(cfg.amp, cfg.precision))
         self.arm.train()
         self._log({"step": self.step, "val_miou": result["miou"], "val_baseline": baseline,
                    "val_images": len(self.valset)})
@@ -383,4 +412,4 @@ class Trainer:
         print(f"  ARM {n_params / 1e6:.2f} M params {self.arm.config.to_dict()}")
         print(f"  {info.world_size} process(es) on {self.device.type}, batch {cfg.batch_size} x "
               f"accum {cfg.accum} x world {info.world_size}, {cfg.steps} steps, lr {cfg.lr}, "
-              f"bf16 autocast {'on' if self.amp else 'off'}, backend {cfg.backend}")
+              f"{describe(self.autocast_dtype)}, backend {cfg.backend}, data workers {cfg.workers}")
