@@ -16,6 +16,7 @@ from .runner import Result
 TITLES = {"cpu": "CPU", "cuda": "GPU"}  # RESULTS.md section per device type
 COLUMNS = ("op", "mode", "shape", "backend", "median", "runs", "vs ref", "vs sdpa", "peak mem",
            "TFLOP/s", "% mm peak", "GB/s", "% bw peak", "max err", "note")
+LEFT = ("op", "mode", "shape", "backend", "note")  # text columns; the others are numbers
 
 
 def _sig(x: float) -> str:
@@ -101,11 +102,12 @@ def rows(records: Sequence[dict], ceilings: Optional[dict] = None) -> list[dict[
     return table
 
 
-def format_table(table: Sequence[dict[str, str]], columns: Iterable[str] = COLUMNS) -> str:
-    """Aligned plain-text table; text columns left-aligned, numbers right-aligned."""
+def format_table(table: Sequence[dict[str, str]], columns: Iterable[str] = COLUMNS,
+                 left: Iterable[str] = LEFT) -> str:
+    """Aligned plain-text table; text columns (`left`) left-aligned, numbers right-aligned."""
     columns = list(columns)
     widths = {c: max([len(c)] + [len(row[c]) for row in table]) for c in columns}
-    left = {"op", "mode", "shape", "backend", "note"}
+    left = set(left)
 
     def line(cells: dict[str, str]) -> str:
         return "  ".join(cells[c].ljust(widths[c]) if c in left else cells[c].rjust(widths[c])
@@ -115,9 +117,10 @@ def format_table(table: Sequence[dict[str, str]], columns: Iterable[str] = COLUM
     return "\n".join([header, "-" * len(header)] + [line(row) for row in table])
 
 
-def format_markdown(table: Sequence[dict[str, str]], columns: Iterable[str] = COLUMNS) -> str:
+def format_markdown(table: Sequence[dict[str, str]], columns: Iterable[str] = COLUMNS,
+                    left: Iterable[str] = LEFT) -> str:
     columns = list(columns)
-    right = {c for c in columns if c not in ("op", "mode", "shape", "backend", "note")}
+    right = {c for c in columns if c not in set(left)}
     lines = ["| " + " | ".join(columns) + " |",
              "| " + " | ".join("---:" if c in right else "---" for c in columns) + " |"]
     for row in table:

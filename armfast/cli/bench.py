@@ -2,6 +2,9 @@
 
 Prints one row per op, shape and backend: median time, speed-up over reference and sdpa, peak
 memory, TFLOP/s and GB/s with their fraction of the device ceilings measured at the start.
+``--ops pipeline`` times whole-image slide inference instead (armfast.bench.pipeline): images/s
+of the baseline alone and with ARM at the VOC, Context and Cityscapes protocols against an
+official-style path (float32, one window at a time), and the share of the time ARM adds.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import sys
 
 SHAPES_ENV = "ARMFAST_BENCH_SHAPES"  # overrides the shape preset (tests use "tiny")
 DTYPES = ("float32", "float16", "bfloat16")
+PIPELINE = "pipeline"  # the whole-image benchmark, next to the op cases
 
 
 def _list(choices):
@@ -38,9 +42,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help=f"shape preset (default: quick with --quick, else full; env {SHAPES_ENV})")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if present, else cpu")
     p.add_argument("--dtype", choices=DTYPES, help="default: float32 on CPU, bfloat16 on CUDA")
-    p.add_argument("--ops", type=_list(OPS),
+    p.add_argument("--ops", type=_list(OPS + (PIPELINE,)),
                    help=f"comma-separated, from {','.join(OPS)} (default: all; with --tune: "
-                        f"{','.join(TABLE_OPS)})")
+                        f"{','.join(TABLE_OPS)}), and {PIPELINE}: whole images, armfast against "
+                        f"the official-style path")
+    p.add_argument("--baseline", default="sclip", choices=("sclip", "clearclip", "naclip"),
+                   help=f"{PIPELINE}: the baseline (default %(default)s)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help=f"{PIPELINE}: timed rounds per variant (default 3, 1 with --quick)")
     p.add_argument("--modes", type=_list(MODES), default=list(MODES),
                    help="forward and/or train (forward+backward; a training step for arm)")
     p.add_argument("--backends", type=_list(BACKENDS),
@@ -79,6 +88,8 @@ def resolve(args) -> dict:
     from ..bench.cases import OPS, TABLE_OPS
 
     ops = args.ops or list(TABLE_OPS if preset in ("host", "tune") else OPS)
+    if args.rounds is not None and args.rounds < 1:
+        raise SystemExit(f"armfast bench: --rounds must be at least 1, got {args.rounds}")
     if args.write_table is not None and not set(ops) & set(TABLE_OPS):
         raise SystemExit(f"armfast bench: --write-table needs at least one of "
                          f"{', '.join(TABLE_OPS)} in --ops")
@@ -100,6 +111,8 @@ def command_line(args, settings: dict) -> str:
             parts += [f"--{flag}", getattr(args, flag)]
     if args.write_table is not None:
         parts += ["--write-table"] + ([args.write_table] if args.write_table else [])
+    if PIPELINE in settings["ops"]:
+        parts += ["--baseline", args.baseline] + (["--rounds", str(args.rounds)] if args.rounds else [])
     return shlex.join(parts)
 
 
@@ -123,19 +136,28 @@ def run(args) -> int:
 
     settings = resolve(args)
     device, dtype, config = settings["device"], settings["dtype"], settings["timer"]
-    cases = make_cases(settings["ops"], settings["preset"], dtype=dtype, modes=args.modes)
+    op_names = [op for op in settings["ops"] if op != PIPELINE]
+    cases = make_cases(op_names, settings["preset"], dtype=dtype, modes=args.modes)
     backends = runner.select_backends(device, args.backends)
     command = command_line(args, settings)
     print(f"# {command}", file=sys.stderr)
     env = runner.environment(device)  # before the run: date and load at the start
 
     ceilings = None
-    if not args.no_ceilings:
+    if not args.no_ceilings and cases:
         ceilings = measure_ceilings(device, dtype, config, quick=config is not timer.FULL)
         print(f"# ceilings: matmul {ceilings.matmul_tflops:.3g} TFLOP/s, copy "
               f"{ceilings.copy_gbps:.3g} GB/s", file=sys.stderr)
     results = runner.run(cases, device, backends=args.backends, config=config,
                          progress=_progress(len(cases) * len(backends)))
+    pipeline_results = []
+    if PIPELINE in settings["ops"]:
+        from ..bench import pipeline
+
+        rounds = args.rounds or (1 if config is not timer.FULL else 3)
+        pipeline_results = pipeline.run(device, preset=settings["preset"], rounds=rounds,
+                                        baseline=args.baseline,
+                                        progress=lambda line: print(line, file=sys.stderr, flush=True))
     if hasattr(os, "getloadavg"):  # the run itself adds about its torch thread count
         env["load_average_end"] = os.getloadavg()
     data = report.to_json(results, env, ceilings, command)
@@ -143,20 +165,53 @@ def run(args) -> int:
           f"{env['date']}")
     if ceilings:
         print(f"ceilings: matmul {ceilings.matmul_tflops:.3g} TFLOP/s, copy {ceilings.copy_gbps:.3g} GB/s")
-    print(report.format_table(report.rows(data["results"], data["ceilings"])))
+    if results:
+        print(report.format_table(report.rows(data["results"], data["ceilings"])))
+    if pipeline_results:
+        from ..bench import pipeline
+
+        data["pipeline"] = [r.to_dict() for r in pipeline_results]
+        data["pipeline_summary"] = pipeline.summary(pipeline_results)
+        print(pipeline_report(pipeline_results, data["pipeline_summary"], env, args.baseline))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(data, f, indent=1, default=str)
     if args.markdown:
         with open(args.markdown, "w") as f:
             title = f"{report.TITLES.get(device, device)}: {env['device_name']}"
-            f.write(report.markdown_section(data, title))
+            f.write(report.markdown_section(data, title) if results else f"## {title}\n\n")
+            if pipeline_results:
+                from ..bench import pipeline
+
+                f.write(f"\n### Pipeline: {args.baseline} slide inference, images/s\n\n"
+                        + pipeline.markdown(pipeline_results) + "\n")
     if args.write_table is not None:
         write_table(args.write_table, data, env, command, dtype)
     failed = [r for r in results if r.error]
     for r in failed:
         print(f"error: {r.case.group} [{r.case.label}] {r.backend}: {r.error}", file=sys.stderr)
-    return 1 if failed else 0
+    broken = [r for r in pipeline_results if r.error]
+    for r in broken:
+        print(f"error: pipeline {r.case.name} {r.variant}: {r.error}", file=sys.stderr)
+    return 1 if failed or broken else 0
+
+
+def pipeline_report(results, summary: dict, env: dict, baseline: str) -> str:
+    """The pipeline table and one line per protocol: speed-ups, ARM's share, load average."""
+    from ..bench import pipeline
+
+    lines = [f"\npipeline: {baseline} slide inference, random CLIP ViT-B/16, synthetic images; "
+             f"medians over rounds",
+             pipeline.format_table(results)]
+    for name, s in summary.items():
+        rounds = ", ".join(f"{x:.2f}" for x in s["round_speedups"])
+        lines.append(f"{name}: armfast {s['speedup']:.2f}x the official-style path "
+                     f"(rounds: {rounds}), with ARM {s['speedup_with_arm']:.2f}x; ARM adds "
+                     f"{100 * s['arm_overhead']:.1f}% to the pipeline's time")
+    if env.get("load_average"):
+        lines.append(f"load average at the start {', '.join(f'{x:.2f}' for x in env['load_average'])}"
+                     f", at the end {', '.join(f'{x:.2f}' for x in env.get('load_average_end', ()))}")
+    return "\n".join(lines)
 
 
 def write_table(path: str, data: dict, env: dict, command: str, dtype) -> None:
