@@ -41,8 +41,18 @@ from ._common import interpreting
 
 INTERPRET = interpreting()  # the mode the kernels below are built in
 
-LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) == exp2(x * LOG2E)
-LN2 = tl.constexpr(0.6931471805599453)  # log(x) == log2(x) * LN2
+
+# Constants as inlined functions, not tl.constexpr globals: Triton re-checks every global a
+# kernel reads on each launch (microseconds of host time per call).
+@triton.jit
+def _log2e():
+    return 1.4426950408889634  # exp(x) == exp2(x * log2(e))
+
+
+@triton.jit
+def _ln2():
+    return 0.6931471805599453  # log(x) == log2(x) * ln(2)
+
 
 LENGTHS = ["H", "N_Q", "N_K"]  # runtime values, never compile-time specialisations
 
@@ -165,7 +175,8 @@ def _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, keys, N_K, offs_d, qk_scale,
     p = tl.math.exp2(s * qk_scale - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION,
+                 out_dtype=acc.dtype)
     return acc, l_i, m_new
 
 
@@ -200,7 +211,7 @@ def attn_fwd(
     v_ptrs = _tile_ptrs(V, keys, offs_d, stride_vn, stride_vd)
     k_step = BLOCK_N * stride_kn.to(tl.int64)
     v_step = BLOCK_N * stride_vn.to(tl.int64)
-    qk_scale = sm_scale * LOG2E
+    qk_scale = sm_scale * _log2e()
 
     m_i = tl.full([BLOCK_M], float("-inf"), ACC_DTYPE)  # running row max (log2 units)
     l_i = tl.zeros([BLOCK_M], ACC_DTYPE)  # running row sum of exp2(s - m_i)
@@ -218,7 +229,7 @@ def attn_fwd(
     # l_i >= 1 on every row (the max itself contributes exp2(0)); rows past N_Q saw q = 0,
     # i.e. finite scores, so nothing here is NaN even before the masked store.
     acc = acc / l_i[:, None]
-    lse = (m_i + tl.math.log2(l_i)) * LN2  # back to natural log for the saved lse
+    lse = (m_i + tl.math.log2(l_i)) * _ln2()  # back to natural log for the saved lse
     tl.store(_tile_ptrs(O, rows, offs_d, stride_om, stride_od), acc.to(O.dtype.element_ty),
              mask=_tile_mask(rows, N_Q, offs_d, HEAD_DIM, BLOCK_D))
     tl.store(LSE + rows, lse.to(LSE.dtype.element_ty), mask=rows < N_Q)
@@ -280,12 +291,12 @@ def _bwd_step(dk, dv, k, v, key_ok, Q, DO, LSE, DELTA, DQ_ACC, rows, offs_d, N_Q
         delta = tl.load(DELTA + rows)
     # Transposed tiles (keys x queries) make dV = P^T dO and dK = dS^T Q plain dots.
     s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
-    p_t = tl.math.exp2(s_t * qk_scale - (lse * LOG2E)[None, :])
+    p_t = tl.math.exp2(s_t * qk_scale - (lse * _log2e())[None, :])
     p_t = tl.where(key_ok[:, None], p_t, 0.0)
-    dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+    dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION, out_dtype=dv.dtype)
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
-    dk = tl.dot(ds_t, q, dk, input_precision=DOT_PRECISION)
+    dk = tl.dot(ds_t, q, dk, input_precision=DOT_PRECISION, out_dtype=dk.dtype)
     if DQ_ATOMIC:
         dq = tl.dot(tl.trans(ds_t), k, input_precision=DOT_PRECISION) * sm_scale
         dq_ptrs = _tile_ptrs(DQ_ACC, rows, offs_d, HEAD_DIM, 1)
@@ -334,7 +345,7 @@ def attn_bwd(
     v = _load_tile(_tile_ptrs(V, keys, offs_d, stride_vn, stride_vd), keys, N_K, offs_d,
                    HEAD_DIM, BLOCK_D, True)
     key_ok = keys < N_K
-    qk_scale = sm_scale * LOG2E
+    qk_scale = sm_scale * _log2e()
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], ACC_DTYPE)
     dv = tl.zeros([BLOCK_N, BLOCK_D], ACC_DTYPE)
@@ -370,7 +381,7 @@ def _dq_step(dq, q, do, lse, delta, k_ptrs, v_ptrs, keys, N_K, offs_d, qk_scale,
         p = tl.where((keys < N_K)[None, :], p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
-    return tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    return tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION, out_dtype=dq.dtype)
 
 
 @triton.jit(do_not_specialize=LENGTHS)
@@ -407,13 +418,13 @@ def attn_bwd_dq(
                    HEAD_DIM, BLOCK_D, True)
     do = _load_tile(_tile_ptrs(DO, rows, offs_d, stride_dom, stride_dod), rows, N_Q, offs_d,
                     HEAD_DIM, BLOCK_D, True)
-    lse = tl.load(LSE + rows, mask=mask_m, other=0.0).to(ACC_DTYPE) * LOG2E
+    lse = tl.load(LSE + rows, mask=mask_m, other=0.0).to(ACC_DTYPE) * _log2e()
     delta = tl.load(DELTA + rows, mask=mask_m, other=0.0)
     k_ptrs = _tile_ptrs(K, keys, offs_d, stride_kn, stride_kd)
     v_ptrs = _tile_ptrs(V, keys, offs_d, stride_vn, stride_vd)
     k_step = BLOCK_N * stride_kn.to(tl.int64)
     v_step = BLOCK_N * stride_vn.to(tl.int64)
-    qk_scale = sm_scale * LOG2E
+    qk_scale = sm_scale * _log2e()
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
     full_end = (N_K // BLOCK_N) * BLOCK_N

@@ -33,7 +33,14 @@ from ._common import interpreting
 
 INTERPRET = interpreting()  # the mode the kernels below are built in
 
-NORM_EPS = tl.constexpr(1e-12)  # torch.nn.functional.normalize's default
+
+
+@triton.jit
+def _norm_eps():
+    """torch.nn.functional.normalize's default eps (an inlined function, not a tl.constexpr
+    global: Triton re-checks every global a kernel reads on each launch)."""
+    return 1e-12
+
 
 SIZES = ["R", "N", "C", "E"]  # runtime values, never compile-time specialisations
 
@@ -119,13 +126,13 @@ def _cos_tile(X, T, x_rows, mask_r, offs_c, C, E, stride_xe, stride_tc, stride_t
                     mask=mask_r[:, None] & mask_e[None, :], other=0.0)
         t = tl.load(T + offs_c[:, None] * stride_tc + cols[None, :] * stride_te,
                     mask=mask_c[:, None] & mask_e[None, :], other=0.0)
-        dots = tl.dot(x, tl.trans(t), dots, input_precision=DOT_PRECISION)
+        dots = tl.dot(x, tl.trans(t), dots, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         xf = x.to(ACC_DTYPE)
         tf = t.to(ACC_DTYPE)
         x_sq += tl.sum(xf * xf, 1)
         t_sq += tl.sum(tf * tf, 1)
-    x_norm = tl.maximum(tl.sqrt(x_sq), NORM_EPS)
-    t_norm = tl.maximum(tl.sqrt(t_sq), NORM_EPS)
+    x_norm = tl.maximum(tl.sqrt(x_sq), _norm_eps())
+    t_norm = tl.maximum(tl.sqrt(t_sq), _norm_eps())
     return dots / (x_norm[:, None] * t_norm[None, :])
 
 
@@ -226,19 +233,19 @@ def ptl_bwd_dx(
                     mask=mask_r[:, None] & mask_c[None, :], other=0.0)
         t = tl.load(T + text[:, None] * stride_tc + cols[None, :] * stride_te,
                     mask=mask_c[:, None] & mask_e[None, :], other=0.0)
-        t_norm = tl.maximum(tl.load(T_NORM + text, mask=mask_c, other=1.0), NORM_EPS)
+        t_norm = tl.maximum(tl.load(T_NORM + text, mask=mask_c, other=1.0), _norm_eps())
         # normalise before the dot: a unit row cannot overflow half precision, g / |t| could
         tn = (t.to(ACC_DTYPE) / t_norm[:, None]).to(t.dtype)
-        gxn = tl.dot(g.to(t.dtype), tn, gxn, input_precision=DOT_PRECISION)
+        gxn = tl.dot(g.to(t.dtype), tn, gxn, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
 
     scale = tl.load(SCALE).to(ACC_DTYPE)
     x_rows = _row_offsets(rows, N, stride_xb, stride_xn)
     mask = mask_r[:, None] & mask_e[None, :]
     x = tl.load(X + x_rows[:, None] + cols[None, :] * stride_xe, mask=mask, other=0.0).to(ACC_DTYPE)
     x_norm = tl.load(X_NORM + rows, mask=mask_r, other=1.0)
-    x_clamped = tl.maximum(x_norm, NORM_EPS)
+    x_clamped = tl.maximum(x_norm, _norm_eps())
     # below the eps clamp the norm is a constant and the projection term vanishes
-    proj = tl.where(x_norm >= NORM_EPS, tl.load(GC_ROW + rows, mask=mask_r, other=0.0), 0.0)
+    proj = tl.where(x_norm >= _norm_eps(), tl.load(GC_ROW + rows, mask=mask_r, other=0.0), 0.0)
     xn = x / x_clamped[:, None]
     dx = scale * (gxn - xn * proj[:, None]) / x_clamped[:, None]
     dx_rows = _row_offsets(rows, N, stride_dxb, stride_dxn)
@@ -275,17 +282,18 @@ def ptl_bwd_dtext(
                     mask=mask_r[:, None] & mask_c[None, :], other=0.0)
         x = tl.load(X + x_rows[:, None] + cols[None, :] * stride_xe,
                     mask=mask_r[:, None] & mask_e[None, :], other=0.0)
-        x_norm = tl.maximum(tl.load(X_NORM + rows, mask=mask_r, other=1.0), NORM_EPS)
+        x_norm = tl.maximum(tl.load(X_NORM + rows, mask=mask_r, other=1.0), _norm_eps())
         xn = (x.to(ACC_DTYPE) / x_norm[:, None]).to(x.dtype)
-        gtn = tl.dot(tl.trans(g.to(x.dtype)), xn, gtn, input_precision=DOT_PRECISION)
+        gtn = tl.dot(tl.trans(g.to(x.dtype)), xn, gtn, input_precision=DOT_PRECISION,
+                     out_dtype=ACC_DTYPE)
 
     scale = tl.load(SCALE).to(ACC_DTYPE)
     mask = mask_c[:, None] & mask_e[None, :]
     t = tl.load(T + text[:, None] * stride_tc + cols[None, :] * stride_te, mask=mask,
                 other=0.0).to(ACC_DTYPE)
     t_norm = tl.load(T_NORM + text, mask=mask_c, other=1.0)
-    t_clamped = tl.maximum(t_norm, NORM_EPS)
-    proj = tl.where(t_norm >= NORM_EPS, tl.load(GC_COL + text, mask=mask_c, other=0.0), 0.0)
+    t_clamped = tl.maximum(t_norm, _norm_eps())
+    proj = tl.where(t_norm >= _norm_eps(), tl.load(GC_COL + text, mask=mask_c, other=0.0), 0.0)
     tn = t / t_clamped[:, None]
     dt = scale * (gtn - tn * proj[:, None]) / t_clamped[:, None]
     tl.store(DT + text[:, None] * stride_dtc + cols[None, :] * stride_dte, dt.to(DT.dtype.element_ty),

@@ -97,14 +97,16 @@ def _kind(dtype: torch.dtype, precision: str) -> str:
     return "tf32" if precision == "tf32" else "fp32"
 
 
-def flat_grid(batch_heads: int, length: int, block: int, what) -> tuple[int]:
-    """(B * H * tiles of `block` over `length`,): the flat grid of one program per (head, tile),
+def flat_grid(units: int, length: int, block: int, what: str, *tensors: Tensor) -> tuple[int]:
+    """(units * tiles of `block` over `length`,): the flat grid of one program per (unit, tile),
     checked against CUDA's limit so that an oversized launch fails here with a ValueError naming
-    `what()` (built only then), not in the driver as "invalid argument"."""
-    programs = batch_heads * ((length + block - 1) // block)
+    the op (`what`, its "{}" filled with the shapes of `tensors`), not in the driver as "invalid
+    argument". The message is formatted only then: the launch path builds nothing per call."""
+    programs = units * ((length + block - 1) // block)
     if programs > MAX_PROGRAMS:
-        raise ValueError(f"{what()} needs {programs} programs on launch grid axis 0, "
-                         f"expected at most {MAX_PROGRAMS} (CUDA's limit)")
+        raise ValueError(f"{what.format(*(tuple(t.shape) for t in tensors))} needs {programs} "
+                         f"programs on launch grid axis 0, expected at most {MAX_PROGRAMS} "
+                         "(CUDA's limit)")
     return (programs,)
 
 
@@ -129,14 +131,16 @@ def _attention_key(q: Tensor, N_K: int, precision: str, *extra) -> tuple:
 
 def _attention_tune(tuner, key, q: Tensor, precision: str, configs, run, **constexprs):
     d, block_d = q.shape[-1], _block_d(q.shape[-1])
-    constexprs = {"HEAD_DIM": d, "BLOCK_D": block_d, "ACC_DTYPE": _kernels().common.acc_dtype(q.dtype),
-                  "DOT_PRECISION": precision, **constexprs}
+    constexprs = {"HEAD_DIM": d, "BLOCK_D": block_d,
+                  "ACC_DTYPE": _kernels().common.acc_dtype(q.dtype), "DOT_PRECISION": precision,
+                  **constexprs}
     return _tune(tuner, key, constexprs, configs, (_kind(q.dtype, precision), block_d),
                  _kernels().attention.INTERPRET_CONFIG, q.device, run)
 
 
-def _what(name: str, t: Tensor):
-    return lambda: f"triton attention{name} of {tuple(t.shape)}"
+ATTENTION = "triton attention of q {}"
+ATTENTION_BWD = "triton attention backward of q {} and k {}"
+LOGITS = "triton patch_text_logits of x {} and text {}"
 
 
 def _launch_fwd(q, k, v, out, lse, scale, launch, warmup=False):
@@ -145,21 +149,21 @@ def _launch_fwd(q, k, v, out, lse, scale, launch, warmup=False):
         q, k, v, out, lse, scale,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         H, N_Q, k.shape[2],
-        grid=flat_grid(B * H, N_Q, launch["BLOCK_M"], _what(" of q", q)), warmup=warmup,
+        grid=flat_grid(B * H, N_Q, launch["BLOCK_M"], ATTENTION, q), warmup=warmup,
         **launch.kwargs)
 
 
 def attention_forward_into(q: Tensor, k: Tensor, v: Tensor, scale: float, out: Tensor) -> Tensor:
     """Writes softmax(q k^T * scale) v into `out` (any strides); returns the row lse."""
+    ks = _kernels()
     B, H, N_Q, _ = q.shape
     lse = empty((B, H, N_Q), lse_dtype(q.dtype), q.device)
-    precision = _kernels().common.dot_precision(q.dtype)
-    tuner = _kernels().attn_fwd
-    launch = tuner.best.get(_attention_key(q, k.shape[2], precision))
+    precision = ks.common.dot_precision(q.dtype)
+    key = _attention_key(q, k.shape[2], precision)
+    launch = ks.attn_fwd.best.get(key)
     with _on_device(q):
         if launch is None:
-            launch = _attention_tune(tuner, _attention_key(q, k.shape[2], precision), q, precision,
-                                     _kernels().attention.fwd_configs,
+            launch = _attention_tune(ks.attn_fwd, key, q, precision, ks.attention.fwd_configs,
                                      functools.partial(_launch_fwd, q, k, v, out, lse, scale))
         _launch_fwd(q, k, v, out, lse, scale, launch)
     return lse
@@ -178,14 +182,14 @@ def _launch_bwd(dout, q, k, v, lse, delta, dk, dv, dq_acc, out, scale, launch, w
     atomic = launch["DQ_ATOMIC"]
     ks.attn_bwd_preprocess.run(
         out, dout, delta, dq_acc, *out.stride(), *dout.stride(), H, N_Q,
-        grid=flat_grid(B * H, N_Q, ks.BLOCK_M_PREPROCESS, _what(" backward of q", q)),
+        grid=flat_grid(B * H, N_Q, ks.BLOCK_M_PREPROCESS, ATTENTION_BWD, q, k),
         warmup=warmup, HEAD_DIM=d, BLOCK_D=launch["BLOCK_D"], ACC_DTYPE=launch["ACC_DTYPE"],
         ZERO_DQ=atomic, BLOCK_M=ks.BLOCK_M_PREPROCESS)
     ks.attn_bwd.run(
         q, k, v, dout, lse, delta, dk, dv, dq_acc, scale,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
         *dk.stride(), *dv.stride(), H, N_Q, N_K,
-        grid=flat_grid(B * H, N_K, launch["BLOCK_N"], _what(" backward of k", k)),
+        grid=flat_grid(B * H, N_K, launch["BLOCK_N"], ATTENTION_BWD, q, k),
         warmup=warmup, **launch.kwargs)
 
 
@@ -195,7 +199,7 @@ def _launch_bwd_dq(dout, q, k, v, lse, delta, dq, scale, launch, warmup=False):
         q, k, v, dout, lse, delta, dq, scale,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
         H, N_Q, k.shape[2],
-        grid=flat_grid(B * H, N_Q, launch["BLOCK_M"], _what(" backward of q", q)),
+        grid=flat_grid(B * H, N_Q, launch["BLOCK_M"], ATTENTION_BWD, q, k),
         warmup=warmup, **launch.kwargs)
 
 
@@ -254,14 +258,10 @@ def _logits_tune(tuner, key, x: Tensor, precision: str, configs, run):
                  _kernels().logits.INTERPRET_CONFIG, x.device, run)
 
 
-def _logits_what(x: Tensor, text: Tensor):
-    return lambda: (f"triton patch_text_logits of x {tuple(x.shape)} "
-                    f"and text {tuple(text.shape)}")
-
-
-def _tiles(R: int, C: int, launch, what) -> tuple[int]:
+def _tiles(R: int, C: int, launch, x: Tensor, text: Tensor) -> tuple[int]:
     """Flat grid of row tiles x text tiles (ptl_fwd, ptl_bwd_gcos)."""
-    return flat_grid((R + launch["BLOCK_R"] - 1) // launch["BLOCK_R"], C, launch["BLOCK_C"], what)
+    return flat_grid((R + launch["BLOCK_R"] - 1) // launch["BLOCK_R"], C, launch["BLOCK_C"],
+                     LOGITS, x, text)
 
 
 def _as_rows(N: int, *tensors: Tensor) -> tuple[int, list]:
@@ -280,20 +280,20 @@ def _launch_ptl_fwd(x, text, logit_scale, out, launch, warmup=False):
     per_batch, (x_strides, out_strides) = _as_rows(N, x, out)
     _kernels().logits.ptl_fwd.run(
         x, text, logit_scale, out, *x_strides, *text.stride(), *out_strides, B * N, per_batch, C,
-        E, grid=_tiles(B * N, C, launch, _logits_what(x, text)), warmup=warmup, **launch.kwargs)
+        E, grid=_tiles(B * N, C, launch, x, text), warmup=warmup, **launch.kwargs)
 
 
 def patch_text_logits_forward(x: Tensor, text: Tensor, logit_scale: Tensor) -> Tensor:
+    ks = _kernels()
     B, N, _ = x.shape
     C = text.shape[0]
     out = empty((B, N, C), x.dtype, x.device)
-    precision = _kernels().common.dot_precision(x.dtype)
-    tuner = _kernels().ptl_fwd
-    launch = tuner.best.get(_logits_key(x, C, precision))
+    precision = ks.common.dot_precision(x.dtype)
+    key = _logits_key(x, C, precision)
+    launch = ks.ptl_fwd.best.get(key)
     with _on_device(x):
         if launch is None:
-            launch = _logits_tune(tuner, _logits_key(x, C, precision), x, precision,
-                                  _kernels().logits.fwd_configs,
+            launch = _logits_tune(ks.ptl_fwd, key, x, precision, ks.logits.fwd_configs,
                                   functools.partial(_launch_ptl_fwd, x, text, logit_scale, out))
         _launch_ptl_fwd(x, text, logit_scale, out, launch)
     return out
@@ -305,7 +305,7 @@ def _launch_ptl_gcos(x, text, dout, gcos, launch, warmup=False):
     per_batch, (x_strides, g_strides) = _as_rows(N, x, dout)
     _kernels().logits.ptl_bwd_gcos.run(
         x, text, dout, gcos, *x_strides, *text.stride(), *g_strides, B * N, per_batch, C, E,
-        grid=_tiles(B * N, C, launch, _logits_what(x, text)), warmup=warmup, **launch.kwargs)
+        grid=_tiles(B * N, C, launch, x, text), warmup=warmup, **launch.kwargs)
 
 
 def _launch_ptl_dx(x, text, dout, logit_scale, x_norm, t_norm, gc_row, dx, launch, warmup=False):
@@ -315,7 +315,7 @@ def _launch_ptl_dx(x, text, dout, logit_scale, x_norm, t_norm, gc_row, dx, launc
         x, text, dout, logit_scale, x_norm, t_norm, gc_row, dx,
         *x_strides, *text.stride(), *g_strides, *dx_strides, B * N, per_batch, text.shape[0], E,
         grid=flat_grid((B * N + launch["BLOCK_R"] - 1) // launch["BLOCK_R"], E,
-                       launch["BLOCK_E"], _logits_what(x, text)),
+                       launch["BLOCK_E"], LOGITS, x, text),
         warmup=warmup, **launch.kwargs)
 
 
@@ -328,7 +328,7 @@ def _launch_ptl_dtext(x, text, dout, logit_scale, x_norm, t_norm, gc_col, dtext,
         x, text, dout, logit_scale, x_norm, t_norm, gc_col, dtext,
         *x_strides, *text.stride(), *g_strides, *dtext.stride(), B * N, per_batch, C, E,
         grid=flat_grid((C + launch["BLOCK_C"] - 1) // launch["BLOCK_C"], E, launch["BLOCK_E"],
-                       _logits_what(x, text)),
+                       LOGITS, x, text),
         warmup=warmup, **launch.kwargs)
 
 
@@ -347,16 +347,15 @@ def patch_text_logits_backward(dout: Tensor, x: Tensor, text: Tensor,
     dx = empty(x.shape, x.dtype, x.device)
     dtext = empty(text.shape, text.dtype, text.device)
     key = _logits_key(x, C, precision)
-    what = _logits_what(x, text)
     block_r, block_e = logits.ROW_NORM_BLOCK_R, logits.ROW_NORM_BLOCK_E
     rows_per_batch, (x_strides,) = _as_rows(N, x)
 
     with _on_device(x):
         logits.row_norm.run(x, x_norm, *x_strides, R, rows_per_batch, E,
-                            grid=flat_grid(1, R, block_r, what), warmup=False,
+                            grid=flat_grid(1, R, block_r, LOGITS, x, text), warmup=False,
                             ACC_DTYPE=acc, BLOCK_R=block_r, BLOCK_E=block_e)
         logits.row_norm.run(text, t_norm, 0, *text.stride(), C, C, E,
-                            grid=flat_grid(1, C, block_r, what), warmup=False,
+                            grid=flat_grid(1, C, block_r, LOGITS, x, text), warmup=False,
                             ACC_DTYPE=acc, BLOCK_R=block_r, BLOCK_E=block_e)
         launch = ks.ptl_gcos.best.get(key)
         if launch is None:

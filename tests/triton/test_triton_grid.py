@@ -102,10 +102,12 @@ def test_patch_text_logits_grids_stay_within_limits(launches):
 
 
 def test_grid_past_cuda_limits_names_the_tensor():
-    with pytest.raises(ValueError, match=r"attention of q \(1, 1, 2097153, 64\).*axis 0, "
+    q = _tiny(2**10, 1, 2**21 + 1, 64)
+    with pytest.raises(ValueError, match=r"attention of q \(1024, 1, 2097153, 64\) needs "
+                                         r"2147484672 programs on launch grid axis 0, "
                                          r"expected at most 2147483647"):
-        _triton.flat_grid(2**10, 2**21 + 1, 1, lambda: "triton attention of q (1, 1, 2097153, 64)")
-    assert _triton.flat_grid(CROPS * HEADS, 577, 64, lambda: "q") == (CROPS * HEADS * 10,)
+        _triton.flat_grid(2**10, 2**21 + 1, 1, _triton.ATTENTION, q)
+    assert _triton.flat_grid(CROPS * HEADS, 577, 64, _triton.ATTENTION, q) == (CROPS * HEADS * 10,)
 
 
 @pytest.mark.gpu
