@@ -153,7 +153,7 @@ def _launch_fwd(q, k, v, out, lse, scale, launch, warmup=False):
         **launch.kwargs)
 
 
-def attention_forward_into(q: Tensor, k: Tensor, v: Tensor, scale: float, out: Tensor) -> Tensor:
+def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, out: Tensor) -> Tensor:
     """Writes softmax(q k^T * scale) v into `out` (any strides); returns the row lse."""
     ks = _kernels()
     B, H, N_Q, _ = q.shape
@@ -167,11 +167,6 @@ def attention_forward_into(q: Tensor, k: Tensor, v: Tensor, scale: float, out: T
                                      functools.partial(_launch_fwd, q, k, v, out, lse, scale))
         _launch_fwd(q, k, v, out, lse, scale, launch)
     return lse
-
-
-def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    out = empty(q.shape, q.dtype, q.device)
-    return out, attention_forward_into(q, k, v, scale, out)
 
 
 def _launch_bwd(dout, q, k, v, lse, delta, dk, dv, dq_acc, out, scale, launch, warmup=False):
@@ -332,8 +327,10 @@ def _launch_ptl_dtext(x, text, dout, logit_scale, x_norm, t_norm, gc_col, dtext,
         warmup=warmup, **launch.kwargs)
 
 
-def patch_text_logits_backward(dout: Tensor, x: Tensor, text: Tensor,
-                               logit_scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def patch_text_logits_backward(dout: Tensor, x: Tensor, text: Tensor, logit_scale: Tensor,
+                               text_grad: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """dx, dtext (None without `text_grad`: frozen class embeddings skip that pass) and
+    dlogit_scale."""
     ks = _kernels()
     logits = ks.logits
     B, N, E = x.shape
@@ -345,7 +342,6 @@ def patch_text_logits_backward(dout: Tensor, x: Tensor, text: Tensor,
     t_norm = empty((C,), norm_dtype, x.device)
     gcos = empty((R, C), norm_dtype, x.device)  # dout * cos, reduced below in a fixed order
     dx = empty(x.shape, x.dtype, x.device)
-    dtext = empty(text.shape, text.dtype, text.device)
     key = _logits_key(x, C, precision)
     block_r, block_e = logits.ROW_NORM_BLOCK_R, logits.ROW_NORM_BLOCK_E
     rows_per_batch, (x_strides,) = _as_rows(N, x)
@@ -363,7 +359,6 @@ def patch_text_logits_backward(dout: Tensor, x: Tensor, text: Tensor,
                                   functools.partial(_launch_ptl_gcos, x, text, dout, gcos))
         _launch_ptl_gcos(x, text, dout, gcos, launch)
         gc_row = gcos.sum(1)  # sum_c dout * cos, per row
-        gc_col = gcos.sum(0)  # sum over rows, per text row
         dscale = gc_row.sum()
         launch = ks.ptl_dx.best.get(key)
         if launch is None:
@@ -371,6 +366,10 @@ def patch_text_logits_backward(dout: Tensor, x: Tensor, text: Tensor,
                                   functools.partial(_launch_ptl_dx, x, text, dout, logit_scale,
                                                     x_norm, t_norm, gc_row, dx))
         _launch_ptl_dx(x, text, dout, logit_scale, x_norm, t_norm, gc_row, dx, launch)
+        if not text_grad:
+            return dx, None, dscale.to(logit_scale.dtype).reshape(logit_scale.shape)
+        gc_col = gcos.sum(0)  # sum over rows, per text row
+        dtext = empty(text.shape, text.dtype, text.device)
         launch = ks.ptl_dtext.best.get(key)
         if launch is None:
             launch = _logits_tune(ks.ptl_dtext, key, x, precision, logits.dtext_configs,
@@ -383,9 +382,9 @@ def patch_text_logits_backward(dout: Tensor, x: Tensor, text: Tensor,
 # The CPU entries run only under TRITON_INTERPRET=1; `runtime_check` says so otherwise.
 BACKEND = Backend(
     name="triton",
-    attention=define_attention("triton", attention_forward, attention_backward),
-    patch_text_logits=define_patch_text_logits(
-        "triton", patch_text_logits_forward, patch_text_logits_backward),
+    ops={"attention": define_attention("triton", attention_forward, attention_backward),
+         "patch_text_logits": define_patch_text_logits(
+             "triton", patch_text_logits_forward, patch_text_logits_backward)},
     dtypes={"cuda": (torch.float16, torch.bfloat16, torch.float32),
             "cpu": (torch.float32, torch.float64)},
     head_dims=range(1, MAX_HEAD_DIM + 1),

@@ -32,7 +32,7 @@ def attention_kernels(dtype: torch.dtype, d: int) -> None:
     tiles; the tuner loads every candidate config once."""
     q = torch.randn(2, 4, 197, d, dtype=dtype)
     k = torch.randn(2, 4, 150, d, dtype=dtype)
-    out, lse = _triton.attention_forward(q, k, k, d ** -0.5)
+    out, lse = _triton.BACKEND.attention.run_forward(q, k, k, d ** -0.5, False)
     _triton.attention_backward(out, q, k, k, out, lse, d ** -0.5)
     deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)

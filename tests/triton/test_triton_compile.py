@@ -60,7 +60,7 @@ from armfast.ops import _triton
 def attention_call(B, H, N, d=64, dtype=torch.bfloat16):
     q = torch.randn(B, H, N, d, dtype=dtype)
     k = torch.randn(B, H, N + 3, d, dtype=dtype)
-    out, lse = _triton.attention_forward(q, k, k, 0.125)
+    out, lse = _triton.BACKEND.attention.run_forward(q, k, k, 0.125, False)
     _triton.attention_backward(out, q, k, k, out, lse, 0.125)
 
 def logits_call(B, N, C, E=512, dtype=torch.bfloat16):

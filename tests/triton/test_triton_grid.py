@@ -62,7 +62,7 @@ def _programs(launch):
 def test_attention_grids_are_flat_past_65535_heads(launches):
     B, H, N, d = CROPS, HEADS, 40, 1
     q = _tiny(B, H, N, d)
-    out, lse = _triton.attention_forward(q, q, q, 0.25)
+    out, lse = _triton.BACKEND.attention.run_forward(q, q, q, 0.25, False)
     _triton.attention_backward(out, q, q, q, out, lse, 0.25)
     assert set(launches) == {"attn_fwd", "attn_bwd_preprocess", "attn_bwd"}
     for name, launch in launches.items():
@@ -73,7 +73,7 @@ def test_attention_grids_are_flat_past_65535_heads(launches):
 def test_deterministic_backward_launches_the_dq_kernel(launches, monkeypatch):
     """`torch.use_deterministic_algorithms(True)` swaps the atomic dQ for its own kernel."""
     q = _tiny(2, 3, 40, 8)
-    out, lse = _triton.attention_forward(q, q, q, 0.25)
+    out, lse = _triton.BACKEND.attention.run_forward(q, q, q, 0.25, False)
     _triton.attention_backward(out, q, q, q, out, lse, 0.25)
     assert launches["attn_bwd"][1]["DQ_ATOMIC"] and launches["attn_bwd_preprocess"][1]["ZERO_DQ"]
     assert "attn_bwd_dq" not in launches
