@@ -68,13 +68,17 @@ def device_facts(device: torch.device) -> tuple[str, str]:
 
 
 class Launch:
-    """One config joined with the constexprs of its key: everything a call passes by keyword."""
+    """One config joined with the constexprs of its key: everything a call passes by keyword,
+    and `variant`, which kernel of a family the config is for (its "VARIANT" entry, e.g. "tma";
+    None for the plain one)."""
 
-    __slots__ = ("config", "kwargs")
+    __slots__ = ("config", "kwargs", "variant")
 
     def __init__(self, config: triton.Config, constexprs: dict):
         self.config = config
-        self.kwargs = {**constexprs, **config.kwargs,
+        kwargs = dict(config.kwargs)
+        self.variant = kwargs.pop("VARIANT", None)
+        self.kwargs = {**constexprs, **kwargs,
                        "num_warps": config.num_warps, "num_stages": config.num_stages}
 
     def __getitem__(self, name):

@@ -57,8 +57,8 @@ def _ln2():
 LENGTHS = ["H", "N_Q", "N_K"]  # runtime values, never compile-time specialisations
 
 
-def _configs(tiles):
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+def _configs(tiles, **extra):
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, **extra}, num_warps=w, num_stages=s)
             for m, n, w, s in tiles]
 
 
@@ -91,6 +91,15 @@ def fwd_configs(family: str, kind: str, block_d: int) -> list[triton.Config]:
     if wide:
         return _configs([(64, 32, 8, 2), (128, 32, 8, 2)])
     return _configs([(64, 64, 4, 2), (64, 32, 4, 2)])
+
+
+# attn_fwd_tma, offered beside fwd_configs on sm90 when the tensors allow TMA descriptors
+def fwd_tma_configs(family: str, kind: str, block_d: int) -> list[triton.Config]:
+    if family != "sm90" or kind == "fp32":
+        return []
+    if block_d > 64 or kind == "tf32":
+        return _configs([(128, 64, 8, 3)], VARIANT="tma")
+    return _configs([(128, 64, 4, 3), (128, 128, 8, 3)], VARIANT="tma")
 
 
 # (BLOCK_M queries per step, BLOCK_N keys per program, num_warps, num_stages). On sm90 BLOCK_M
@@ -160,12 +169,9 @@ def _head_and_tile(N, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, keys, N_K, offs_d, qk_scale,
-              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-              MASK_KEYS: tl.constexpr):
+def _softmax_step(acc, l_i, m_i, q, k, v, keys, N_K, qk_scale, DOT_PRECISION: tl.constexpr,
+                  MASK_KEYS: tl.constexpr):
     """One key tile of the online softmax; scores are raw q.k, scaled inside the exp2."""
-    k = _load_tile(k_ptrs, keys, N_K, offs_d, HEAD_DIM, BLOCK_D, MASK_KEYS)
-    v = _load_tile(v_ptrs, keys, N_K, offs_d, HEAD_DIM, BLOCK_D, MASK_KEYS)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if MASK_KEYS:
         s = tl.where((keys < N_K)[None, :], s, float("-inf"))
@@ -178,6 +184,15 @@ def _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, keys, N_K, offs_d, qk_scale,
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION,
                  out_dtype=acc.dtype)
     return acc, l_i, m_new
+
+
+@triton.jit
+def _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, keys, N_K, offs_d, qk_scale,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+              MASK_KEYS: tl.constexpr):
+    k = _load_tile(k_ptrs, keys, N_K, offs_d, HEAD_DIM, BLOCK_D, MASK_KEYS)
+    v = _load_tile(v_ptrs, keys, N_K, offs_d, HEAD_DIM, BLOCK_D, MASK_KEYS)
+    return _softmax_step(acc, l_i, m_i, q, k, v, keys, N_K, qk_scale, DOT_PRECISION, MASK_KEYS)
 
 
 @triton.jit(do_not_specialize=LENGTHS)
@@ -233,6 +248,55 @@ def attn_fwd(
     tl.store(_tile_ptrs(O, rows, offs_d, stride_om, stride_od), acc.to(O.dtype.element_ty),
              mask=_tile_mask(rows, N_Q, offs_d, HEAD_DIM, BLOCK_D))
     tl.store(LSE + rows, lse.to(LSE.dtype.element_ty), mask=rows < N_Q)
+
+
+@triton.jit
+def _tma_tile(desc, b, h, row, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """A [BLOCK, HEAD_DIM] tile of head (b, h) from a [B, H, N, d] tensor descriptor; rows past N
+    come back zero (the TMA unit clips them)."""
+    return desc.load([b, h, row, 0]).reshape(BLOCK, HEAD_DIM)
+
+
+@triton.jit(do_not_specialize=LENGTHS)
+def attn_fwd_tma(
+    Q, K, V, O, LSE,
+    sm_scale,
+    H, N_Q, N_K,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,  # BLOCK_D == HEAD_DIM here
+    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """`attn_fwd` with Q, K, V, O as [B, H, N, d] TMA tensor descriptors (Hopper's tensor memory
+    accelerator: one instruction per tile, no per-element addresses, bounds handled in
+    hardware, so the row masks go too). Needs d == BLOCK_D, a contiguous last dimension and
+    16-byte aligned strides; the wrapper checks and otherwise launches `attn_fwd`."""
+    off_bh, start_m = _head_and_tile(N_Q, BLOCK_M)
+    b = off_bh // H
+    h = off_bh % H
+    q = _tma_tile(Q, b, h, start_m * BLOCK_M, BLOCK_M, HEAD_DIM)
+    qk_scale = sm_scale * _log2e()
+    m_i = tl.full([BLOCK_M], float("-inf"), ACC_DTYPE)
+    l_i = tl.zeros([BLOCK_M], ACC_DTYPE)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], ACC_DTYPE)
+    keys = tl.arange(0, BLOCK_N)
+    full_end = (N_K // BLOCK_N) * BLOCK_N
+    for start_n in range(0, full_end, BLOCK_N):
+        k = _tma_tile(K, b, h, start_n, BLOCK_N, HEAD_DIM)
+        v = _tma_tile(V, b, h, start_n, BLOCK_N, HEAD_DIM)
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, keys, N_K, qk_scale, DOT_PRECISION,
+                                      False)
+    if full_end < N_K:  # keys past N_K load as zeros; the step masks their scores
+        k = _tma_tile(K, b, h, full_end, BLOCK_N, HEAD_DIM)
+        v = _tma_tile(V, b, h, full_end, BLOCK_N, HEAD_DIM)
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, keys + full_end, N_K, qk_scale,
+                                      DOT_PRECISION, True)
+    acc = acc / l_i[:, None]
+    O.store([b, h, start_m * BLOCK_M, 0],
+            acc.to(O.dtype).reshape(1, 1, BLOCK_M, HEAD_DIM))  # rows past N_Q: clipped
+    rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    lse = (m_i + tl.math.log2(l_i)) * _ln2()
+    tl.store(LSE + off_bh.to(tl.int64) * N_Q + rows, lse.to(LSE.dtype.element_ty),
+             mask=rows < N_Q)
 
 
 @triton.jit(do_not_specialize=LENGTHS)
@@ -316,15 +380,15 @@ def attn_bwd(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     H, N_Q, N_K,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, DQ_ATOMIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dK, dV of one key tile (BLOCK_N keys), looping over all query tiles (BLOCK_M each); with
-    DQ_ATOMIC also dQ, added into DQ_ACC ([B*H, N_Q, d] contiguous, zeroed, float32)."""
+    DQ_ATOMIC also dQ, added into DQ_ACC ([B*H, N_Q, d] contiguous, zeroed, float32). DK and DV
+    are fresh [B*H, N_K, d] contiguous tensors: no strides to pass (fewer arguments, less host
+    time per launch)."""
     off_bh, start_n = _head_and_tile(N_K, BLOCK_N)
     off_b = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
@@ -335,8 +399,8 @@ def attn_bwd(
     LSE += off_bh.to(tl.int64) * N_Q
     DELTA += off_bh.to(tl.int64) * N_Q
     DQ_ACC += off_bh.to(tl.int64) * N_Q * HEAD_DIM
-    DK += off_b * stride_dkb + off_h * stride_dkh
-    DV += off_b * stride_dvb + off_h * stride_dvh
+    DK += off_bh.to(tl.int64) * N_K * HEAD_DIM
+    DV += off_bh.to(tl.int64) * N_K * HEAD_DIM
 
     keys = start_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
@@ -363,9 +427,9 @@ def attn_bwd(
                            True)
 
     mask = _tile_mask(keys, N_K, offs_d, HEAD_DIM, BLOCK_D)
-    tl.store(_tile_ptrs(DK, keys, offs_d, stride_dkn, stride_dkd),
-             (dk * sm_scale).to(DK.dtype.element_ty), mask=mask)
-    tl.store(_tile_ptrs(DV, keys, offs_d, stride_dvn, stride_dvd), dv.to(DV.dtype.element_ty),
+    tl.store(_tile_ptrs(DK, keys, offs_d, HEAD_DIM, 1), (dk * sm_scale).to(DK.dtype.element_ty),
+             mask=mask)
+    tl.store(_tile_ptrs(DV, keys, offs_d, HEAD_DIM, 1), dv.to(DV.dtype.element_ty),
              mask=mask)
 
 

@@ -22,6 +22,11 @@ import torch
 import triton
 from torch import Tensor
 
+try:  # Hopper's TMA tensor descriptors, as Triton >= 3.4 offers them from the host
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
+
 from ._library import define_attention, define_patch_text_logits, empty, lse_dtype
 from ._registry import Backend
 
@@ -30,6 +35,10 @@ MIN_CAPABILITY = (8, 0)  # bfloat16 tensor-core dots need Ampere (sm_80) or newe
 # CUDA launches at most 2**31 - 1 programs along grid axis 0 (65535 along axes 1 and 2); every
 # kernel here runs on a flat axis-0 grid and decodes (batch * head, tile) itself.
 MAX_PROGRAMS = 2**31 - 1
+# From this many query rows (B * H * N_Q) on, TMA configs join the forward's candidates. Below,
+# a forward takes microseconds on the GPU and its four descriptors per call would cost more host
+# time than they can save.
+TMA_MIN_ROWS = 1 << 16
 
 
 @functools.cache
@@ -129,13 +138,42 @@ def _attention_key(q: Tensor, N_K: int, precision: str, *extra) -> tuple:
             q.get_device())
 
 
-def _attention_tune(tuner, key, q: Tensor, precision: str, configs, run, **constexprs):
-    d, block_d = q.shape[-1], _block_d(q.shape[-1])
-    constexprs = {"HEAD_DIM": d, "BLOCK_D": block_d,
-                  "ACC_DTYPE": _kernels().common.acc_dtype(q.dtype), "DOT_PRECISION": precision,
-                  **constexprs}
-    return _tune(tuner, key, constexprs, configs, (_kind(q.dtype, precision), block_d),
+def attention_constexprs(q: Tensor, precision: str, **extra) -> dict:
+    """The compile-time arguments the attention kernels take for `q` (besides tile sizes)."""
+    d = q.shape[-1]
+    return {"HEAD_DIM": d, "BLOCK_D": _block_d(d),
+            "ACC_DTYPE": _kernels().common.acc_dtype(q.dtype), "DOT_PRECISION": precision,
+            **extra}
+
+
+def _attention_tune(tuner, key, q: Tensor, precision: str, configs, run, **extra):
+    constexprs = attention_constexprs(q, precision, **extra)
+    return _tune(tuner, key, constexprs, configs,
+                 (_kind(q.dtype, precision), constexprs["BLOCK_D"]),
                  _kernels().attention.INTERPRET_CONFIG, q.device, run)
+
+
+def _tma_ready(*tensors: Tensor) -> bool:
+    """Whether TMA descriptors can describe these [B, H, N, d] tensors: d a power of two in
+    [16, 128] (one tile spans the head dim), a contiguous last dimension, 16-byte aligned base
+    and strides."""
+    if TensorDescriptor is None or tensors[0].shape[3] != _block_d(tensors[0].shape[3]):
+        return False
+    for t in tensors:
+        size, strides = t.element_size(), t.stride()
+        if strides[3] != 1 or t.data_ptr() % 16 or any(s * size % 16 for s in strides[:3]):
+            return False
+    return True
+
+
+def _fwd_configs(family: str, kind: str, block_d: int, tma: bool) -> list:
+    attention = _kernels().attention
+    return attention.fwd_configs(family, kind, block_d) + (
+        attention.fwd_tma_configs(family, kind, block_d) if tma else [])
+
+
+def _descriptor(t: Tensor, rows: int):
+    return TensorDescriptor(t, t.shape, t.stride(), [1, 1, rows, t.shape[3]])
 
 
 ATTENTION = "triton attention of q {}"
@@ -145,7 +183,13 @@ LOGITS = "triton patch_text_logits of x {} and text {}"
 
 def _launch_fwd(q, k, v, out, lse, scale, launch, warmup=False):
     B, H, N_Q, _ = q.shape
-    _kernels().attention.attn_fwd.run(
+    if launch.variant == "tma":
+        block_m, block_n = launch["BLOCK_M"], launch["BLOCK_N"]
+        return _kernels().attention.attn_fwd_tma.run(
+            _descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n),
+            _descriptor(out, block_m), lse, scale, H, N_Q, k.shape[2],
+            grid=flat_grid(B * H, N_Q, block_m, ATTENTION, q), warmup=warmup, **launch.kwargs)
+    return _kernels().attention.attn_fwd.run(
         q, k, v, out, lse, scale,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         H, N_Q, k.shape[2],
@@ -159,11 +203,13 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, out: Tensor
     B, H, N_Q, _ = q.shape
     lse = empty((B, H, N_Q), lse_dtype(q.dtype), q.device)
     precision = ks.common.dot_precision(q.dtype)
-    key = _attention_key(q, k.shape[2], precision)
+    tma = B * H * N_Q >= TMA_MIN_ROWS and _tma_ready(q, k, v, out)
+    key = _attention_key(q, k.shape[2], precision, tma)
     launch = ks.attn_fwd.best.get(key)
     with _on_device(q):
         if launch is None:
-            launch = _attention_tune(ks.attn_fwd, key, q, precision, ks.attention.fwd_configs,
+            launch = _attention_tune(ks.attn_fwd, key, q, precision,
+                                     functools.partial(_fwd_configs, tma=tma),
                                      functools.partial(_launch_fwd, q, k, v, out, lse, scale))
         _launch_fwd(q, k, v, out, lse, scale, launch)
     return lse
@@ -182,8 +228,7 @@ def _launch_bwd(dout, q, k, v, lse, delta, dk, dv, dq_acc, out, scale, launch, w
         ZERO_DQ=atomic, BLOCK_M=ks.BLOCK_M_PREPROCESS)
     ks.attn_bwd.run(
         q, k, v, dout, lse, delta, dk, dv, dq_acc, scale,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
-        *dk.stride(), *dv.stride(), H, N_Q, N_K,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), H, N_Q, N_K,
         grid=flat_grid(B * H, N_K, launch["BLOCK_N"], ATTENTION_BWD, q, k),
         warmup=warmup, **launch.kwargs)
 
@@ -208,13 +253,18 @@ def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     acc_dtype = lse_dtype(q.dtype)  # float32, float64 for float64 inputs
     deterministic = torch.are_deterministic_algorithms_enabled()
     precision = ks.common.dot_precision(q.dtype)
-    delta = empty((B, H, N_Q), acc_dtype, q.device)  # contiguous: the kernels index it flat
-    dk = empty(k.shape, k.dtype, k.device)
+    dk = empty(k.shape, k.dtype, k.device)  # contiguous: the kernels index dk, dv flat
     dv = empty(v.shape, v.dtype, v.device)
     dq = empty(q.shape, q.dtype, q.device)
-    # atomic path: dQ accumulates in float32 (contiguous, zeroed by the preprocess kernel);
-    # float32 inputs accumulate straight into dq
-    dq_acc = dq if deterministic or q.dtype == acc_dtype else empty(q.shape, acc_dtype, q.device)
+    # delta [B, H, N_Q] and, on the atomic path for half precision, the float32 dQ accumulator
+    # (zeroed by the preprocess kernel) share one scratch allocation; float32 accumulates
+    # straight into dq
+    separate_acc = not deterministic and q.dtype != acc_dtype
+    rows = B * H * N_Q
+    start = rows + -rows % 32  # dq_acc 128-byte aligned, as its own allocation would be
+    scratch = empty((start + rows * q.shape[3] if separate_acc else rows,), acc_dtype, q.device)
+    delta = scratch[:rows]
+    dq_acc = scratch[start:].view(q.shape) if separate_acc else dq
     key = _attention_key(q, k.shape[2], precision, deterministic)
     launch = ks.attn_bwd.best.get(key)
     with _on_device(q):
@@ -232,7 +282,7 @@ def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
                                             functools.partial(_launch_bwd_dq, dout, q, k, v,
                                                               lse, delta, dq, scale))
             _launch_bwd_dq(dout, q, k, v, lse, delta, dq, scale, dq_launch)
-        elif dq_acc is not dq:
+        elif separate_acc:
             dq.copy_(dq_acc)
     return dq, dk, dv
 

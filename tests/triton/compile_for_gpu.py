@@ -29,9 +29,9 @@ DTYPES = ("float16", "bfloat16", "float32")
 
 def attention_kernels(dtype: torch.dtype, d: int) -> None:
     """Forward, backward (atomic dQ) and deterministic backward at lengths that end in partial
-    tiles; the tuner loads every candidate config once."""
-    q = torch.randn(2, 4, 197, d, dtype=dtype)
-    k = torch.randn(2, 4, 150, d, dtype=dtype)
+    tiles, large enough for the TMA forward's candidates; the tuner loads every candidate once."""
+    q = torch.randn(2, 48, 785, d, dtype=dtype)
+    k = torch.randn(2, 48, 700, d, dtype=dtype)
     out, lse = _triton.BACKEND.attention.run_forward(q, k, k, d ** -0.5, False)
     _triton.attention_backward(out, q, k, k, out, lse, d ** -0.5)
     deterministic = torch.are_deterministic_algorithms_enabled()

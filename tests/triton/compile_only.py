@@ -154,7 +154,8 @@ def _measure_first_wins(fn):
 def compile_only(arch: int = 90):
     """Within: the triton backend launches on CPU tensors as on a GPU of compute capability
     `arch`; yields the `Driver` that records kernels, compiles and launches. Tuning measures
-    nothing (first config wins) and the on-disk tuning cache is off."""
+    nothing (first config wins, after every candidate compiled) and the on-disk tuning cache
+    is off."""
     from triton import knobs
     from triton.runtime import driver as active
 
@@ -165,7 +166,8 @@ def compile_only(arch: int = 90):
     fake = Driver(arch)
     _triton._kernels.cache_clear()  # fresh tuners: nothing chosen for another GPU survives
     saved = (knobs.runtime.kernel_load_start_hook, knobs.runtime.jit_post_compile_hook,
-             _tuning.measure, _tuning.device_facts, os.environ.get(_tuning.CACHE_ENV))
+             _tuning.measure, _tuning.device_facts, os.environ.get(_tuning.CACHE_ENV),
+             os.environ.get(_tuning.AUTOTUNE_ENV))
     active.set_active(fake)
     knobs.runtime.kernel_load_start_hook = fake._load_start
     knobs.runtime.jit_post_compile_hook = fake._compiled
@@ -173,17 +175,19 @@ def compile_only(arch: int = 90):
     _tuning.device_facts = lambda device: (_tuning.family((arch // 10, arch % 10)),
                                            f"compile-only sm_{arch}")
     os.environ[_tuning.CACHE_ENV] = "off"
+    os.environ[_tuning.AUTOTUNE_ENV] = "1"  # every candidate compiles (and loads) once
     try:
         yield fake
     finally:
         _triton._kernels.cache_clear()
         active.reset_active() if _has_default_driver(active) else setattr(active, "_active", None)
         (knobs.runtime.kernel_load_start_hook, knobs.runtime.jit_post_compile_hook,
-         _tuning.measure, _tuning.device_facts, cache) = saved
-        if cache is None:
-            os.environ.pop(_tuning.CACHE_ENV, None)
-        else:
-            os.environ[_tuning.CACHE_ENV] = cache
+         _tuning.measure, _tuning.device_facts, cache, autotune) = saved
+        for name, value in ((_tuning.CACHE_ENV, cache), (_tuning.AUTOTUNE_ENV, autotune)):
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _has_default_driver(active) -> bool:

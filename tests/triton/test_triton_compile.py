@@ -1,6 +1,6 @@
 """What the kernels compile to for Hopper (sm_90), checked without a GPU through the backend's
-real launch path (compile_only.py): tensor-core wgmma products and no spills for every candidate
-config, and compiles only once per config: a new length, batch or class count never recompiles.
+real launch path (compile_only.py): tensor-core wgmma products, TMA for the TMA
+forward and no spills for every candidate config, and compiles only once per config: a new length, batch or class count never recompiles.
 
 These run in a subprocess with TRITON_INTERPRET=0 (this directory's tests run interpreted).
 """
@@ -16,7 +16,7 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 # kernels whose products must run on wgmma (row_norm and attn_bwd_preprocess have no dot)
-DOT_KERNELS = {"attn_fwd", "attn_bwd", "attn_bwd_dq", "ptl_fwd", "ptl_bwd_gcos", "ptl_bwd_dx",
+DOT_KERNELS = {"attn_fwd", "attn_fwd_tma", "attn_bwd", "attn_bwd_dq", "ptl_fwd", "ptl_bwd_gcos", "ptl_bwd_dx",
                "ptl_bwd_dtext"}
 
 
@@ -49,6 +49,7 @@ def test_hopper_half_precision_configs_use_wgmma_and_do_not_spill(tmp_path):
         assert row["shared"] <= 232448, where  # fits an H100/H200 block
         if row["kernel"] in DOT_KERNELS:
             assert row["wgmma"], where
+        assert row["tma"] == (row["kernel"] == "attn_fwd_tma"), where
 
 
 COUNT_COMPILES = r"""
@@ -86,6 +87,7 @@ with compile_only(90) as driver:
                 "measures": {t: getattr(ks, t).measures for t in ("attn_fwd", "ptl_fwd")}}
 print(json.dumps({"steps": steps,
                   "fwd": len(attention.fwd_configs("sm90", "half", 64)),
+                  "fwd_tma": len(attention.fwd_tma_configs("sm90", "half", 64)),
                   "bwd": len(attention.bwd_configs("sm90", "half", 64)),
                   "ptl_fwd": len(logits.fwd_configs("sm90", "half")),
                   "ptl_dx": len(logits.dx_configs("sm90", "half")),
@@ -105,9 +107,11 @@ def test_compiles_once_per_config_never_per_length():
                           "attn_bwd": result["bwd"]}
     assert steps["attention first"]["compiles"] == attention_compiles
     assert steps["attention same bucket"] == steps["attention first"]
+    # B * H * N = 150720 rows: TMA configs join the candidates (and compile once)
+    attention_compiles["attn_fwd_tma"] = result["fwd_tma"]
     other = steps["attention other buckets"]
     assert other["compiles"] == attention_compiles
-    assert other["measures"]["attn_fwd"] == 4 * result["fwd"]  # three new keys, all measured
+    assert other["measures"]["attn_fwd"] == 4 * result["fwd"] + result["fwd_tma"]
 
     logits_compiles = {**attention_compiles, "ptl_fwd": result["ptl_fwd"], "row_norm": 1,
                        "ptl_bwd_gcos": result["ptl_fwd"], "ptl_bwd_dx": result["ptl_dx"],
@@ -116,3 +120,24 @@ def test_compiles_once_per_config_never_per_length():
     assert steps["logits same bucket"] == steps["logits first"]
     assert steps["logits other buckets"]["compiles"] == logits_compiles
     assert steps["logits other buckets"]["measures"]["ptl_fwd"] == 4 * result["ptl_fwd"]
+
+
+@pytest.mark.gpu
+def test_lengths_never_recompile_gpu():
+    """The same on a GPU, through Triton's own post-compile hook: lengths in and beyond one
+    bucket compile the forward, the preprocess and the backward once (configs untuned here;
+    d = 48, which no other test uses, so the first call compiles here)."""
+    import torch
+    from triton import knobs
+
+    from armfast.ops import attention
+    compiled = []
+    hook, knobs.runtime.jit_post_compile_hook = (knobs.runtime.jit_post_compile_hook,
+                                                 lambda *, fn, **kw: compiled.append(fn.name))
+    try:
+        for n in (197, 150, 250, 1, 785):
+            q = torch.randn(2, 8, n, 48, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            attention(q, q, q, backend="triton").sum().backward()
+    finally:
+        knobs.runtime.jit_post_compile_hook = hook
+    assert sorted(compiled) == ["attn_bwd", "attn_bwd_preprocess", "attn_fwd"], compiled

@@ -138,3 +138,27 @@ def test_default_cache_path(monkeypatch, tmp_path):
     monkeypatch.delenv(_tuning.CACHE_ENV, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert _tuning.DiskCache.path() == tmp_path / "armfast" / "triton-tuning.json"
+
+
+@pytest.mark.gpu
+def test_tunes_on_the_gpu_and_remembers(monkeypatch, cache_file):
+    """On a real GPU: the first call of a bucket times every candidate (all of them run), the
+    choice lands in the cache file, and a fresh process would read it instead of measuring."""
+    from armfast.ops import _triton, attention
+    from conftest import attention_f64, make_qkv, max_err
+    monkeypatch.setenv(_tuning.AUTOTUNE_ENV, "1")
+    _triton._kernels.cache_clear()  # fresh tuners, nothing chosen yet
+    try:
+        q, k, v = make_qkv(2, 8, 300, 300, 64, dtype=torch.bfloat16, device="cuda",
+                           requires_grad=True)
+        out = attention(q, k, v, backend="triton")
+        out.backward(torch.ones_like(out))
+        ks = _triton._kernels()
+        assert ks.attn_fwd.measures >= 3 and ks.attn_bwd.measures >= 3
+    finally:
+        _triton._kernels.cache_clear()
+    (entries,) = json.loads(cache_file.read_text()).values()
+    for name in ("attn_fwd", "attn_bwd"):
+        (times,) = [e["ms"] for key, e in entries.items() if key.startswith(name + " ")]
+        assert all(t is not None and t > 0 for t in times), (name, times)
+    assert max_err(out, attention_f64(q, k, v)) < 2e-2
