@@ -104,10 +104,10 @@ def parallel_compiles(n: int):
     subprocess, so this overlaps): a cold first call then waits for the slowest config, not for
     their sum. Sequential where this Triton lacks the (private) async-compile hook."""
     try:
-        from triton.runtime._async_compile import AsyncCompileMode
+        from triton.runtime._async_compile import AsyncCompileMode, active_mode
     except ImportError:
-        AsyncCompileMode = None
-    if AsyncCompileMode is None or n < 2:
+        AsyncCompileMode = active_mode = None
+    if AsyncCompileMode is None or n < 2 or active_mode.get() is not None:  # one at a time
         yield
         return
     with ThreadPoolExecutor(max_workers=min(n, os.cpu_count() or 1)) as pool:

@@ -6,7 +6,9 @@ FlashAttention-2.
 Forward (`attn_fwd`): one program per (batch * head, query tile). It walks over the key tiles
 with an online softmax (running row max `m_i`, running row sum `l_i`, accumulator rescaled by
 `alpha` whenever the max grows), so no N_Q x N_K matrix ever exists, and it saves the row
-log-sum-exp `lse = log(sum_j exp(s_ij))` beside O.
+log-sum-exp `lse = log(sum_j exp(s_ij))` beside O. `attn_fwd_tma` is the same with Hopper's
+TMA tensor descriptors instead of pointer tiles; the tuner measures it beside `attn_fwd` where
+the tensors allow descriptors.
 
 Backward (FlashAttention-2), recomputing P = exp(S - lse) tile by tile from the saved lse:
   `attn_bwd_preprocess`: delta_i = sum_d dO_id O_id (== rowsum(P * dP)); also clears the float32

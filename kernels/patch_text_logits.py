@@ -296,5 +296,6 @@ def ptl_bwd_dtext(
     proj = tl.where(t_norm >= _norm_eps(), tl.load(GC_COL + text, mask=mask_c, other=0.0), 0.0)
     tn = t / t_clamped[:, None]
     dt = scale * (gtn - tn * proj[:, None]) / t_clamped[:, None]
-    tl.store(DT + text[:, None] * stride_dtc + cols[None, :] * stride_dte, dt.to(DT.dtype.element_ty),
+    tl.store(DT + text[:, None] * stride_dtc + cols[None, :] * stride_dte,
+             dt.to(DT.dtype.element_ty),
              mask=mask)

@@ -162,3 +162,13 @@ def test_tunes_on_the_gpu_and_remembers(monkeypatch, cache_file):
         (times,) = [e["ms"] for key, e in entries.items() if key.startswith(name + " ")]
         assert all(t is not None and t > 0 for t in times), (name, times)
     assert max_err(out, attention_f64(q, k, v)) < 2e-2
+
+
+def test_parallel_compiles_inside_another_async_compile():
+    """Inside someone else's AsyncCompileMode (Triton allows one at a time) compiles just run
+    one after another instead of failing."""
+    async_compile = pytest.importorskip("triton.runtime._async_compile")
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(1) as pool, async_compile.AsyncCompileMode(pool):
+        with _tuning.parallel_compiles(3):
+            pass
