@@ -248,3 +248,58 @@ def test_evaluate_with_workers_matches_in_process(tmp_path):
     assert runs[0]["pixels"] == runs[1]["pixels"] > 0
     assert runs[1]["images_per_s"] > 0 and runs[1]["peak_gpu_bytes"] is None
     assert "3 images" in throughput_line(runs[1]) and "images/s" in throughput_line(runs[1])
+
+
+@pytest.mark.gpu
+def test_evaluate_on_gpu_with_workers(tmp_path):
+    from armfast.data import build_dataset
+    from armfast.eval import get_protocol
+    from armfast.eval.runner import evaluate, throughput_line
+    from synthetic_datasets import write_dataset
+
+    write_dataset("voc21", tmp_path / "data", n=4, size=(60, 80), splits=("val",))
+    data = build_dataset("voc21", tmp_path / "data", "val")
+    protocol = get_protocol("sclip", "voc21", short_side=48, crop=32, stride=16)
+    model = copy.deepcopy(tiny_clip())
+    cpu = evaluate(model, data, baseline="sclip", protocol=protocol, progress=False)
+    gpu = evaluate(model.cuda(), data, baseline="sclip", protocol=protocol, progress=False,
+                   workers=2, precision="fp32", crop_batch_size=5)
+    assert gpu["config"]["cuda_graphs"] and gpu["peak_gpu_bytes"] > 0
+    assert "GPU peak" in throughput_line(gpu)
+    assert gpu["pixels"] == cpu["pixels"] and abs(gpu["aacc"] - cpu["aacc"]) < 1.0
+    bf16 = evaluate(model, data, baseline="sclip", protocol=protocol, progress=False, workers=2)
+    assert bf16["config"]["precision"] == "bfloat16 autocast" and 0 <= bf16["miou"] <= 100
+
+
+@pytest.mark.gpu
+def test_default_gpu_budget_is_half_the_free_memory():
+    free, _ = torch.cuda.mem_get_info()
+    budget = crop_budget.default_budget("cuda")
+    assert 0.3 * free < budget <= 0.5 * free + 1
+
+
+def test_cli_speed_flags(tmp_path, capsys, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    from armfast.cli import main
+    from armfast.clip.text import TEXT_CACHE_ENV
+    from synthetic_datasets import write_tiny_clip_dir
+
+    monkeypatch.delenv(TEXT_CACHE_ENV, raising=False)
+    path = tmp_path / "a.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (36, 44, 3), dtype=np.uint8)).save(path)
+    model = write_tiny_clip_dir(tmp_path / "clip")
+    common = ["segment", str(path), "--classes", "cat,dog", "--clip-model", model, "--templates",
+              "simple", "--short-side", "32", "--crop", "32", "--stride", "16", "--device", "cpu"]
+    rc = main(common + ["--precision", "fp32", "--max-memory", "64MiB", "--crop-batch-size", "2",
+                        "--no-cuda-graphs", "--text-cache", str(tmp_path / "text"),
+                        "-o", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert rc == 0 and "precision float32" in out and "crop_batch_size 2" in out
+    assert list((tmp_path / "text").glob("text-*.safetensors"))  # the class names, cached
+    monkeypatch.delenv(TEXT_CACHE_ENV, raising=False)
+    assert main(common + ["--crop-batch-size", "0", "-o", str(tmp_path / "x")]) == 2
+    assert "--crop-batch-size must be a positive integer" in capsys.readouterr().err
+    assert main(common + ["--max-memory", "lots", "-o", str(tmp_path / "x")]) == 2
+    assert "memory size" in capsys.readouterr().err

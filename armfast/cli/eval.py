@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import warnings
 from dataclasses import replace
 from pathlib import Path
 
 from ._folder_args import FOLDER, add_folder_arguments, folder_dataset
+from ._speed_args import add_speed_arguments, speed_options
 
 
 def _csv(text: str) -> list[str]:
@@ -71,41 +71,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "words:W1,W2, words:W1,W2+thd:P")
     add_folder_arguments(p)
     return p
-
-
-def add_speed_arguments(p: argparse.ArgumentParser) -> None:
-    """Precision, crop batching, CUDA graphs and the text-embedding cache (eval and segment)."""
-    from ..precision import PRECISIONS
-
-    g = p.add_argument_group("speed")
-    g.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="auto (default): bf16 autocast on CUDA, float32 on CPU; fp32: float32 "
-                        "everywhere")
-    g.add_argument("--no-amp", action="store_true", help="same as --precision fp32")
-    g.add_argument("--max-memory", metavar="SIZE",
-                   help="memory a batch of crops may take, e.g. 4GiB (default: half the free "
-                        "GPU memory, 2GiB on CPU)")
-    g.add_argument("--crop-batch-size", type=int, metavar="N",
-                   help="crops per forward pass (default: as many as --max-memory allows, at "
-                        "most 64)")
-    g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
-                   help="replay the crop forward from CUDA graphs (default: on for CUDA)")
-    g.add_argument("--text-cache", metavar="DIR",
-                   help="keep text embeddings in DIR, keyed by a hash of the CLIP text tower, "
-                        "the templates and the names (default: $ARMFAST_TEXT_CACHE, else memory "
-                        "only)")
-
-
-def speed_options(args) -> dict:
-    """The `Segmentor`/`evaluate` keywords of `add_speed_arguments`."""
-    from ..crop_budget import parse_bytes
-    from ..precision import from_amp
-
-    if args.crop_batch_size is not None and args.crop_batch_size < 1:
-        raise ValueError(f"--crop-batch-size must be a positive integer, got {args.crop_batch_size}")
-    return dict(precision=from_amp(not args.no_amp, args.precision),
-                max_memory=None if args.max_memory is None else parse_bytes(args.max_memory),
-                crop_batch_size=args.crop_batch_size, cuda_graphs=args.cuda_graphs)
 
 
 def resolve_roots(entries: list[str], datasets: list[str]) -> dict[str, str]:
@@ -175,7 +140,6 @@ def print_table(results: list[dict], datasets: list[str]) -> None:
 
 def run(args) -> int:
     from ..clip import encode_classes, load_clip
-    from ..clip.text import TEXT_CACHE_ENV
     from ..clip.model import backbone_of
     from ..data import build_dataset, get_dataset_class
     from ..eval.presets import DEFAULT_BACKBONE, get_preset, warn_preset
@@ -195,8 +159,7 @@ def run(args) -> int:
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be a positive integer, got {args.limit}")
 
-    if args.text_cache:  # every encoding of this run, the segmentors' background words too
-        os.environ[TEXT_CACHE_ENV] = args.text_cache
+    speed = speed_options(args)  # also sets ARMFAST_TEXT_CACHE for every encoding of the run
     info = init_distributed(args.device)
     main = info.is_main
     try:
@@ -207,7 +170,6 @@ def run(args) -> int:
         model = load_clip(args.model, pretrained, device=info.device)
         arm = load_arm(args.arm) if args.arm else None
         variants = [None, arm] if arm is not None else [None]
-        speed = speed_options(args)
         from ..precision import autocast_dtype, describe
 
         compute = describe(autocast_dtype(speed["precision"], info.device))

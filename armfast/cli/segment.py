@@ -11,9 +11,10 @@ status is 1 if any image failed, 2 if nothing could start (no classes, missing w
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
+
+from ._speed_args import add_speed_arguments, speed_options
 
 PROG = "armfast segment"
 
@@ -59,8 +60,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--backend", default="auto", help="armfast.ops backend (default: auto)")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output directory")
-    from .eval import add_speed_arguments
-
     add_speed_arguments(p)
     return p
 
@@ -90,12 +89,7 @@ def _segmentor(args, classes):
     from ..eval.presets import DEFAULT_BACKBONE, get_preset, warn_preset
     from ..segmentor import Segmentor, load_arm
 
-    from ..clip.text import TEXT_CACHE_ENV
-    from .eval import speed_options
-
     speed = speed_options(args)
-    if args.text_cache:
-        os.environ[TEXT_CACHE_ENV] = args.text_cache
     # before the CLIP build, so that a wrong flag or path fails fast; an unregistered model
     # gets ViT-B/16's preset (the protocols are the same for every backbone)
     preset = get_preset(args.baseline, None, canonical_name(args.clip_model) or DEFAULT_BACKBONE,
