@@ -15,6 +15,8 @@
 #   RESULTS.md       benchmarks/RESULTS.md with the GPU section rendered from cuda.json
 #   first_calls.json cold first-call costs of the fused backends, per dtype/head dim/bucket
 #   triton_vs_sdpa.json  issue 13's table (do_bench medians, triton against SDPA)
+#   cuda-pipeline.json   issue 16's whole-image pipeline against the official-style path
+#                    (copy to benchmarks/results/cuda-pipeline.json)
 #   check.log        everything the steps printed
 # and prints a compact summary table last. Each step has its own time limit, cut to what is left
 # of the whole check's budget (ARMFAST_GPU_CHECK_BUDGET seconds, default 540, under the device
@@ -76,6 +78,9 @@ step bench 240 python3 -P -m armfast.cli bench --device "$device" --dtype "$dtyp
     --ops "$(python3 -P -c 'from armfast.bench.cases import OPS; print(",".join(OPS))')" \
     --json "$OUT/$device.json" --write-table "$OUT/auto_table.json"
 
+step pipeline 120 python3 -P -m armfast.cli bench --device "$device" --ops pipeline \
+    $([ "$DRY" = 1 ] && echo "--shapes tiny --rounds 1") --json "$OUT/$device-pipeline.json"
+
 pytest=(python3 -P -m pytest -q -p no:cacheprovider)
 python3 -c "import pytest_timeout" 2> /dev/null && pytest+=(--timeout=120)  # one hung test is not all
 step tests 120 "${pytest[@]}" "${tests[@]}"
@@ -95,11 +100,15 @@ src, dst = Path(sys.argv[1]), Path(sys.argv[2])
 with tempfile.TemporaryDirectory() as tmp:  # render without touching the checkout's results
     shutil.copytree(make_results.RESULTS_DIR, tmp, dirs_exist_ok=True)
     shutil.copy(src, Path(tmp) / src.name)
+    pipeline = src.with_name(src.stem + "-pipeline.json")
+    if pipeline.exists():
+        shutil.copy(pipeline, Path(tmp) / pipeline.name)
     make_results.RESULTS_DIR = Path(tmp)
     dst.write_text(make_results.render())
 EOF
     summary=(python3 -P benchmarks/summary.py "$OUT/$device.json")
     [ -f "$OUT/first_calls.json" ] && summary+=(--first-calls "$OUT/first_calls.json")
+    [ -f "$OUT/$device-pipeline.json" ] && summary+=(--pipeline "$OUT/$device-pipeline.json")
     "${summary[@]}" | tee "$OUT/summary.txt"
 fi
 echo "elapsed ${SECONDS}s; outputs in $OUT: $(ls "$OUT" | tr '\n' ' ')"

@@ -6,6 +6,11 @@ every JSON file there (a device this machine lacks keeps its last measured table
     python benchmarks/make_results.py --devices cuda   # only the GPU section
     python benchmarks/make_results.py --quick          # quick shapes (a smoke table)
     python benchmarks/make_results.py --render-only    # re-render from the stored JSON
+    python benchmarks/make_results.py --parts pipeline # only the whole-image pipeline
+
+Two parts per device: the ops and modules (`armfast bench`, results/<device>.json) and the
+whole-image pipeline against the official-style path (`armfast bench --ops pipeline`,
+results/<device>-pipeline.json).
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from armfast.bench import pipeline
 from armfast.bench.report import TITLES, markdown_section
 
 HERE = Path(__file__).resolve().parent
@@ -46,13 +52,26 @@ matmul and copy ceilings measured at the start of the same run. Shapes: ViT-B/16
 full training step (AdamW) for the ARM; `clip` is a randomly initialised CLIP ViT-B/16 with
 the SCLIP last block, logits without and with ARM, per batch of crops. Other processes on
 the machine slow some rows down; each section gives the load average around its run.
+
+Pipeline sections (`armfast bench --ops pipeline`, armfast/bench/pipeline.py): whole images
+from uint8 pixels to label maps at the VOC21, Context60 and Cityscapes protocols of the
+baseline, on synthetic images of those datasets' sizes, with a random CLIP ViT-B/16: the
+official-style path (float32, one window at a time in a Python loop, as the SCLIP/ClearCLIP/
+NACLIP repositories run it), armfast, and armfast with ARM, in interleaved rounds after a
+check of armfast against the official-style path; `vs official` is the speed-up, `ARM adds`
+the share of the pipeline's time ARM adds, `batch` the crops per forward pass.
 """
 
 
-def measure(device: str, quick: bool) -> None:
+PARTS = {"ops": ("{device}.json", []), "pipeline": ("{device}-pipeline.json", ["--ops", "pipeline"])}
+
+
+def measure(device: str, quick: bool, part: str = "ops") -> None:
     RESULTS_DIR.mkdir(exist_ok=True)
-    out = (RESULTS_DIR / f"{device}.json").relative_to(REPO)  # the recorded command stays portable
+    name, extra = PARTS[part]
+    out = (RESULTS_DIR / name.format(device=device)).relative_to(REPO)  # portable command
     cmd = [sys.executable, "-m", "armfast.cli", "bench", "--device", device, "--json", str(out)]
+    cmd += extra
     if quick:
         cmd.append("--quick")
     print("+", " ".join(cmd), file=sys.stderr, flush=True)
@@ -74,6 +93,17 @@ def render() -> str:
                          f"{title} was available, and no numbers are given rather than guessed. "
                          f"On a machine with one: `python benchmarks/make_results.py --devices "
                          f"{device}`.\n")
+    for device, title in TITLES.items():
+        path = RESULTS_DIR / f"{device}-pipeline.json"
+        if path.exists():
+            data = json.loads(path.read_text())
+            parts.append(pipeline.markdown_section(
+                data, f"{title} pipeline: {data['environment']['device_name']}"))
+        else:
+            parts.append(f"## {title} pipeline: not yet measured\n\nNo "
+                         f"`benchmarks/results/{device}-pipeline.json`. On a machine with a "
+                         f"{title}: `python benchmarks/make_results.py --devices {device} "
+                         f"--parts pipeline`.\n")
     return "\n".join(parts).rstrip("\n") + "\n"
 
 
@@ -83,6 +113,8 @@ def main(argv=None) -> int:
     parser.add_argument("--devices", help="comma-separated from cpu,cuda (default: those present)")
     parser.add_argument("--quick", action="store_true", help="quick shapes and timing")
     parser.add_argument("--render-only", action="store_true", help="only re-render RESULTS.md")
+    parser.add_argument("--parts", default="ops,pipeline",
+                        help="comma-separated from ops,pipeline (default: both)")
     args = parser.parse_args(argv)
     if not args.render_only:
         present = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -92,7 +124,10 @@ def main(argv=None) -> int:
                 parser.error(f"--devices must be drawn from {','.join(TITLES)}; got {device!r}")
             if device not in present:
                 parser.error(f"--devices: {device} is not present on this machine")
-            measure(device, args.quick)
+            for part in args.parts.split(","):
+                if part not in PARTS:
+                    parser.error(f"--parts must be drawn from {','.join(PARTS)}; got {part!r}")
+                measure(device, args.quick, part)
     RESULTS_MD.write_text(render())
     print(f"wrote {RESULTS_MD}", file=sys.stderr)
     return 0

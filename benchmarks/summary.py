@@ -1,6 +1,7 @@
 """A compact table of one `armfast bench --json` run: per case, sdpa's time and each other
 backend's time as a ratio to it (above 1 is faster), with the best TFLOP/s; then the cold
-first calls of `armfast.bench.first_calls`, if given. The last thing the GPU check prints.
+first calls of `armfast.bench.first_calls` and the whole-image pipeline (issue 16), if given.
+The last thing the GPU check prints.
 
     python benchmarks/summary.py gpu-check/cuda.json --first-calls gpu-check/first_calls.json
 """
@@ -72,10 +73,16 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bench_json")
     parser.add_argument("--first-calls", metavar="JSON")
+    parser.add_argument("--pipeline", metavar="JSON", help="armfast bench --ops pipeline --json")
     args = parser.parse_args(argv)
     lines = bench_table(json.loads(Path(args.bench_json).read_text()))
     if args.first_calls and Path(args.first_calls).exists():
         lines += [""] + first_call_table(json.loads(Path(args.first_calls).read_text()))
+    if args.pipeline and Path(args.pipeline).exists():
+        from armfast.bench import pipeline
+
+        records = json.loads(Path(args.pipeline).read_text())["pipeline"]
+        lines += ["", pipeline.format_table(records), *pipeline.summary_lines(records)]
     print("\n".join(lines))
     return 0
 

@@ -68,3 +68,14 @@ def test_bench_pipeline_command(capsys, tmp_path):
     assert summary["speedup"] > 0 and len(summary["round_speedups"]) == 2
     assert "--ops pipeline" in data["command"] and "--baseline sclip" in data["command"]
     assert "### Pipeline" in md.read_text() and "| voc21 " in md.read_text()
+
+
+@pytest.mark.gpu
+def test_bench_pipeline_on_gpu(capsys, tmp_path):
+    out = tmp_path / "gpu.json"
+    assert main(["bench", "--quick", "--shapes", "tiny", "--device", "cuda", "--ops", "pipeline",
+                 "--rounds", "2", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["pipeline"]
+    assert all(r["error"] is None and r["images_per_s"] > 0 for r in rows)
+    armfast = next(r for r in rows if r["variant"] == "armfast")
+    assert armfast["precision"] == "bfloat16 autocast" and armfast["label_agreement"] > 0.9

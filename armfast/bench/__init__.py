@@ -4,7 +4,8 @@
 - `workloads`: the inputs and timed callables, each checked against the reference backend;
 - `timer`: median per-call time, device synchronised once per round;
 - `memory`: peak extra memory of one call; `ceilings`: measured matmul and copy ceilings;
-- `runner`: all of it over the backends of a device; `report`: text, Markdown and JSON.
+- `runner`: all of it over the backends of a device; `report`: text, Markdown and JSON;
+- `pipeline`: whole-image slide inference against `official`, the baselines' own loop.
 """
 from .cases import MODES, OPS, PRESETS, Case, default_dtype, make_cases
 from .runner import Result, environment, run

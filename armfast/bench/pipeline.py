@@ -221,66 +221,98 @@ def run(device: str | torch.device, *, preset: str = "full", rounds: int = 3,
     return results
 
 
-def summary(results: list[PipelineResult]) -> dict[str, dict]:
-    """Per case: images/s of each variant, speed-ups over the official-style path and the share
-    of the pipeline's time ARM adds (``t(armfast+arm) / t(armfast) - 1``)."""
+def summary(records: list[dict]) -> dict[str, dict]:
+    """Per case (records: `PipelineResult.to_dict`): images/s of each variant, speed-ups over
+    the official-style path and the share of the pipeline's time ARM adds
+    (``t(armfast+arm) / t(armfast) - 1``)."""
     out = {}
-    for case in dict.fromkeys(r.case for r in results):
-        rows = {r.variant: r for r in results if r.case == case}
-        t = {v: r.median_s for v, r in rows.items()}
+    for name in dict.fromkeys(r["case"] for r in records):
+        rows = {r["variant"]: r for r in records if r["case"] == name}
+        t = {v: rows[v]["median_s"] for v in VARIANTS if v in rows}
         if any(t.get(v) is None for v in VARIANTS):
             continue
-        out[case.name] = {
-            "images_per_s": {v: rows[v].images_per_s for v in VARIANTS},
+        out[name] = {
+            "images_per_s": {v: rows[v]["images_per_s"] for v in VARIANTS},
             "speedup": t["official"] / t["armfast"],
             "speedup_with_arm": t["official"] / t["armfast+arm"],
             "arm_overhead": t["armfast+arm"] / t["armfast"] - 1,
-            "round_speedups": [o / a for o, a in zip(rows["official"].seconds,
-                                                     rows["armfast"].seconds)],
+            "round_speedups": [o / a for o, a in zip(rows["official"]["seconds"],
+                                                     rows["armfast"]["seconds"])],
         }
     return out
 
 
 COLUMNS = ("protocol", "images", "windows", "variant", "precision", "batch", "s/image",
            "images/s", "vs official", "note")
+LEFT = ("protocol", "variant", "precision", "note")
 
 
-def table_rows(results: list[PipelineResult]) -> list[dict[str, str]]:
+def table_rows(records: list[dict]) -> list[dict[str, str]]:
+    """Formatted cells, keyed by COLUMNS, of `PipelineResult.to_dict` records."""
     from .report import format_time
 
-    official = {r.case: r.median_s for r in results if r.variant == "official"}
-    base = {r.case: r.median_s for r in results if r.variant == "armfast"}
+    official = {r["case"]: r["median_s"] for r in records if r["variant"] == "official"}
+    base = {r["case"]: r["median_s"] for r in records if r["variant"] == "armfast"}
     rows = []
-    for r in results:
-        c = r.case
-        note = f"FAILED: {r.error}" if r.error else ""
-        if r.max_error is not None:
-            note = (f"check vs official: max err {r.max_error:.1e}, labels equal "
-                    f"{100 * r.label_agreement:.2f}%")
-        if r.variant == "armfast+arm" and r.median_s and base.get(c):
-            note = f"ARM adds {100 * (r.median_s / base[c] - 1):.1f}%"
-        ratio = (official[c] / r.median_s) if r.median_s and official.get(c) else None
-        protocol = f"{c.dataset} {'/'.join(f'{w}x{h}' for h, w in c.sizes)}"
+    for r in records:
+        median, name = r["median_s"], r["case"]
+        note = f"FAILED: {r['error']}" if r["error"] else ""
+        if r["max_error"] is not None and not r["error"]:
+            note = (f"check vs official: max err {r['max_error']:.1e}, labels equal "
+                    f"{100 * r['label_agreement']:.2f}%")
+        if r["variant"] == "armfast+arm" and median and base.get(name):
+            note = f"ARM adds {100 * (median / base[name] - 1):.1f}%"
+        ratio = official[name] / median if median and official.get(name) else None
+        sizes = "/".join(f"{w}x{h}" for h, w in r["sizes"])
         rows.append({
-            "protocol": protocol, "images": str(r.images), "windows": str(r.windows),
-            "variant": r.variant, "precision": r.precision,
-            "batch": "1" if r.variant == "official" else str(r.crops_per_batch or "-"),
-            "s/image": format_time(None if r.median_s is None else r.median_s / r.images),
-            "images/s": "-" if r.images_per_s is None else f"{r.images_per_s:.3g}",
+            "protocol": f"{r['dataset']} {sizes}", "images": str(r["images"]),
+            "windows": str(r["windows"]), "variant": r["variant"], "precision": r["precision"],
+            "batch": "1" if r["variant"] == "official" else str(r["crops_per_batch"] or "-"),
+            "s/image": format_time(None if median is None else median / r["images"]),
+            "images/s": "-" if r["images_per_s"] is None else f"{r['images_per_s']:.3g}",
             "vs official": "-" if ratio is None else f"{ratio:.2f}x", "note": note})
     return rows
 
 
-LEFT = ("protocol", "variant", "precision", "note")
+def summary_lines(records: list[dict]) -> list[str]:
+    lines = []
+    for name, s in summary(records).items():
+        rounds = ", ".join(f"{x:.2f}" for x in s["round_speedups"])
+        lines.append(f"{name}: armfast {s['speedup']:.2f}x the official-style path (per round: "
+                     f"{rounds}), with ARM {s['speedup_with_arm']:.2f}x; ARM adds "
+                     f"{100 * s['arm_overhead']:.1f}% to the pipeline's time")
+    return lines
 
 
-def format_table(results: list[PipelineResult]) -> str:
+def format_table(records: list[dict]) -> str:
     from .report import format_table as text_table
 
-    return text_table(table_rows(results), COLUMNS, left=LEFT)
+    return text_table(table_rows(records), COLUMNS, left=LEFT)
 
 
-def markdown(results: list[PipelineResult]) -> str:
-    from .report import format_markdown
+def markdown_section(data: dict, title: str) -> str:
+    """A RESULTS.md section from the JSON of ``armfast bench --ops pipeline``: provenance, the
+    table, per-protocol speed-ups and ARM's share, and the issue's targets."""
+    from .report import _loads, format_markdown
 
-    return format_markdown(table_rows(results), COLUMNS, left=LEFT)
+    env, records = data["environment"], data["pipeline"]
+    lines = [f"## {title}", "",
+             f"- device: {env['device_name']} ({env['device']}; {env['cpu_count']} CPUs, "
+             f"{env['torch_threads']} torch threads); date {env['date']}; torch {env['torch']}",
+             f"- command: `{data['command']}`",
+             f"- load average (1/5/15 min) at the start: {_loads(env.get('load_average'))}; at the "
+             f"end: {_loads(env.get('load_average_end'))}",
+             f"- {TARGETS.get(env['device'], '')}", "",
+             format_markdown(table_rows(records), COLUMNS, left=LEFT), ""]
+    lines += [f"- {line}" for line in summary_lines(records)]
+    return "\n".join(lines) + "\n"
+
+
+TARGETS = {
+    "cpu": "target (issue 16): armfast at least 2x the official-style path on a 2-core CPU. On a "
+           "shared CPU other processes slow the official-style path's thousands of small "
+           "multi-threaded ops far more than armfast's few large batched ones: read the ratios "
+           "with the load average and the per-round ratios",
+    "cuda": "targets (issue 16): on an H100/H200, SCLIP + ARM at the VOC protocol at least 100 "
+            "images/s and 10x the official-style path; ARM adds at most 5%",
+}

@@ -99,9 +99,12 @@ def resolve(args) -> dict:
 def command_line(args, settings: dict) -> str:
     """The command that redoes this run, defaults spelt out."""
     parts = ["armfast", "bench"] + (["--quick"] if args.quick else []) + (["--tune"] if args.tune else [])
-    parts += ["--shapes", settings["preset"], "--device", settings["device"],
-              "--dtype", str(settings["dtype"]).replace("torch.", ""),
-              "--ops", ",".join(settings["ops"]), "--modes", ",".join(args.modes)]
+    parts += ["--shapes", settings["preset"], "--device", settings["device"]]
+    if settings["ops"] != [PIPELINE]:  # the pipeline has its own precision and no modes
+        parts += ["--dtype", str(settings["dtype"]).replace("torch.", "")]
+    parts += ["--ops", ",".join(settings["ops"])]
+    if settings["ops"] != [PIPELINE]:
+        parts += ["--modes", ",".join(args.modes)]
     if args.backends:
         parts += ["--backends", ",".join(args.backends)]
     if args.no_ceilings:
@@ -171,8 +174,8 @@ def run(args) -> int:
         from ..bench import pipeline
 
         data["pipeline"] = [r.to_dict() for r in pipeline_results]
-        data["pipeline_summary"] = pipeline.summary(pipeline_results)
-        print(pipeline_report(pipeline_results, data["pipeline_summary"], env, args.baseline))
+        data["pipeline_summary"] = pipeline.summary(data["pipeline"])
+        print(pipeline_report(data["pipeline"], env, args.baseline))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(data, f, indent=1, default=str)
@@ -183,8 +186,8 @@ def run(args) -> int:
             if pipeline_results:
                 from ..bench import pipeline
 
-                f.write(f"\n### Pipeline: {args.baseline} slide inference, images/s\n\n"
-                        + pipeline.markdown(pipeline_results) + "\n")
+                f.write("\n#" + pipeline.markdown_section(
+                    data, f"Pipeline: {args.baseline} slide inference, images/s"))
     if args.write_table is not None:
         write_table(args.write_table, data, env, command, dtype)
     failed = [r for r in results if r.error]
@@ -196,18 +199,13 @@ def run(args) -> int:
     return 1 if failed or broken else 0
 
 
-def pipeline_report(results, summary: dict, env: dict, baseline: str) -> str:
+def pipeline_report(records: list[dict], env: dict, baseline: str) -> str:
     """The pipeline table and one line per protocol: speed-ups, ARM's share, load average."""
     from ..bench import pipeline
 
     lines = [f"\npipeline: {baseline} slide inference, random CLIP ViT-B/16, synthetic images; "
              f"medians over rounds",
-             pipeline.format_table(results)]
-    for name, s in summary.items():
-        rounds = ", ".join(f"{x:.2f}" for x in s["round_speedups"])
-        lines.append(f"{name}: armfast {s['speedup']:.2f}x the official-style path "
-                     f"(rounds: {rounds}), with ARM {s['speedup_with_arm']:.2f}x; ARM adds "
-                     f"{100 * s['arm_overhead']:.1f}% to the pipeline's time")
+             pipeline.format_table(records), *pipeline.summary_lines(records)]
     if env.get("load_average"):
         lines.append(f"load average at the start {', '.join(f'{x:.2f}' for x in env['load_average'])}"
                      f", at the end {', '.join(f'{x:.2f}' for x in env.get('load_average_end', ()))}")
