@@ -71,22 +71,26 @@ def normalize_classes(classes: ClassSpec) -> list[list[str]]:
     return out
 
 
-def parse_class_list(spec: str) -> list[list[str]]:
+def parse_class_list(spec: str, what: str = "class list") -> list[list[str]]:
     """A command-line class list: classes separated by ``,``, synonyms of one class by ``|``
-    (``"cat,person|people,sky"``)."""
+    (``"cat,person|people,sky"``); a name may appear once."""
+    from ..data.classnames import check_unique
+
     if not isinstance(spec, str):
-        raise TypeError(f"class list must be a string, got {type(spec).__name__}")
+        raise TypeError(f"{what} must be a string, got {type(spec).__name__}")
     names = [c for c in (part.strip() for part in spec.split(",")) if c]
     if not names:
-        raise ValueError(f"class list is empty: {spec!r}")
-    return normalize_classes([[s for s in c.split("|")] for c in names])
+        raise ValueError(f"{what}: class list is empty: {spec!r}")
+    classes = normalize_classes([[s for s in c.split("|")] for c in names])
+    check_unique(classes, what)
+    return classes
 
 
-def read_class_file(path) -> list[list[str]]:
+def read_class_file(path, what: str = "class-name file") -> list[list[str]]:
     """Synonym lists from a class-name file (or a dataset name such as ``voc21``)."""
     from ..data.classnames import load_class_names
 
-    return load_class_names(path)
+    return load_class_names(path, what)
 
 
 def flatten_classes(classes: ClassSpec) -> tuple[list[str], Tensor]:
@@ -120,8 +124,9 @@ _CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary
 
 
 def encode_names(model: nn.Module, names: Sequence[str], templates="openai", *, tokenizer=None,
-                 batch_size: int = 256) -> Tensor:
-    """``[len(names), E]`` float32 unit embeddings, template-averaged (see module docstring)."""
+                 batch_size: int = 256, progress: bool = False) -> Tensor:
+    """``[len(names), E]`` float32 unit embeddings, template-averaged (see module docstring).
+    ``progress``: a bar on stderr (80 templates x 171 names take minutes on a CPU)."""
     templates = resolve_templates(templates)
     if not hasattr(model, "encode_text"):
         raise TypeError(f"model must be an open_clip CLIP with encode_text, got {type(model).__name__}")
@@ -134,6 +139,14 @@ def encode_names(model: nn.Module, names: Sequence[str], templates="openai", *, 
     per_batch = max(1, batch_size // len(templates))
     # Plain no_grad tensors, even when called under inference_mode: the cached embeddings may
     # later meet autograd (ARM training), which refuses inference tensors.
+    bar = None
+    if progress and todo:
+        import sys
+
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), desc="encode class names", unit="name", dynamic_ncols=True,
+                   file=sys.stderr, leave=False)
     with torch.inference_mode(False), torch.no_grad():
         for start in range(0, len(todo), per_batch):
             chunk = todo[start:start + per_batch]
@@ -142,12 +155,17 @@ def encode_names(model: nn.Module, names: Sequence[str], templates="openai", *, 
             emb = F.normalize(emb.unflatten(0, (len(chunk), len(templates))).mean(1), dim=-1)
             for n, e in zip(chunk, emb):
                 cache[(key, n)] = e
+            if bar is not None:
+                bar.update(len(chunk))
+        if bar is not None:
+            bar.close()
         return torch.stack([cache[(key, n)] for n in names])
 
 
 def encode_classes(model: nn.Module, classes: ClassSpec, templates="openai", *, tokenizer=None,
-                   batch_size: int = 256) -> TextEmbeddings:
+                   batch_size: int = 256, progress: bool = False) -> TextEmbeddings:
     """Text embeddings of every synonym of ``classes`` and the synonym -> class index."""
     names, index = flatten_classes(classes)
-    emb = encode_names(model, names, templates, tokenizer=tokenizer, batch_size=batch_size)
+    emb = encode_names(model, names, templates, tokenizer=tokenizer, batch_size=batch_size,
+                       progress=progress)
     return TextEmbeddings(emb, index.to(emb.device), tuple(names))
