@@ -8,9 +8,7 @@ import re
 import subprocess
 import sys
 
-import pytest
-
-from armfast.cli import main
+from cli_helpers import one_error
 
 
 def _run(*args, env=None, timeout=300):
@@ -30,3 +28,41 @@ def test_bench_prints_only_its_own_lines():
     assert not foreign, foreign[:5]  # e.g. "USDT: ... profiler_start", "gpuGetDeviceCount failed"
     rows = [r for r in proc.stdout.splitlines() if r.startswith(("attention ", "arm "))]
     assert len(rows) >= 3 and all(re.search(r"\d (B|KiB|MiB|GiB) ", r) for r in rows), rows
+
+
+def test_debug_flag_and_environment_show_the_traceback(tmp_path):
+    argv = ["segment", str(tmp_path / "a.png"), "--classes", "cat", "-o", str(tmp_path / "out"),
+            "--arm", str(tmp_path / "no-arm")]
+    plain = _run(*argv)
+    lines = [line for line in plain.stderr.splitlines() if line.strip()]
+    assert plain.returncode == 2 and len(lines) == 1 and "--arm: no ARM folder" in lines[0], lines
+    for proc in (_run(*argv, "--debug"), _run(*argv, env={"ARMFAST_DEBUG": "1"})):
+        assert proc.returncode != 0 and "Traceback (most recent call last)" in proc.stderr
+        assert "FileNotFoundError" in proc.stderr
+
+
+def test_an_unexpected_error_is_one_line_that_asks_for_a_report(capsys, monkeypatch):
+    import armfast.cli.backends
+
+    def boom(args):
+        raise RuntimeError("kaboom\nsecond line")
+
+    monkeypatch.setattr(armfast.cli.backends, "run", boom)
+    line = one_error(capsys, ["backends"], rc=1)
+    assert "RuntimeError: kaboom second line" in line and "--debug" in line
+
+
+def test_warnings_are_one_line_each(capsys, monkeypatch):
+    import warnings
+
+    import armfast.cli.backends
+
+    def warn(args):
+        warnings.warn("first\nsecond", UserWarning)
+        return 0
+
+    monkeypatch.setattr(armfast.cli.backends, "run", warn)
+    from armfast.cli import main
+
+    assert main(["backends"]) == 0
+    assert capsys.readouterr().err.splitlines() == ["armfast backends: warning: first second"]

@@ -42,8 +42,10 @@ def test_load_clip_openai_tag_builds_quickgelu(monkeypatch):
         return torch.nn.Linear(1, 1)  # stands in for the model: no download here
 
     monkeypatch.setattr(open_clip, "create_model", fake_create_model)
+    monkeypatch.setattr("armfast.clip.weights.pretrained_file",  # the tag's file, no download
+                        lambda name, tag, cache_dir=None: f"/cache/{name}-{tag}.bin")
     aclip.load_clip("ViT-B-16", "openai")
-    assert seen["pretrained"] == "openai" and seen["force_quick_gelu"] is True
+    assert seen["pretrained"] == "/cache/ViT-B-16-openai.bin" and seen["force_quick_gelu"] is True
     aclip.load_clip("ViT-B-16", "laion2b_s34b_b88k")
     assert seen["force_quick_gelu"] is False
 

@@ -18,12 +18,13 @@ from .metric import MeanIoU
 def evaluate(clip_model, dataset: SegDataset, *, baseline: str, protocol, arm=None,
              text_embeddings=None, class_index=None, classes=None, background=None, vfm=None,
              backend: str = "auto", rank: int = 0, world_size: int = 1, workers: int = 0,
-             progress: bool = True, autocast: bool = True, desc: str | None = None) -> dict:
+             progress: bool = True, autocast: bool = True, desc: str | None = None,
+             templates="openai") -> dict:
     """mIoU of `baseline` (+ `arm`) on `dataset` under `protocol`.
 
     Text: `text_embeddings` (a `TextEmbeddings`, or a ``[S, E]`` tensor with `class_index`, or
     with ``classes`` = the synonym lists it was built from), else `classes` are encoded, else
-    the dataset's class-name file. ``background`` (an `armfast.background.Background`, e.g. a
+    the dataset's class-name file, in `templates` (background words too). ``background`` (an `armfast.background.Background`, e.g. a
     preset's) is the background rule; None keeps the protocol's ``prob_thd`` onto class 0 of
     the class list. Returns MeanIoU.compute()'s dict plus ``images`` and ``seconds``.
     """
@@ -38,7 +39,8 @@ def evaluate(clip_model, dataset: SegDataset, *, baseline: str, protocol, arm=No
         if isinstance(text, torch.Tensor) and class_index is None and classes is not None:
             class_index = torch.tensor(flatten_class_names(classes)[1])
     seg = Segmentor(clip_model, text, class_index=class_index, baseline=baseline, arm=arm, vfm=vfm,
-                    protocol=protocol, background=background, backend=backend, amp=autocast)
+                    protocol=protocol, background=background, backend=backend, amp=autocast,
+                    templates=templates)
     if seg.num_classes != dataset.num_classes:
         raise ValueError(f"the class names give {seg.num_classes} classes but {dataset.name} has "
                          f"{dataset.num_classes}")
