@@ -8,6 +8,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from cli_helpers import one_error
 
 
@@ -21,24 +23,37 @@ def _run(*args, env=None, timeout=300):
 
 def test_bench_prints_only_its_own_lines():
     proc = _run("bench", "--shapes", "tiny", "--no-ceilings", "--ops", "attention,arm",
-                "--modes", "forward", env={"OMP_NUM_THREADS": "1"})
+                "--modes", "forward", "--backends", "cpu", env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     ours = re.compile(r"^(# |\[\d+/\d+\] )")
     foreign = [line for line in proc.stderr.splitlines() if not ours.match(line)]
     assert not foreign, foreign[:5]  # e.g. "USDT: ... profiler_start", "gpuGetDeviceCount failed"
     rows = [r for r in proc.stdout.splitlines() if r.startswith(("attention ", "arm "))]
-    assert len(rows) >= 3 and all(re.search(r"\d (B|KiB|MiB|GiB) ", r) for r in rows), rows
+    assert len(rows) >= 6 and all(re.search(r"\d (B|KiB|MiB|GiB) ", r) for r in rows), rows
 
 
-def test_debug_flag_and_environment_show_the_traceback(tmp_path):
+def test_debug_flag_and_environment_show_the_traceback(tmp_path, capsys, monkeypatch):
+    from armfast.cli import main
+
     argv = ["segment", str(tmp_path / "a.png"), "--classes", "cat", "-o", str(tmp_path / "out"),
             "--arm", str(tmp_path / "no-arm")]
-    plain = _run(*argv)
-    lines = [line for line in plain.stderr.splitlines() if line.strip()]
-    assert plain.returncode == 2 and len(lines) == 1 and "--arm: no ARM folder" in lines[0], lines
-    for proc in (_run(*argv, "--debug"), _run(*argv, env={"ARMFAST_DEBUG": "1"})):
-        assert proc.returncode != 0 and "Traceback (most recent call last)" in proc.stderr
-        assert "FileNotFoundError" in proc.stderr
+    assert "--arm: no ARM folder" in one_error(capsys, argv)
+    with pytest.raises(FileNotFoundError, match="--arm: no ARM folder"):  # the traceback
+        main([*argv, "--debug"])
+    monkeypatch.setenv("ARMFAST_DEBUG", "1")
+    with pytest.raises(FileNotFoundError, match="--arm: no ARM folder"):
+        main(argv)
+
+
+def test_random_weights_log_nothing(caplog):
+    """open_clip logs "Model initialized randomly" on the root logger (a foreign line in every
+    command) when random weights are what was asked for."""
+    from armfast.clip import load_clip
+    from clip_models import register_tiny
+
+    with caplog.at_level("INFO"):
+        load_clip(register_tiny(), pretrained=None)
+    assert not caplog.records, [r.getMessage() for r in caplog.records]
 
 
 def test_an_unexpected_error_is_one_line_that_asks_for_a_report(capsys, monkeypatch):

@@ -162,16 +162,19 @@ def test_encoding_class_names_shows_progress(data, tmp_path, capsys):
     assert any("encode class names" in line for line in err)
 
 
-def test_pretrained_none_means_random_weights(tmp_path, capsys):
-    """One meaning of --pretrained none in segment, train and eval: random weights."""
-    argv = ["train", "--model", "ViT-B-16", "--pretrained", "none", "--out", tmp_path / "run",
-            "--steps", "1", "--batch-size", "2", "--crop", "32", "--base-short", "32",
-            "--workers", "0", "--val-every", "0", "--templates", "simple", "--no-progress",
-            *folder(tmp_path / "f")]
-    rc, _, err = run_cli(capsys, argv)
-    assert rc == 0, err
-    assert any("warning: no CLIP weights (--pretrained none)" in line for line in err), err
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["pretrained"] is None
+@pytest.mark.parametrize("command", ["segment", "train", "eval"])
+def test_pretrained_none_means_random_weights_everywhere(command, recwarn):
+    """One meaning of --pretrained none: random weights (train and eval used to reject it)."""
+    from armfast.cli import build_parser
+    from armfast.cli._clip_args import clip_weights
+
+    required = {"segment": ["x.png", "--classes", "a", "-o", "out"],
+                "train": ["--out", "run"], "eval": ["--dataset", "voc21"]}[command]
+    args = build_parser().parse_args([command, *required, "--pretrained", "none"])
+    assert clip_weights(args) is None
+    assert any("random weights" in str(w.message) for w in recwarn)
+    args = build_parser().parse_args([command, *required, "--pretrained", "None"])
+    assert clip_weights(args) is None
 
 
 def test_full_disk_is_one_line(data, tmp_path, capsys, monkeypatch):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import logging
 import os
 import sys
 import warnings
@@ -52,14 +53,35 @@ def error_message(exc: BaseException) -> str:
     return text
 
 
+class _OneLineLog(logging.Handler):
+    """Log records of the libraries (WARNING and up) as ``armfast CMD: warning: ...``."""
+
+    def __init__(self, prog: str):
+        super().__init__(logging.WARNING)
+        self.prog = prog
+
+    def emit(self, record: logging.LogRecord) -> None:
+        kind = "warning" if record.levelno < logging.ERROR else "note"  # one error line: ours
+        print(f"{self.prog}: {kind}: {' '.join(record.getMessage().split())}", file=sys.stderr,
+              flush=True)
+
+
 @contextlib.contextmanager
 def _one_line_warnings(prog: str):
     def show(message, category, filename, lineno, file=None, line=None):
         print(f"{prog}: warning: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
 
-    with warnings.catch_warnings():
-        warnings.showwarning = show
-        yield
+    root = logging.getLogger()
+    handler = None if root.handlers else _OneLineLog(prog)  # a configured logging stays as is
+    if handler is not None:
+        root.addHandler(handler)
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = show
+            yield
+    finally:
+        if handler is not None:
+            root.removeHandler(handler)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 
 from ._clip_args import add_clip_arguments, clip_weights, quick_gelu
-from ._folder_args import FOLDER, add_folder_arguments
+from ._folder_args import FOLDER, add_folder_arguments, check_folder_paths
 
 
 def _layers(text: str) -> tuple[int, ...]:
@@ -93,12 +93,8 @@ def config_from_args(args):
     if dataset == FOLDER and args.has_background:
         raise ValueError("--has-background is for evaluation; training uses every class of the "
                          "class file as it is")
-    for name in ("images", "masks", "val_images", "val_masks"):
-        folder = getattr(args, name)
-        if folder is not None and not Path(folder).expanduser().is_dir():
-            raise FileNotFoundError(f"--{name.replace('_', '-')}: {folder} is not a folder")
-    if args.class_file is not None and not Path(args.class_file).expanduser().is_file():
-        raise FileNotFoundError(f"--class-file: no file at {args.class_file}")
+    check_folder_paths(images=args.images, masks=args.masks, val_images=args.val_images,
+                       val_masks=args.val_masks, class_file=args.class_file)
     if args.resume not in (None, "latest") and not Path(args.resume).is_file():
         raise FileNotFoundError(f"--resume: no checkpoint file at {args.resume} (without a "
                                 f"value, --resume takes the newest in OUT/checkpoints)")

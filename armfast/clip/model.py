@@ -8,6 +8,8 @@ can be replaced by a training-free baseline (`armfast.clip.baselines`).
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from pathlib import Path
 from typing import Sequence
@@ -38,6 +40,26 @@ def _tag_needs_quick_gelu(name: str, tag: str) -> bool:
     from open_clip.pretrained import get_pretrained_cfg
 
     return bool(get_pretrained_cfg(name, tag).get("quick_gelu", False))
+
+
+class _OpenClipNotices(logging.Filter):
+    """Drops open_clip's log records under ERROR (its root-logger "Model initialized randomly"
+    when random weights are what was asked for)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or "open_clip" not in record.pathname
+
+
+@contextlib.contextmanager
+def _quiet_open_clip(active: bool):
+    root = logging.getLogger()
+    quiet = _OpenClipNotices()
+    if active:
+        root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
 
 
 def load_clip(name: str = "ViT-B-16", pretrained: str | os.PathLike | None = None,
@@ -83,9 +105,10 @@ def load_clip(name: str = "ViT-B-16", pretrained: str | os.PathLike | None = Non
                     f"pretrained: no CLIP weights file at {str(path)!r}, and not an open_clip tag "
                     f"for {name} (tags: {known})")
             pretrained = str(path)
-    model = open_clip.create_model(name, pretrained=pretrained, device=device,
-                                   force_quick_gelu=bool(quick_gelu),
-                                   force_preprocess_cfg=preprocess or None)
+    with _quiet_open_clip(pretrained is None):
+        model = open_clip.create_model(name, pretrained=pretrained, device=device,
+                                       force_quick_gelu=bool(quick_gelu),
+                                       force_preprocess_cfg=preprocess or None)
     model.eval().requires_grad_(False)  # CLIP stays frozen everywhere in armfast
     model.armfast_name = name  # read by the text side to pick the tokenizer
     return model

@@ -37,6 +37,9 @@ from .labels import describe_failures, fingerprint, load_record, save_record, sc
 from .schedule import build_scheduler, load_scheduler_state, scheduler_state
 
 
+ARM_FOLDER = "arm"  # OUT/arm: the trained ARM, what --arm takes
+
+
 class ARMHead(nn.Module):
     """ARM followed by its cosine logits, as one module so that DDP sees every parameter used
     in ``forward`` (``logit_scale`` lives in ``ARM.logits``)."""
@@ -397,7 +400,7 @@ class Trainer:
         result.step = self.step
         if self.step >= cfg.steps:  # the loop's last step wrote a checkpoint (or resume found one)
             if info.is_main:
-                result.arm_dir = save_arm_folder(self.arm, self.out / "arm", training={
+                result.arm_dir = save_arm_folder(self.arm, self.out / ARM_FOLDER, training={
                     "dataset": cfg.dataset, "steps": self.step, "baselines": ", ".join(cfg.baselines),
                     "CLIP": f"{cfg.model}, weights {cfg.pretrained or 'random'}",
                     "templates": cfg.templates, "run folder": str(self.out)})
