@@ -33,6 +33,7 @@ def test_results_table_across_datasets_and_baselines(setup, capsys):
     assert "armfast eval configuration" in text and "mIoU (%)" in text
     assert "prob_thd 0.1, area_thd 0.1" in text  # SCLIP's VOC21 protocol, printed
     payload = json.loads(out.read_text())
+    assert payload["complete"] is True and "error" not in payload
     results = payload["results"]
     assert [(r["dataset"], r["method"]) for r in results] == [
         (d, m) for d in ("cityscapes", "voc21") for m in ("sclip", "sclip+arm", "naclip", "naclip+arm")]

@@ -57,6 +57,8 @@ def test_setting_mistakes_fail_before_clip(data, tmp_path, capsys, no_clip):
         return one_error(capsys, [*argv, *extra])
 
     assert "--crop must be a multiple of the patch size 8" in error("--crop", "30")
+    assert "--batch-size 5 x 1 process(es) needs at least 5 training images; the training set " \
+        "has 4" in error("--batch-size", "5")
     assert "--baselines: unknown nope" in error("--baselines", "sclip,nope")
     assert "--backend must be auto or one of" in error("--backend", "flash")
     assert "--backend cuda does not run on cpu" in error("--backend", "cuda")

@@ -9,6 +9,10 @@ file), printed in full before the run, with the paper's mIoU beside the measured
 --arm each baseline runs with and without it. ``--dataset folder --images DIR --masks DIR
 --class-file F`` evaluates your own data. Runs under torchrun too: images are sharded and the
 confusion matrices summed.
+
+Datasets, baselines, backend, ARM, protocol values and the --json folder are checked before
+CLIP is loaded. The --json file is rewritten after every result (``"complete": false`` until
+the end), so a run that fails part-way keeps the rows it finished, with the error.
 """
 from __future__ import annotations
 
@@ -261,11 +265,11 @@ def run(args) -> int:
     variants = [None, arm] if arm is not None else [None]
     results: list[dict] = []
 
-    def write_json(error: str | None = None) -> None:
+    def write_json(*, complete: bool = False, error: str | None = None) -> None:
         if not (main and out):
             return
         payload = {"config": {k: v for k, v in vars(args).items() if not k.startswith("_")},
-                   "world_size": info.world_size, "complete": error is None, "results": results}
+                   "world_size": info.world_size, "complete": complete, "results": results}
         if error is not None:
             payload["error"] = error
         atomic_write_text(out, json.dumps(payload, indent=2, default=str) + "\n")
@@ -321,6 +325,6 @@ def run(args) -> int:
                 print_per_class(r)
         print_table(results, datasets)
         if out:
-            write_json()
+            write_json(complete=True)
             print(f"\nresults written to {out}")
     return 0

@@ -1,12 +1,15 @@
 """`armfast segment`: open-vocabulary segmentation of image files.
 
 For each IMAGE, OUTDIR receives ``<stem>.png`` (the label map, a palette PNG whose pixel values
-are class indices) and ``<stem>_overlay.png`` (the photo under the colour map, with a legend).
+are class indices) and ``<stem>_overlay.png`` (the photo under the colour map, with a legend);
+stems get a ``_2``, ``_3`` suffix where two images would write the same file. Images are read
+as a viewer shows them (EXIF orientation, transparency on white, 16-bit).
 The defaults are the baseline's preset for the backbone (armfast.eval.presets), the values the
 benchmarks run with; the effective configuration is printed first. A background rule
 (--background) adds a class "background" as class 0, before the named classes.
-A problem with one image is reported on one line and the others are still processed; the exit
-status is 1 if any image failed, 2 if nothing could start (no classes, missing weights, ...).
+Every flag and file is checked before CLIP is loaded. A problem with one image is reported on
+one line and the others are still processed; the exit status is 1 if any image failed, 2 if
+nothing could start (no classes, missing weights, ...).
 """
 from __future__ import annotations
 

@@ -31,7 +31,8 @@ def duplicate_names(classes: list[list[str]]) -> list[tuple[str, int, int]]:
 
 def describe_duplicates(classes: list[list[str]], found, where=None) -> str:
     """One line on the first duplicate; `where(i)` names class i's place (default: class i)."""
-    where = where or (lambda i: f"class {i} ({', '.join(classes[i])})")
+    where = where or (lambda i: f"class {i} ({', '.join(classes[i][:3])}"
+                               f"{', ...' if len(classes[i]) > 3 else ''})")
     n, a, b = found[0]
     more = f" (and {len(found) - 1} more repeated name(s))" if len(found) > 1 else ""
     if a == b:

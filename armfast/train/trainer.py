@@ -4,7 +4,13 @@ One optimizer step = ``accum`` micro-batches of ``batch_size`` crops per process
 is drawn per step from ``baselines`` (same on every rank); CLIP features are extracted under
 ``torch.no_grad``; only the ARM (wrapped with its logits head in DDP) receives gradients.
 Data order, augmentation and baseline choice are functions of (seed, step), so a run resumed
-from a checkpoint continues exactly as if it had never stopped.
+from a checkpoint continues exactly as if it had never stopped (its log is cut back to the
+checkpoint's step, and temporaries of a killed write are removed).
+
+Before CLIP is loaded, everything that can be wrong is checked (`Trainer._preflight`): the
+output folder, the checkpoint to resume and the settings it fixes, the crop against the patch
+size, class names, datasets, the validation protocol, and every training mask's labels
+(`armfast.train.labels`).
 """
 from __future__ import annotations
 
@@ -180,7 +186,8 @@ class Trainer:
         cfg, info = self.cfg, self.info
         if info.is_main:
             ensure_writable_dir(self.out, "--out")
-            remove_stale_temporaries(self.ckpt_dir)  # left by a kill during a checkpoint write
+            for folder in (self.out, self.ckpt_dir, self.out / ARM_FOLDER):
+                remove_stale_temporaries(folder)  # left by a kill during an atomic write
             if cfg.warmup > cfg.steps:
                 warnings.warn(f"--warmup {cfg.warmup} is longer than --steps {cfg.steps}: the "
                               f"learning rate stops at {cfg.steps / cfg.warmup:.2g} x --lr and "
@@ -195,6 +202,11 @@ class Trainer:
         check_crop(cfg.crop, None if model is not None else clip_geometry(cfg.model))
         self.classes = load_class_names(cfg.class_file if cfg.is_folder else cfg.dataset)
         self.trainset = self._dataset("train")
+        per_step = cfg.batch_size * info.world_size
+        if len(self.trainset) < per_step:
+            raise ValueError(f"--batch-size {cfg.batch_size} x {info.world_size} process(es) needs "
+                             f"at least {per_step} training images; the training set has "
+                             f"{len(self.trainset)}")
         self.valset = self._val_dataset()
         if self.valset is not None:
             self._val_protocol()  # a protocol that makes no sense fails now, not at the first check
