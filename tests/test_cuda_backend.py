@@ -163,12 +163,12 @@ def test_attention_too_little_shared_memory_is_a_clear_error(monkeypatch):
                                          r"of shared memory per block, but cuda:\d+ allows 60000 "
                                          r"\(the cap set by ARMFAST_CUDA_MAX_SHARED_MEMORY\); use "
                                          r"backend='triton' or backend='sdpa'"):
-        _extension.cuda_attention_forward(q, k, v, 0.125)
+        _extension.CUDA_BACKEND.attention.run_forward(q, k, v, 0.125, False)
     monkeypatch.setenv("ARMFAST_CUDA_MAX_SHARED_MEMORY", "64k")
     with pytest.raises(ValueError, match="ARMFAST_CUDA_MAX_SHARED_MEMORY must be a number of bytes"):
-        _extension.cuda_attention_forward(q, k, v, 0.125)
+        _extension.CUDA_BACKEND.attention.run_forward(q, k, v, 0.125, False)
     monkeypatch.delenv("ARMFAST_CUDA_MAX_SHARED_MEMORY")
-    out, _ = _extension.cuda_attention_forward(q, k, v, 0.125)
+    out, _ = _extension.CUDA_BACKEND.attention.run_forward(q, k, v, 0.125, False)
     assert_close_to_truth(out, attention_f64(q, k, v, 0.125), attention_peer(q, k, v, 0.125), "out")
 
 
