@@ -13,17 +13,19 @@ import pytest
 from cli_helpers import one_error
 
 
-def _run(*args, env=None, timeout=300):
-    """`armfast ARGS` in a fresh process; `env` values of None remove a variable."""
+def _run(*args, cwd, env=None, timeout=300):
+    """`armfast ARGS` in a fresh process, started in `cwd` (not a source checkout, whose
+    uncompiled armfast/ folder ``-m`` would import); `env` values of None remove a variable."""
     env = {**os.environ, "ARMFAST_DEBUG": None, "KINETO_LOG_LEVEL": None, **(env or {})}
     env = {k: v for k, v in env.items() if v is not None}
     return subprocess.run([sys.executable, "-m", "armfast.cli", *args], capture_output=True,
-                          text=True, env=env, timeout=timeout)
+                          text=True, env=env, timeout=timeout, cwd=cwd)
 
 
-def test_bench_prints_only_its_own_lines():
+def test_bench_prints_only_its_own_lines(tmp_path):
     proc = _run("bench", "--shapes", "tiny", "--no-ceilings", "--ops", "attention,arm",
-                "--modes", "forward", "--backends", "cpu", env={"OMP_NUM_THREADS": "1"})
+                "--modes", "forward", "--backends", "cpu", cwd=tmp_path,
+                env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     ours = re.compile(r"^(# |\[\d+/\d+\] )")
     foreign = [line for line in proc.stderr.splitlines() if not ours.match(line)]

@@ -85,7 +85,7 @@ def test_console_offline_message_is_one_line_and_fast(tmp_path):
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "armfast.cli", "segment", str(image),
                            "--classes", "cat", "-o", str(tmp_path / "out")],
-                          capture_output=True, text=True, env=env, timeout=120)
+                          capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
     elapsed = time.perf_counter() - start
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and _advice(lines[0]), proc.stderr

@@ -17,13 +17,12 @@ README = (ROOT / "README.md").read_text()
 
 
 def commands() -> list[list[str]]:
-    """`armfast` command lines of the README's bash blocks (continuations joined, comments cut)."""
+    """`armfast` command lines of the README's bash blocks (continuations joined, comments cut;
+    ``torchrun ... --no-python armfast ARGS`` included)."""
     out = []
     for block in re.findall(r"```bash\n(.*?)```", README, flags=re.S):
         for line in block.replace("\\\n", " ").splitlines():
             words = shlex.split(line, comments=True)
-            if "armfast.cli" in words:  # torchrun ... -m armfast.cli ARGS
-                words = ["armfast"] + words[words.index("armfast.cli") + 1:]
             for i, w in enumerate(words):
                 if w == "armfast" and i + 1 < len(words):
                     end = words.index("&&", i) if "&&" in words[i:] else len(words)

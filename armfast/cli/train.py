@@ -1,7 +1,8 @@
 """`armfast train`: train an ARM on COCO-Stuff-164k (or another registered dataset).
 
 Runs under torchrun for several GPUs/processes:
-    torchrun --nproc_per_node=8 -m armfast.cli train --data-root data/coco_stuff164k --out runs/arm
+    torchrun --nproc_per_node=8 --no-python armfast train --data-root data/coco_stuff164k \\
+        --out runs/arm --pretrained openai
 
 Your own data, no config file:
     armfast train --dataset folder --images imgs --masks masks --class-file classes.txt --out runs/x
