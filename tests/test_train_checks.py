@@ -177,6 +177,10 @@ def test_pretrained_none_means_random_weights_everywhere(command, recwarn):
     assert any("random weights" in str(w.message) for w in recwarn)
     args = build_parser().parse_args([command, *required, "--pretrained", "None"])
     assert clip_weights(args) is None
+    args = build_parser().parse_args([command, *required, "--pretrained", "no-such-tag"])
+    with pytest.raises(ValueError, match="--pretrained 'no-such-tag' is not an open_clip weights "
+                                         "tag of ViT-B-16 .tags: openai"):
+        clip_weights(args)
 
 
 def test_full_disk_is_one_line(data, tmp_path, capsys, monkeypatch):

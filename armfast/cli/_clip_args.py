@@ -56,6 +56,8 @@ def clip_weights(args, *, warn: bool = True) -> str | None:
                           "nothing (for tests)", stacklevel=2)
         return None
     name = ALIASES.get(args.model, args.model)
+    if Path(tag).expanduser().is_file():  # a weights file given as --pretrained works too
+        return str(Path(tag).expanduser())
     if not _is_known_tag(name, tag):
         known = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
         raise ValueError(f"--pretrained {tag!r} is not an open_clip weights tag of {args.model} "

@@ -219,6 +219,7 @@ class Trainer:
         digest = fingerprint(self.trainset)
         if load_record(self.out).get("fingerprint") == digest:
             return  # this run (or its earlier part) read these very masks
+        start = time.perf_counter()
         scan = scan_labels(self.trainset, workers=cfg.workers, rank=info.rank,
                            world_size=info.world_size, progress=cfg.progress and info.is_main)
         failures = int(all_reduce_sum(scan.failures, info))
@@ -226,6 +227,8 @@ class Trainer:
             raise ValueError(describe_failures(self.trainset, scan, failures))
         if info.is_main:
             save_record(self.out, self.trainset, digest)
+            print(f"armfast train: labels of the {len(self.trainset)} training masks checked "
+                  f"({time.perf_counter() - start:.0f} s; --no-label-check skips this)", flush=True)
 
     def _text_embeddings(self, names: list[str], given: Tensor | None) -> Tensor:
         if given is None:
