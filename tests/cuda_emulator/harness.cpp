@@ -65,6 +65,54 @@ void with_dtype(int dtype, F&& f) {
 
 std::string g_log;
 
+// One warp multiplies 16 x 16 blocks through Mma<T>: C = A B with A stored [m][k] (load_a) or
+// [k][m] (load_a_trans) and B stored [n][k] (load_b) or [k][n] (load_b_trans); with `chain`,
+// C = round_T(A B) B2 with the intermediate fed from the accumulators (a_from_acc).
+template <typename T>
+void warp_product_kernel(const float* A, const float* B, const float* B2, float* C, bool a_trans, bool b_trans,
+                         bool chain) {
+  using armfast::cuda::Mma;
+  using armfast::cuda::from_float;
+  using armfast::cuda::mma_sync;
+  namespace mma = armfast::mma;
+  constexpr int N = 16, LD = N + 8;
+  ARMFAST_DYNAMIC_SMEM(smem);
+  T* as = reinterpret_cast<T*>(smem);
+  T* bs = as + N * LD;
+  T* b2s = bs + N * LD;
+  const int lane = threadIdx.x;
+  for (int i = lane; i < N * N; i += 32) {
+    const int r = i / N, c = i % N;  // A(r, c), B(r, c) = B[k = r][n = c]
+    as[(a_trans ? c * LD + r : r * LD + c)] = from_float<T>(A[i]);
+    bs[(b_trans ? r * LD + c : c * LD + r)] = from_float<T>(B[i]);
+    b2s[r * LD + c] = from_float<T>(B2[i]);  // [k][n]
+  }
+  __syncthreads();
+  float acc[2][4] = {};
+  for (int ks = 0; ks < N / Mma<T>::K; ++ks) {
+    uint32_t a[4], b[2][2];
+    if (a_trans) Mma<T>::load_a_trans(a, as + ks * Mma<T>::K * LD, LD);
+    else Mma<T>::load_a(a, as + ks * Mma<T>::K, LD);
+    if (b_trans) Mma<T>::load_b_trans(b, bs + ks * Mma<T>::K * LD, LD);
+    else Mma<T>::load_b(b, bs + ks * Mma<T>::K, LD);
+    mma_sync<T>(acc[0], a, b[0]);
+    mma_sync<T>(acc[1], a, b[1]);
+  }
+  if (chain) {
+    float out[2][4] = {};
+    for (int ks = 0; ks < N / Mma<T>::K; ++ks) {
+      uint32_t a[4], b[2][2];
+      Mma<T>::a_from_acc(a, acc, ks);
+      Mma<T>::load_b_trans(b, b2s + ks * Mma<T>::K * LD, LD);
+      mma_sync<T>(out[0], a, b[0]);
+      mma_sync<T>(out[1], a, b[1]);
+    }
+    std::memcpy(acc, out, sizeof acc);
+  }
+  for (int j = 0; j < 2; ++j)
+    for (int e = 0; e < 4; ++e) C[mma::c_row(lane, e) * N + 8 * j + mma::c_col(lane, e)] = acc[j][e];
+}
+
 }  // namespace
 
 extern "C" {
@@ -73,6 +121,20 @@ void emu_register_global(const void* begin, int64_t bytes) { armfast::emu::regis
 void emu_clear_globals() { armfast::emu::clear_globals(); }
 void emu_set_reverse_schedule(int reverse) { armfast::emu::set_reverse_schedule(reverse != 0); }
 const char* emu_launch_log() { return g_log.c_str(); }
+
+// A, B, B2, C: 16 x 16 row-major float32.
+const char* emu_warp_product(int dtype, const float* A, const float* B, const float* B2, float* C, int a_trans,
+                             int b_trans, int chain) {
+  return guarded([&] {
+    with_dtype(dtype, [&](auto tag) {
+      using T = decltype(tag);
+      const std::string e = armfast::emu::launch({1}, {32}, 3 * 16 * 24 * sizeof(T), [&] {
+        warp_product_kernel<T>(A, B, B2, C, a_trans != 0, b_trans != 0, chain != 0);
+      });
+      if (!e.empty()) g_error = e;
+    });
+  });
+}
 
 // shape = {B, H, Nq, Nk, d}; strides in elements, 4 per tensor (3 for lse).
 const char* emu_attention_forward(int dtype, const int64_t* shape, void* q, const int64_t* sq, void* k,
