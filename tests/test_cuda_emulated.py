@@ -150,7 +150,8 @@ def test_ldmatrix_patterns_build_the_mma_fragments(layout_maps, operand, pattern
 class Emulator:
     def __init__(self, path):
         self.lib = lib = ctypes.CDLL(str(path))
-        for name in ("emu_attention_forward", "emu_attention_backward", "emu_launch_log", "emu_warp_product"):
+        for name in ("emu_attention_forward", "emu_attention_backward", "emu_launch_log", "emu_warp_product",
+                     "emu_logits_gemm"):
             getattr(lib, name).restype = ctypes.c_char_p
         lib.emu_attention_backward_workspace.restype = ctypes.c_int64
 
@@ -182,6 +183,26 @@ class Emulator:
             DTYPE_CODE[dtype], *(ctypes.cast(t.data_ptr(), ctypes.POINTER(ctypes.c_float)) for t in (A, B, B2, C)),
             int(a_trans), int(b_trans), int(chain)))
         return C
+
+    def logits_gemm(self, a, b, a_mk, b_nk, kscale, mscale, nscale, sscale, splits, rows_split=0):
+        """out = sscale * mscale[:, None] * nscale[None, :] * (A @ (kscale[:, None] * B)), A [M, K] and
+        B [K, N] strided views; rows_split > 0 reads A's rows as a [M / rows_split, rows_split] grid
+        (x's b*N + n rows)."""
+        M, K = a.shape
+        N = b.shape[1]
+        out = torch.full((M, N), float("nan"))
+        partial = torch.full((max(splits, 1) * M * N,), float("nan"))
+        self._register(a, b, out, partial, kscale, mscale, nscale, sscale)
+        a_outer = a.stride(0) * rows_split
+        f = lambda t: ctypes.cast(t.data_ptr(), ctypes.POINTER(ctypes.c_float))
+        self._check(self.lib.emu_logits_gemm(
+            DTYPE_CODE[a.dtype], int(a_mk), int(b_nk), ctypes.c_int64(M), ctypes.c_int64(N), ctypes.c_int64(K),
+            ctypes.c_void_p(a.data_ptr()), ctypes.c_int64(rows_split), ctypes.c_int64(a_outer),
+            ctypes.c_int64(a.stride(0)), ctypes.c_int64(a.stride(1)), ctypes.c_void_p(b.data_ptr()),
+            ctypes.c_int64(b.stride(0)), ctypes.c_int64(b.stride(1)), f(kscale), f(mscale), f(nscale), f(sscale),
+            f(out), ctypes.c_int(splits), f(partial)))
+        vec = dict(item.split("=") for item in self.lib.emu_launch_log().decode().strip(";").split())
+        return out, vec
 
     def forward(self, q, k, v, out, lse, scale, smem, sms, reverse=False):
         B, H, Nq, d = q.shape
@@ -374,3 +395,37 @@ def test_attention_too_little_shared_memory_is_a_clear_error(emu):
     with pytest.raises(RuntimeError, match=r"forward kernel for float16 with head dim 128 needs \d+ bytes of shared "
                                            r"memory per block, but cuda:0 allows 40000; use backend='triton'"):
         run_attention(emu, 1, 1, 8, 8, 128, torch.float16, device=dict(smem=40000, sms=1), backward=False)
+
+
+# ---- the GEMMs of patch_text_logits --------------------------------------------------------------
+# (name, staging, M, N, K, splits): the forward x text^T (A [m][k], B [n][k]), the backward's
+# y = dout text_hat (A [m][k], B [k][n] with a per-k scale) and z = dout^T x_hat (A [k][m], B [k][n],
+# the reduction over all rows split over blocks).
+GEMMS = [("x_text", True, True, 70, 37, 96, 1), ("dout_text", True, False, 70, 96, 37, 1),
+         ("dout_x", False, False, 37, 96, 1000, 3)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, **DTYPE_IDS)
+@pytest.mark.parametrize("name,a_mk,b_nk,M,N,K,splits", GEMMS, ids=[g[0] for g in GEMMS])
+@pytest.mark.parametrize("contiguous", [True, False], ids=["vec", "strided"])
+def test_logits_gemm_on_tensor_cores(emu, dtype, name, a_mk, b_nk, M, N, K, splits, contiguous):
+    g = torch.Generator().manual_seed(M + N + K)
+    def operand(rows, cols, inner_is_cols):
+        """[rows, cols] with the contiguous dim `cols` (inner_is_cols) or `rows`; strided: every other."""
+        step = 1 if contiguous else 2
+        if inner_is_cols:
+            return torch.randn(rows, cols * step, generator=g).to(dtype)[:, ::step]
+        return torch.randn(cols, rows * step, generator=g).to(dtype)[:, ::step].t()
+    a = operand(M, K, a_mk)
+    b = operand(K, N, not b_nk)
+    kscale = torch.rand(K, generator=g) + 0.5 if not b_nk else torch.ones(K)
+    mscale, nscale, sscale = torch.rand(M, generator=g) + 0.5, torch.rand(N, generator=g) + 0.5, torch.tensor([3.0])
+    rows_split = 10 if (a_mk and contiguous) else 0  # A's rows as a [7, 10] grid, as x's b*N + n
+    got, vec = emu.logits_gemm(a, b, a_mk, b_nk, kscale, mscale, nscale, sscale, splits, rows_split)
+    per = 16 // a.element_size()  # 16-byte loads need the other dim's stride to keep chunks aligned
+    want_vec = {"vec_a": contiguous and a.stride(0 if a_mk else 1) % per == 0,
+                "vec_b": contiguous and b.stride(1 if b_nk else 0) % per == 0}
+    assert vec == {key: str(int(value)) for key, value in want_vec.items()}
+    b_scaled = round_to(b.float() * kscale[:, None], dtype) if not b_nk else round_to(b.float(), dtype)
+    want = 3.0 * mscale[:, None].double() * nscale[None, :].double() * (round_to(a.float(), dtype).double() @ b_scaled.double())
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-3)

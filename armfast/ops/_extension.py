@@ -270,7 +270,7 @@ def cuda_patch_text_logits_forward(x: Tensor, text: Tensor, logit_scale: Tensor)
     workspace = empty((module.patch_text_logits_workspace(B * N, C, E, False),), torch.float32,
                        x.device)
     module.patch_text_logits_forward(_DTYPE_NAMES[x.dtype], _arg(x), _arg(text), _arg(scale),
-                                     _arg(out), _arg(workspace), *_launch(x))
+                                     _arg(out), _arg(workspace), _allow_tf32(x.dtype), *_launch(x))
     return out
 
 
@@ -288,7 +288,7 @@ def cuda_patch_text_logits_backward(dout: Tensor, x: Tensor, text: Tensor,
                        x.device)
     module.patch_text_logits_backward(
         _DTYPE_NAMES[x.dtype], _arg(dout), _arg(x), _arg(text), _arg(scale), _arg(dx), _arg(dtext),
-        _arg(dscale), _arg(workspace), *_launch(x))
+        _arg(dscale), _arg(workspace), _allow_tf32(x.dtype), *_launch(x))
     return dx, dtext, dscale.to(logit_scale.dtype).reshape(logit_scale.shape)
 
 

@@ -108,7 +108,8 @@ void attention_backward(const std::string& dtype, const PyTensor& dout, const Py
 
 void patch_text_logits_forward(const std::string& dtype, const PyTensor& x, const PyTensor& text,
                                const PyTensor& logit_scale, const PyTensor& out,
-                               const PyTensor& workspace, int device, std::uintptr_t stream) {
+                               const PyTensor& workspace, bool allow_tf32, int device,
+                               std::uintptr_t stream) {
   const cu::DType dt = parse_dtype(dtype);
   const TensorArg xa = tensor_arg("x", x, {-1, -1, -1});
   const int64_t B = xa.size(0), N = xa.size(1), E = xa.size(2);
@@ -121,14 +122,14 @@ void patch_text_logits_forward(const std::string& dtype, const PyTensor& x, cons
   check_device(device);
   py::gil_scoped_release release;
   cu::patch_text_logits_forward(dt, {B, N, C, E}, strided(xa), strided(ta), sa.data<const float>(),
-                                strided(oa), wa.data<float>(), device, stream);
+                                strided(oa), wa.data<float>(), allow_tf32, device, stream);
 }
 
 void patch_text_logits_backward(const std::string& dtype, const PyTensor& dout, const PyTensor& x,
                                 const PyTensor& text, const PyTensor& logit_scale,
                                 const PyTensor& dx, const PyTensor& dtext,
-                                const PyTensor& dlogit_scale, const PyTensor& workspace, int device,
-                                std::uintptr_t stream) {
+                                const PyTensor& dlogit_scale, const PyTensor& workspace,
+                                bool allow_tf32, int device, std::uintptr_t stream) {
   const cu::DType dt = parse_dtype(dtype);
   const TensorArg xa = tensor_arg("x", x, {-1, -1, -1});
   const int64_t B = xa.size(0), N = xa.size(1), E = xa.size(2);
@@ -145,7 +146,7 @@ void patch_text_logits_backward(const std::string& dtype, const PyTensor& dout, 
   py::gil_scoped_release release;
   cu::patch_text_logits_backward(dt, {B, N, C, E}, strided(ga), strided(xa), strided(ta),
                                  sa.data<const float>(), strided(dxa), strided(dta),
-                                 dsa.data<float>(), wa.data<float>(), device, stream);
+                                 dsa.data<float>(), wa.data<float>(), allow_tf32, device, stream);
 }
 
 }  // namespace
@@ -187,12 +188,12 @@ PYBIND11_MODULE(_C_cuda, m) {
         "float32 elements of workspace patch_text_logits_forward/backward need (rows = B*N).");
   m.def("patch_text_logits_forward", &patch_text_logits_forward, py::arg("dtype"), py::arg("x"),
         py::arg("text"), py::arg("logit_scale"), py::arg("out"), py::arg("workspace"),
-        py::arg("device"), py::arg("stream"),
+        py::arg("allow_tf32"), py::arg("device"), py::arg("stream"),
         ("out [B,N,C] = logit_scale * normalize(x) normalize(text)^T; logit_scale is a float32 "
          "[1] tensor on the device." + tensors).c_str());
   m.def("patch_text_logits_backward", &patch_text_logits_backward, py::arg("dtype"),
         py::arg("dout"), py::arg("x"), py::arg("text"), py::arg("logit_scale"), py::arg("dx"),
-        py::arg("dtext"), py::arg("dlogit_scale"), py::arg("workspace"), py::arg("device"),
-        py::arg("stream"),
+        py::arg("dtext"), py::arg("dlogit_scale"), py::arg("workspace"), py::arg("allow_tf32"),
+        py::arg("device"), py::arg("stream"),
         ("Writes dx, dtext and dlogit_scale (float32 [1])." + tensors).c_str());
 }

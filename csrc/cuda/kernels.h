@@ -44,16 +44,17 @@ void attention_backward(DType dtype, const AttentionShape& s, Strided dout, Stri
 // float32 workspace elements the patch_text_logits functions need for `rows` = B*N.
 int64_t patch_text_logits_workspace(int64_t rows, int64_t classes, int64_t dim, bool backward);
 
-// out [B,N,C] = (*logit_scale) * normalize(x) normalize(text)^T; logit_scale: one float32 on the device.
+// out [B,N,C] = (*logit_scale) * normalize(x) normalize(text)^T; logit_scale: one float32 on the
+// device. float32 runs on TF32 tensor cores when `allow_tf32`, else exactly.
 void patch_text_logits_forward(DType dtype, const LogitsShape& s, Strided x, Strided text,
-                               const float* logit_scale, Strided out, float* workspace, int device,
-                               std::uintptr_t stream);
+                               const float* logit_scale, Strided out, float* workspace,
+                               bool allow_tf32, int device, std::uintptr_t stream);
 
 // Writes dx [B,N,E], dtext [C,E] and dlogit_scale (one float32 on the device).
 void patch_text_logits_backward(DType dtype, const LogitsShape& s, Strided dout, Strided x,
                                 Strided text, const float* logit_scale, Strided dx, Strided dtext,
-                                float* dlogit_scale, float* workspace, int device,
-                                std::uintptr_t stream);
+                                float* dlogit_scale, float* workspace, bool allow_tf32,
+                                int device, std::uintptr_t stream);
 
 // Number of CUDA devices; throws std::runtime_error when the driver cannot be used.
 int cuda_device_count();

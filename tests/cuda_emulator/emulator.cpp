@@ -384,7 +384,7 @@ void set_reverse_schedule(bool reverse) { rt().reverse = reverse; }
 
 std::string launch(Dim3 grid, Dim3 block, size_t dynamic_smem_bytes, const std::function<void()>& kernel) {
   Runtime& r = rt();
-  if (grid.y != 1 || grid.z != 1 || block.y != 1 || block.z != 1) return "emulator: 1-D grids and blocks only";
+  if (block.y != 1 || block.z != 1) return "emulator: 1-D blocks only";
   if (block.x == 0 || block.x % kWarp != 0 || block.x > 1024) return "emulator: block size must be a multiple of 32 up to 1024";
   r.error.clear();
   r.grid = grid;
@@ -397,8 +397,10 @@ std::string launch(Dim3 grid, Dim3 block, size_t dynamic_smem_bytes, const std::
   for (Fiber& f : r.fibers)
     if (!f.stack) f.stack.reset(new char[kStackBytes]);
 
-  for (unsigned bx = 0; bx < grid.x && r.error.empty(); ++bx) {
-    r.block_idx = Dim3{bx, 0, 0};
+  const uint64_t blocks = static_cast<uint64_t>(grid.x) * grid.y * grid.z;
+  for (uint64_t bi = 0; bi < blocks && r.error.empty(); ++bi) {
+    const unsigned bx = static_cast<unsigned>(bi % grid.x);
+    r.block_idx = Dim3{bx, static_cast<unsigned>(bi / grid.x % grid.y), static_cast<unsigned>(bi / grid.x / grid.y)};
     std::memset(smem, 0xff, smem_alloc);  // NaN in every float type
     r.block.smem = smem;
     r.block.smem_bytes = dynamic_smem_bytes;
@@ -441,7 +443,7 @@ std::string launch(Dim3 grid, Dim3 block, size_t dynamic_smem_bytes, const std::
       if (all_done) break;
       if (!ran) {
         r.error = "deadlock: every live thread waits at a barrier that cannot complete (block " +
-                  std::to_string(bx) + ")";
+                  std::to_string(bi) + ")";
         for (Fiber& f : r.fibers) {
           if (f.state == State::done) continue;
           r.current = &f;

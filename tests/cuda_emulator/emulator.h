@@ -56,7 +56,7 @@ float atomic_add(float* address, float value);
 void register_global(const void* begin, size_t bytes);
 void clear_globals();
 
-// Runs `kernel` for every block of `grid` with `block` threads (1-D grids and blocks).
+// Runs `kernel` for every block of `grid` with `block` threads (1-D blocks).
 // Returns "" on success, else what went wrong.
 std::string launch(Dim3 grid, Dim3 block, size_t dynamic_smem_bytes, const std::function<void()>& kernel);
 void set_reverse_schedule(bool reverse);

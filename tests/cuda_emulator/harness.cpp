@@ -9,6 +9,7 @@
 #include <string>
 
 #include "flash_dispatch.h"
+#include "logits_gemm.cuh"
 
 namespace flash = armfast::cuda::flash;
 using armfast::cuda::AttentionShape;
@@ -174,6 +175,49 @@ const char* emu_attention_backward(int dtype, const int64_t* shape, void* dout, 
                                strided(dk, sdk, 4), strided(dv, sdv, 4), scale, deterministic != 0, dev, launch);
     });
     g_log = launch.log;
+  });
+}
+
+// out(m, n) = epilogue(sum_k A(m, k) B(k, n) kscale[k]) through gemm_tc_kernel (a_mk / b_nk pick
+// the staging, as patch_text_logits' three GEMMs do) over `splits` K-splits, then
+// splitk_reduce_kernel: A(m, k) = a[a_row(m) + k * a_col], a_row(m) = (m / a_n) * a_outer +
+// (m % a_n) * a_inner (a_n = 0: m * a_inner); B(k, n) = b[k * b_k + n * b_n]; out fp32 row-major.
+const char* emu_logits_gemm(int dtype, int a_mk, int b_nk, int64_t M, int64_t N, int64_t K, const void* a,
+                            int64_t a_n, int64_t a_outer, int64_t a_inner, int64_t a_col, const void* b, int64_t b_k,
+                            int64_t b_n, const float* kscale, const float* mscale, const float* nscale,
+                            const float* sscale, float* out, int splits, float* partial) {
+  return guarded([&] {
+    with_dtype(dtype, [&](auto tag) {
+      using T = decltype(tag);
+      namespace lg = armfast::cuda::logits;
+      lg::GemmArgs<T, float> g{};
+      g.a = static_cast<const T*>(a), g.a_row = lg::Index{a_n, a_outer, a_inner}, g.a_col = lg::plain(a_col);
+      g.b = static_cast<const T*>(b), g.b_row = lg::plain(b_k), g.b_col = lg::plain(b_n);
+      g.kscale = kscale, g.mscale = mscale, g.nscale = nscale, g.sscale = sscale;
+      g.out = out, g.o_row = lg::plain(N), g.o_col = 1;
+      g.M = M, g.N = N, g.K = K, g.partial = partial;
+      g.k_split = lg::k_per_split(K, splits);
+      const unsigned nsplit = static_cast<unsigned>((K + g.k_split - 1) / g.k_split);
+      const armfast::emu::Dim3 grid{static_cast<unsigned>((M + 63) / 64), static_cast<unsigned>((N + 63) / 64), nsplit};
+      auto run = [&](auto a_tag, auto b_tag) {
+        constexpr bool AMK = decltype(a_tag)::value, BNK = decltype(b_tag)::value;
+        lg::set_vector_loads<AMK, BNK>(g);
+        g_log = std::string("vec_a=") + (g.vec_a ? "1" : "0") + " vec_b=" + (g.vec_b ? "1" : "0") + ";";
+        std::string e = armfast::emu::launch(grid, {128}, lg::TcGemm<T, AMK, BNK>::SMEM,
+                                             [&] { lg::gemm_tc_kernel<T, float, AMK, BNK>(g); });
+        if (e.empty() && nsplit > 1) {
+          e = armfast::emu::launch({static_cast<unsigned>((M * N + 255) / 256)}, {256}, 0,
+                                   [&] { lg::splitk_reduce_kernel<T, float>(g, static_cast<int>(nsplit)); });
+        }
+        if (!e.empty()) g_error = e;
+      };
+      using F = std::false_type;
+      using Tr = std::true_type;
+      if (a_mk && b_nk) run(Tr{}, Tr{});
+      else if (a_mk) run(Tr{}, F{});
+      else if (b_nk) run(F{}, Tr{});
+      else run(F{}, F{});
+    });
   });
 }
 
