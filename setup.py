@@ -191,7 +191,7 @@ setup(
     packages=["armfast"] + [f"armfast.{p}" for p in find_packages("armfast")]
     + ["armfast.kernels"] + [f"armfast.kernels.{p}" for p in find_packages("kernels")],
     package_dir={"armfast": "armfast", "armfast.kernels": "kernels"},
-    package_data={"armfast.data": ["classnames/*.txt"]},
+    package_data={"armfast.data": ["classnames/*.txt"], "armfast.ops": ["auto_table.json"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExt},
 )

@@ -68,7 +68,7 @@ def split_heads(t: Tensor, num_heads: int) -> Tensor:
 
 
 def merge_heads(t: Tensor) -> Tensor:
-    """[B, h, N, d] -> [B, N, h*d]."""
+    """[B, h, N, d] -> [B, N, h*d] (a copy; attention with ``layout="bnhd"`` avoids it)."""
     return t.transpose(1, 2).flatten(2)
 
 
@@ -88,7 +88,7 @@ class CrossAttention(nn.Module):
     def forward(self, x: Tensor, context: Tensor, backend: str = "auto") -> Tensor:
         h = self.num_heads
         q, k, v = split_heads(self.q(x), h), split_heads(self.k(context), h), split_heads(self.v(context), h)
-        return self.out(merge_heads(ops.attention(q, k, v, backend=backend)))
+        return self.out(ops.attention(q, k, v, backend=backend, layout="bnhd").flatten(2))
 
 
 class SelfAttention(nn.Module):
@@ -103,7 +103,7 @@ class SelfAttention(nn.Module):
     def forward(self, x: Tensor, backend: str = "auto") -> Tensor:
         qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each [B, h, N, d], strided
-        return self.out(merge_heads(ops.attention(q, k, v, backend=backend)))
+        return self.out(ops.attention(q, k, v, backend=backend, layout="bnhd").flatten(2))
 
 
 class Mlp(nn.Module):

@@ -138,9 +138,11 @@ def test_attention_writes_through_the_strides_of_out(dtype):
     # The op layer passes out as a [B, H, Nq, d] view of a [B, Nq, H, d] buffer (merging heads is a view).
     q, k, v = (t.detach() for t in cuda_qkv(2, 3, 197, 150, 64, dtype, strided=True))
     buf = torch.full((2, 197, 3, 64), float("nan"), dtype=dtype, device="cuda")
-    out, _ = _extension.cuda_attention_forward(q, k, v, 0.125, out=buf.transpose(1, 2))
-    assert out.data_ptr() == buf.data_ptr() and torch.isfinite(buf).all()
-    assert_close_to_truth(out, attention_f64(q, k, v, 0.125), attention_peer(q, k, v, 0.125), "out")
+    _extension.cuda_attention_forward(q, k, v, 0.125, buf.transpose(1, 2))
+    assert torch.isfinite(buf).all()
+    assert_close_to_truth(buf.transpose(1, 2), attention_f64(q, k, v, 0.125), attention_peer(q, k, v, 0.125), "out")
+    out, _ = CUDA_BACKEND.attention.run_forward(q, k, v, 0.125, True)  # the op layer's heads-last output
+    assert out.shape == (2, 197, 3, 64) and torch.equal(out, buf)
 
 
 def test_attention_batch_one_picks_tiles_that_fill_the_gpu():
@@ -225,12 +227,12 @@ def test_attention_too_little_shared_memory_is_a_clear_error(monkeypatch):
                                          r"of shared memory per block, but cuda:\d+ allows 40000 "
                                          r"\(the cap set by ARMFAST_CUDA_MAX_SHARED_MEMORY\); use "
                                          r"backend='triton' or backend='sdpa'"):
-        _extension.cuda_attention_forward(q, k, v, 0.125)
+        _extension.CUDA_BACKEND.attention.run_forward(q, k, v, 0.125, False)
     monkeypatch.setenv("ARMFAST_CUDA_MAX_SHARED_MEMORY", "64k")
     with pytest.raises(ValueError, match="ARMFAST_CUDA_MAX_SHARED_MEMORY must be a number of bytes"):
-        _extension.cuda_attention_forward(q, k, v, 0.125)
+        _extension.CUDA_BACKEND.attention.run_forward(q, k, v, 0.125, False)
     monkeypatch.delenv("ARMFAST_CUDA_MAX_SHARED_MEMORY")
-    out, _ = _extension.cuda_attention_forward(q, k, v, 0.125)
+    out, _ = _extension.CUDA_BACKEND.attention.run_forward(q, k, v, 0.125, False)
     assert_close_to_truth(out, attention_f64(q, k, v, 0.125), attention_peer(q, k, v, 0.125), "out")
 
 

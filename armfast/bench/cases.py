@@ -30,7 +30,12 @@ import torch
 
 OPS = ("attention", "patch_text_logits", "arm", "clip")
 MODES = ("forward", "train")
-PRESETS = ("full", "quick", "tiny")
+# full: the design's shapes; quick: one or two small shapes per op; tiny: toy shapes for tests;
+# host: the smallest real calls, where the time is all host overhead (validation, dispatch,
+# launch), compared with SDPA's; tune: host + full, what `armfast bench --tune` measures to
+# write the auto table
+PRESETS = ("full", "quick", "tiny", "host", "tune")
+TABLE_OPS = ("attention", "patch_text_logits")  # the ops the auto table holds
 
 # ViT-B/16 at the crop sizes of the inference protocol: 224/336/448 -> 196/441/784 patch tokens.
 PATCH_SIZE = 16
@@ -206,6 +211,11 @@ def default_dtype(device: str | torch.device) -> torch.dtype:
 
 
 def _attention_shapes(preset: str) -> Iterator[dict]:
+    if preset in ("host", "tune"):
+        yield dict(B=1, H=1, Nq=8, Nk=8, d=32)
+        if preset == "host":
+            return
+        preset = "full"
     if preset == "tiny":
         yield dict(B=1, H=2, Nq=17, Nk=17, d=HEAD_DIM)
         return
@@ -221,7 +231,7 @@ def _attention_shapes(preset: str) -> Iterator[dict]:
 
 
 def _batch_crops(preset: str) -> Iterator[tuple[int, int]]:
-    if preset == "full":
+    if preset in ("full", "tune"):
         yield from ((B, crop) for B in BATCHES for crop in CROPS)
     else:
         yield 1, 224
@@ -231,6 +241,11 @@ def _shapes(op: str, preset: str) -> Iterator[dict]:
     if op == "attention":
         yield from _attention_shapes(preset)
     elif op == "patch_text_logits":
+        if preset in ("host", "tune"):
+            yield dict(B=1, N=8, C=4, E=32)
+            if preset == "host":
+                return
+            preset = "full"
         if preset == "tiny":
             yield dict(B=1, N=17, C=5, E=32)
         elif preset == "quick":

@@ -100,6 +100,23 @@ class Workload:
         return error
 
 
+def attention_call(backend: str) -> Callable:
+    """``fn(q, k, v)`` of `backend`; the sdpa peer is torch's own call, with no armfast layer in
+    between, so host-overhead comparisons are against what a user would otherwise write."""
+    if backend == "sdpa":
+        return F.scaled_dot_product_attention
+    return functools.partial(ops.attention, backend=backend)
+
+
+def logits_call(backend: str) -> Callable:
+    """``fn(x, text, logit_scale)`` of `backend`; sdpa is the plain torch composition itself."""
+    if backend == "sdpa":
+        from ..ops._sdpa import patch_text_logits
+
+        return patch_text_logits
+    return lambda x, text, scale: ops.patch_text_logits(x, text, logit_scale=scale, backend=backend)
+
+
 class AttentionWorkload(Workload):
     def __init__(self, case, device, seed=0):
         super().__init__(case, device, seed)
@@ -110,12 +127,12 @@ class AttentionWorkload(Workload):
         self.dout = self.randn(s["B"], s["H"], s["Nq"], s["d"]) if self.train else None
 
     def fn(self, backend):
-        q, k, v, dout = self.q, self.k, self.v, self.dout
+        q, k, v, dout, attention = self.q, self.k, self.v, self.dout, attention_call(backend)
         if not self.train:
-            return lambda: ops.attention(q, k, v, backend=backend)
+            return lambda: attention(q, k, v)
 
         def forward_backward():  # autograd.grad: no .grad accumulation across calls
-            out = ops.attention(q, k, v, backend=backend)
+            out = attention(q, k, v)
             return (out, *torch.autograd.grad(out, (q, k, v), dout))
         return forward_backward
 
@@ -130,12 +147,12 @@ class PatchTextLogitsWorkload(Workload):
         self.dout = self.randn(s["B"], s["N"], s["C"]) if self.train else None
 
     def fn(self, backend):
-        x, text, scale, dout = self.x, self.text, self.scale, self.dout
+        x, text, scale, dout, logits = self.x, self.text, self.scale, self.dout, logits_call(backend)
         if not self.train:
-            return lambda: ops.patch_text_logits(x, text, logit_scale=scale, backend=backend)
+            return lambda: logits(x, text, scale)
 
         def forward_backward():
-            out = ops.patch_text_logits(x, text, logit_scale=scale, backend=backend)
+            out = logits(x, text, scale)
             return (out, *torch.autograd.grad(out, (x, text, scale), dout))
         return forward_backward
 

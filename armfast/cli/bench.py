@@ -27,7 +27,7 @@ def _list(choices):
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    from ..bench.cases import MODES, OPS, PRESETS
+    from ..bench.cases import MODES, OPS, PRESETS, TABLE_OPS
     from ..ops import BACKENDS
 
     p = sub.add_parser("bench", help="time the ops and modules on every backend of a device",
@@ -38,8 +38,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help=f"shape preset (default: quick with --quick, else full; env {SHAPES_ENV})")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if present, else cpu")
     p.add_argument("--dtype", choices=DTYPES, help="default: float32 on CPU, bfloat16 on CUDA")
-    p.add_argument("--ops", type=_list(OPS), default=list(OPS),
-                   help=f"comma-separated, from {','.join(OPS)} (default: all)")
+    p.add_argument("--ops", type=_list(OPS),
+                   help=f"comma-separated, from {','.join(OPS)} (default: all; with --tune: "
+                        f"{','.join(TABLE_OPS)})")
     p.add_argument("--modes", type=_list(MODES), default=list(MODES),
                    help="forward and/or train (forward+backward; a training step for arm)")
     p.add_argument("--backends", type=_list(BACKENDS),
@@ -48,6 +49,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="skip measuring the matmul and copy ceilings")
     p.add_argument("--json", metavar="OUT", help="write results and environment as JSON")
     p.add_argument("--markdown", metavar="OUT", help="write a RESULTS.md section for this run")
+    p.add_argument("--tune", action="store_true",
+                   help="measure what the auto table needs: the ops of the table on the 'tune' "
+                        "shapes (host-overhead sizes and the design's shapes)")
+    p.add_argument("--write-table", nargs="?", const="", metavar="PATH",
+                   help="write the fastest backend per (op, dtype, dim, mode, size bucket) of this "
+                        "run into the auto table (default: the one armfast reads, "
+                        "$ARMFAST_AUTO_TABLE or the packaged armfast/ops/auto_table.json)")
     return p
 
 
@@ -61,21 +69,28 @@ def resolve(args) -> dict:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("armfast bench: --device cuda given but torch sees no CUDA device")
-    preset = args.shapes or os.environ.get(SHAPES_ENV) or ("quick" if args.quick else "full")
+    preset = args.shapes or os.environ.get(SHAPES_ENV) or (
+        "tune" if args.tune else "quick" if args.quick else "full")
     if preset not in PRESETS:
         raise SystemExit(f"armfast bench: {SHAPES_ENV} must be one of {', '.join(PRESETS)}; "
                          f"got {preset!r}")
     dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)
     config = timer.QUICK if args.quick or preset == "tiny" else timer.FULL
-    return {"device": device, "dtype": dtype, "preset": preset, "timer": config}
+    from ..bench.cases import OPS, TABLE_OPS
+
+    ops = args.ops or list(TABLE_OPS if preset in ("host", "tune") else OPS)
+    if args.write_table is not None and not set(ops) & set(TABLE_OPS):
+        raise SystemExit(f"armfast bench: --write-table needs at least one of "
+                         f"{', '.join(TABLE_OPS)} in --ops")
+    return {"device": device, "dtype": dtype, "preset": preset, "timer": config, "ops": ops}
 
 
 def command_line(args, settings: dict) -> str:
     """The command that redoes this run, defaults spelt out."""
-    parts = ["armfast", "bench"] + (["--quick"] if args.quick else [])
+    parts = ["armfast", "bench"] + (["--quick"] if args.quick else []) + (["--tune"] if args.tune else [])
     parts += ["--shapes", settings["preset"], "--device", settings["device"],
               "--dtype", str(settings["dtype"]).replace("torch.", ""),
-              "--ops", ",".join(args.ops), "--modes", ",".join(args.modes)]
+              "--ops", ",".join(settings["ops"]), "--modes", ",".join(args.modes)]
     if args.backends:
         parts += ["--backends", ",".join(args.backends)]
     if args.no_ceilings:
@@ -83,6 +98,8 @@ def command_line(args, settings: dict) -> str:
     for flag in ("json", "markdown"):
         if getattr(args, flag):
             parts += [f"--{flag}", getattr(args, flag)]
+    if args.write_table is not None:
+        parts += ["--write-table"] + ([args.write_table] if args.write_table else [])
     return shlex.join(parts)
 
 
@@ -106,7 +123,7 @@ def run(args) -> int:
 
     settings = resolve(args)
     device, dtype, config = settings["device"], settings["dtype"], settings["timer"]
-    cases = make_cases(args.ops, settings["preset"], dtype=dtype, modes=args.modes)
+    cases = make_cases(settings["ops"], settings["preset"], dtype=dtype, modes=args.modes)
     backends = runner.select_backends(device, args.backends)
     command = command_line(args, settings)
     print(f"# {command}", file=sys.stderr)
@@ -134,7 +151,30 @@ def run(args) -> int:
         with open(args.markdown, "w") as f:
             title = f"{report.TITLES.get(device, device)}: {env['device_name']}"
             f.write(report.markdown_section(data, title))
+    if args.write_table is not None:
+        write_table(args.write_table, data, env, command, dtype)
     failed = [r for r in results if r.error]
     for r in failed:
         print(f"error: {r.case.group} [{r.case.label}] {r.backend}: {r.error}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def write_table(path: str, data: dict, env: dict, command: str, dtype) -> None:
+    """Writes this run's choices into the auto table and says what it wrote."""
+    import torch
+
+    from ..ops import _auto, _registry
+
+    kind = _auto.device_kind(torch.device(env["device"]))
+    entries = _auto.choose(data["results"], kind)
+    target = path or _auto.table_path()
+    measurement = {"device": kind, "device_name": env["device_name"],
+                   "dtype": str(dtype).replace("torch.", ""),
+                   "date": env["date"], "torch": env["torch"], "triton": env["triton"],
+                   "armfast": env["armfast"], "command": command}
+    _auto.write_table(target, entries, measurement)
+    _registry.clear_cache()
+    print(f"auto table {target}: {len(entries)} entries for {kind}")
+    for e in entries:
+        print(f"  {e['op']} {e['dtype']} dim={e['dim']} {e['mode']} "
+              f"{_auto.bucket_range(e['bucket'])}: {e['backend']} ({e['vs_sdpa']:.2f}x sdpa)")

@@ -34,8 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import ops
-from .blocks import (attention_branch, block_forward, mlp_residual, qkv,
+from .blocks import (attend, attention_branch, block_forward, merge_heads, mlp_residual, qkv,
                      require_standard_block, value)
 from .vfm import VisionFoundationModel
 
@@ -104,7 +103,7 @@ def vanilla(block: nn.Module, inp: LastBlockInput):
 @register_baseline("maskclip")
 def maskclip(block: nn.Module, inp: LastBlockInput):
     """MaskCLIP: attention replaced by the value path, ``Y = X + out_proj(V)``; FFN kept."""
-    y = inp.x + attention_branch(block, value(block.attn, block.ln_1(inp.x)))
+    y = inp.x + attention_branch(block, merge_heads(value(block.attn, block.ln_1(inp.x))))
     return mlp_residual(block, y)[:, 1:], inp.grid
 
 
@@ -113,7 +112,7 @@ def sclip(block: nn.Module, inp: LastBlockInput):
     """SCLIP's correlative self-attention: ``softmax(s QQ^T) V + softmax(s KK^T) V`` (rows of
     the summed map add up to 2); residual and FFN kept."""
     q, k, v = qkv(block.attn, block.ln_1(inp.x))
-    o = ops.attention(q, q, v, backend=inp.backend) + ops.attention(k, k, v, backend=inp.backend)
+    o = attend(q, q, v, inp.backend) + attend(k, k, v, inp.backend)
     return mlp_residual(block, inp.x + attention_branch(block, o))[:, 1:], inp.grid
 
 
@@ -121,7 +120,7 @@ def sclip(block: nn.Module, inp: LastBlockInput):
 def clearclip(block: nn.Module, inp: LastBlockInput):
     """ClearCLIP: query-query attention ``softmax(s QQ^T) V``; residual and FFN dropped."""
     q, _, v = qkv(block.attn, block.ln_1(inp.x))
-    return attention_branch(block, ops.attention(q, q, v, backend=inp.backend))[:, 1:], inp.grid
+    return attention_branch(block, attend(q, q, v, inp.backend))[:, 1:], inp.grid
 
 
 @lru_cache(maxsize=32)
@@ -151,7 +150,7 @@ def naclip(block: nn.Module, inp: LastBlockInput, sigma: float = NACLIP_SIGMA):
     bias = gaussian_bias(*inp.grid, float(sigma), str(k.device), acc)
     scores = ka @ ka.transpose(-2, -1) * k.shape[-1] ** -0.5 + bias
     o = (scores.softmax(-1) @ v.to(acc)).to(v.dtype)
-    return attention_branch(block, o)[:, 1:], inp.grid
+    return attention_branch(block, merge_heads(o))[:, 1:], inp.grid
 
 
 def proxy_attention(features: Tensor, beta: float = PROXYCLIP_BETA,
@@ -190,7 +189,7 @@ def proxyclip(block: nn.Module, inp: LastBlockInput, beta: float = PROXYCLIP_BET
     v = F.interpolate(v.to(attn.dtype), size=grid, mode="bilinear", align_corners=False)
     v = v.flatten(2).transpose(1, 2).reshape(B, H, -1, d)
     o = (attn.unsqueeze(1) @ v).to(inp.x.dtype)
-    return attention_branch(block, o), grid
+    return attention_branch(block, merge_heads(o)), grid
 
 
 def run_baseline(name: str, block: nn.Module, inp: LastBlockInput):

@@ -50,9 +50,16 @@ def value(attn: nn.MultiheadAttention, h: Tensor) -> Tensor:
     return v.unflatten(-1, (attn.num_heads, -1)).transpose(1, 2)
 
 
+def attend(q: Tensor, k: Tensor, v: Tensor, backend: str = "auto") -> Tensor:
+    """``softmax(s q k^T) v`` with the heads merged, ``[B, T, heads * d]``: the attention
+    writes ``[B, T, heads, d]``, so the merge is a view."""
+    return ops.attention(q, k, v, backend=backend, layout="bnhd").flatten(2)
+
+
 def attention_branch(block: nn.Module, o: Tensor) -> Tensor:
-    """``ls_1(out_proj(merge(o)))``: what the block adds to its residual stream."""
-    return layer_scale(block, 1, block.attn.out_proj(merge_heads(o)))
+    """``ls_1(out_proj(o))`` of the merged heads ``o [B, T, W]``: what the block adds to its
+    residual stream."""
+    return layer_scale(block, 1, block.attn.out_proj(o))
 
 
 def mlp_residual(block: nn.Module, x: Tensor) -> Tensor:
@@ -63,7 +70,7 @@ def mlp_residual(block: nn.Module, x: Tensor) -> Tensor:
 def standard_forward(block: nn.Module, x: Tensor, backend: str = "auto") -> Tensor:
     """The unchanged block: ``x + ls_1(attn(ln_1 x))``, then ``+ ls_2(mlp(ln_2 x))``."""
     q, k, v = qkv(block.attn, block.ln_1(x))
-    x = x + attention_branch(block, ops.attention(q, k, v, backend=backend))
+    x = x + attention_branch(block, attend(q, k, v, backend))
     return mlp_residual(block, x)
 
 
@@ -88,6 +95,6 @@ def transformer_batch_first(transformer: nn.Module) -> bool:
     return bool(getattr(transformer, "batch_first", False))
 
 
-__all__ = ["is_standard_block", "require_standard_block", "qkv", "value", "merge_heads",
+__all__ = ["is_standard_block", "require_standard_block", "qkv", "value", "merge_heads", "attend",
            "attention_branch", "mlp_residual", "standard_forward", "block_forward",
            "run_block_module", "transformer_batch_first", "layer_scale"]

@@ -1,32 +1,51 @@
 """The fused ops of armfast, one entry point each; `backend=` picks the implementation.
 
-- `attention(q, k, v, *, scale=None, backend="auto")`: softmax(q k^T * scale) v.
+- `attention(q, k, v, *, scale=None, backend="auto", layout="bhnd")`: softmax(q k^T * scale) v.
 - `patch_text_logits(x, text, *, logit_scale=1.0, backend="auto")`:
   logit_scale * normalize(x) @ normalize(text)^T.
+
+Each call validates its arguments, resolves the backend (cached per kind of call) and runs the
+backend's eager fast path; under `torch.compile`/`torch.export` it runs the backend's
+`torch.library` custom ops instead (see `armfast.ops._library`).
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from . import _validate
-from ._registry import AUTO_ORDER, BACKENDS, Backend, available_backends, resolve, status
+from . import _auto, _registry, _validate
+from ._registry import BACKENDS, Backend, available_backends, resolve, status
 
 __all__ = ["attention", "patch_text_logits", "available_backends", "backend_status", "BACKENDS",
-           "resolve_backend"]
+           "resolve_backend", "auto_choice"]
+
+_is_compiling = torch.compiler.is_compiling
+_grad_enabled = torch.is_grad_enabled
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None,
-              backend: str = "auto") -> Tensor:
+              backend: str = "auto", layout: str = "bhnd") -> Tensor:
     """Multi-head attention ``softmax(q k^T * scale) v``.
 
     q: ``[B, H, Nq, d]``; k, v: ``[B, H, Nk, d]`` (Nq may differ from Nk); strided views are
-    fine. ``scale`` defaults to ``d ** -0.5``. Returns ``[B, H, Nq, d]`` in q's dtype, with
-    gradients to q, k and v.
+    fine. ``scale`` defaults to ``d ** -0.5``. Returns ``[B, H, Nq, d]`` in q's dtype, or with
+    ``layout="bnhd"`` ``[B, Nq, H, d]`` (the fused backends write it contiguous, so
+    ``out.flatten(2)`` merges the heads without a copy). Gradients flow to q, k and v.
     """
     scale = _validate.attention_args(q, k, v, scale)
-    impl = resolve("attention", backend, q.dtype, q.device, head_dim=q.shape[-1])
-    return impl.attention(q, k, v, scale)
+    heads_last = layout != "bhnd" and _validate.heads_last(layout)
+    B, H, Nq, d = q.shape
+    train = work = None
+    if backend == "auto":  # the table's key: gradients needed or not, and the size of the work
+        train = _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        work = 4 * B * H * Nq * k.shape[2] * d
+    if _is_compiling():
+        name = _backend_name("attention", backend, q.dtype, q.device, _traced_int(d), _traced_int(d), train,
+                             _traced_bucket(work))
+        return _registry.load(name).attention.compiled(q, k, v, scale, heads_last)
+    impl = resolve("attention", backend, q.dtype, q.device, dim=d, head_dim=d, train=train,
+                   bucket=work and _auto.bucket(work)).attention
+    return impl(q, k, v, scale, heads_last)
 
 
 def patch_text_logits(x: Tensor, text: Tensor, *, logit_scale: float | Tensor = 1.0,
@@ -37,14 +56,62 @@ def patch_text_logits(x: Tensor, text: Tensor, *, logit_scale: float | Tensor = 
     or a one-element tensor (gradients flow to it). Returns ``[B, N, C]`` in x's dtype.
     """
     scale = _validate.patch_text_logits_args(x, text, logit_scale)
-    impl = resolve("patch_text_logits", backend, x.dtype, x.device)
-    return impl.patch_text_logits(x, text, scale)
+    B, N, E = x.shape
+    train = work = None
+    if backend == "auto":
+        train = _grad_enabled() and (x.requires_grad or text.requires_grad or scale.requires_grad)
+        work = 2 * B * N * text.shape[0] * E
+    if _is_compiling():
+        name = _backend_name("patch_text_logits", backend, x.dtype, x.device, _traced_int(E), None, train,
+                             _traced_bucket(work))
+        return _registry.load(name).patch_text_logits.compiled(x, text, scale)
+    impl = resolve("patch_text_logits", backend, x.dtype, x.device, dim=E, train=train,
+                   bucket=work and _auto.bucket(work)).patch_text_logits
+    return impl(x, text, scale)
 
 
-def resolve_backend(op: str, backend: str, tensor: Tensor) -> str:
-    """The backend name that `backend` (possibly "auto") resolves to for `tensor`."""
-    head_dim = tensor.shape[-1] if op == "attention" else None
-    return resolve(op, backend, tensor.dtype, tensor.device, head_dim).name
+def _largest(ok, low: int, high: int) -> int:
+    """The largest i in [low, high] with ok(i), for ok true up to some point and false after."""
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if ok(mid) else (low, mid - 1)
+    return low
+
+
+def _traced_bucket(work) -> int | None:
+    """`_auto.bucket(work)` by comparisons alone. While tracing with dynamic shapes each one is
+    a guard on the sizes, so a compiled graph is specialised on the size bucket (the table's
+    key), not on the exact size."""
+    return None if work is None else _largest(lambda b: work >= 4 ** b, 0, 62)
+
+
+def _traced_int(n) -> int:
+    """A (possibly symbolic) size as a Python int while tracing, by comparisons (guards)."""
+    return _largest(lambda i: n >= i, 1, 2 ** 31)
+
+
+@torch.compiler.assume_constant_result
+def _backend_name(op, backend, dtype, device, dim, head_dim, train, bucket) -> str:
+    """`resolve` for torch.compile: run once while tracing (it may import a backend or read the
+    auto table), its answer kept as a constant of the graph."""
+    return resolve(op, backend, dtype, device, dim=dim, head_dim=head_dim, train=train,
+                   bucket=bucket).name
+
+
+def resolve_backend(op: str, backend: str, tensor: Tensor, *, train: bool = False,
+                    work: int = 0) -> str:
+    """The backend name that `backend` (possibly "auto") resolves to for an `op` call whose
+    first input is `tensor`, needing gradients (`train`) or not, of `work` forward FLOPs."""
+    dim = tensor.shape[-1]
+    head_dim = dim if op == "attention" else None
+    return resolve(op, backend, tensor.dtype, tensor.device, dim=dim, head_dim=head_dim,
+                   train=train, bucket=_auto.bucket(work)).name
+
+
+def auto_choice(op: str, device: str | torch.device, dtype: torch.dtype, dim: int, *,
+                train: bool, work: int) -> _auto.Choice:
+    """What the auto table says for such a call, and why (before availability is checked)."""
+    return _auto.lookup(op, torch.device(device), dtype, dim, train, _auto.bucket(work))
 
 
 def backend_status(device: str | torch.device = "cpu") -> dict[str, str | None]:

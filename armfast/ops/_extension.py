@@ -124,8 +124,8 @@ def _cuda_runtime_check(device: torch.device) -> Optional[str]:
 # shared helpers
 # ---------------------------------------------------------------------------------------------
 
-def _arg(t: Tensor) -> tuple[int, list[int], list[int]]:
-    return t.data_ptr(), list(t.shape), list(t.stride())
+def _arg(t: Tensor) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+    return t.data_ptr(), t.shape, t.stride()
 
 
 def _check(backend: str, dtypes: tuple[torch.dtype, ...], **tensors: Tensor) -> None:
@@ -158,45 +158,38 @@ def _check_head_dim(d: int) -> None:
 # cpu
 # ---------------------------------------------------------------------------------------------
 
-def cpu_attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    _check("cpu", CPU_DTYPES, q=q, k=k, v=v)
-    B, H, Nq, d = q.shape
-    out = empty((B, H, Nq, d), q.dtype, q.device)
-    lse = empty((B, H, Nq), lse_dtype(q.dtype), q.device)
+def cpu_attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, out: Tensor) -> Tensor:
+    lse = empty(q.shape[:3], lse_dtype(q.dtype), q.device)
     _module("_C").attention_forward(_DTYPE_NAMES[q.dtype], _arg(q), _arg(k), _arg(v), _arg(out),
-                                    _arg(lse), float(scale), torch.get_num_threads())
-    return out, lse
+                                    _arg(lse), scale, torch.get_num_threads())
+    return lse
 
 
 def cpu_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                            scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    _check("cpu", CPU_DTYPES, q=q, k=k, v=v, dout=dout, out=out)
-    _check_lse(lse, q)
     dq = empty(q.shape, q.dtype, q.device)
     dk = empty(k.shape, k.dtype, k.device)
     dv = empty(v.shape, v.dtype, v.device)
     _module("_C").attention_backward(
         _DTYPE_NAMES[q.dtype], _arg(dout), _arg(q), _arg(k), _arg(v), _arg(out), _arg(lse),
-        _arg(dq), _arg(dk), _arg(dv), float(scale), torch.get_num_threads())
+        _arg(dq), _arg(dk), _arg(dv), scale, torch.get_num_threads())
     return dq, dk, dv
 
 
 def cpu_patch_text_logits_forward(x: Tensor, text: Tensor, logit_scale: Tensor) -> Tensor:
-    _check("cpu", CPU_DTYPES, x=x, text=text)
     out = empty((x.shape[0], x.shape[1], text.shape[0]), x.dtype, x.device)
     _module("_C").patch_text_logits_forward(_DTYPE_NAMES[x.dtype], _arg(x), _arg(text), _arg(out),
                                             float(logit_scale), torch.get_num_threads())
     return out
 
 
-def cpu_patch_text_logits_backward(dout: Tensor, x: Tensor, text: Tensor,
-                                   logit_scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    _check("cpu", CPU_DTYPES, x=x, text=text, dout=dout)
+def cpu_patch_text_logits_backward(dout: Tensor, x: Tensor, text: Tensor, logit_scale: Tensor,
+                                   text_grad: bool = True) -> tuple[Tensor, Optional[Tensor], Tensor]:
     dx = empty(x.shape, x.dtype, x.device)
-    dtext = empty(text.shape, text.dtype, text.device)
+    dtext = empty(text.shape, text.dtype, text.device) if text_grad else None
     dscale = _module("_C").patch_text_logits_backward(
         _DTYPE_NAMES[x.dtype], _arg(dout), _arg(x), _arg(text), float(logit_scale), _arg(dx),
-        _arg(dtext), torch.get_num_threads())
+        None if dtext is None else _arg(dtext), torch.get_num_threads())
     return dx, dtext, torch.full(logit_scale.shape, dscale, dtype=logit_scale.dtype,
                                  device=logit_scale.device)
 
@@ -216,20 +209,15 @@ def _allow_tf32(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
 
 
-def cuda_attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float,
-                           out: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-    """`out`: where to write the result, a [B, H, Nq, d] tensor of q's dtype with any strides
-    (e.g. a view of a [B, Nq, H, d] buffer); allocated when None."""
+def cuda_attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, out: Tensor) -> Tensor:
+    """Writes out ([B, H, Nq, d], any strides, e.g. a view of a [B, Nq, H, d] buffer); returns lse."""
     _check("cuda", CUDA_DTYPES, q=q, k=k, v=v)
     _check_head_dim(q.shape[-1])
-    B, H, Nq, d = q.shape
-    if out is None:
-        out = empty((B, H, Nq, d), q.dtype, q.device)
-    lse = empty((B, H, Nq), torch.float32, q.device)
+    lse = empty(q.shape[:3], torch.float32, q.device)
     _module("_C_cuda").attention_forward(_DTYPE_NAMES[q.dtype], _arg(q), _arg(k), _arg(v),
                                          _arg(out), _arg(lse), float(scale),
                                          _allow_tf32(q.dtype), *_launch(q))
-    return out, lse
+    return lse
 
 
 def cuda_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
@@ -274,8 +262,8 @@ def cuda_patch_text_logits_forward(x: Tensor, text: Tensor, logit_scale: Tensor)
     return out
 
 
-def cuda_patch_text_logits_backward(dout: Tensor, x: Tensor, text: Tensor,
-                                    logit_scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def cuda_patch_text_logits_backward(dout: Tensor, x: Tensor, text: Tensor, logit_scale: Tensor,
+                                    text_grad: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     _check("cuda", CUDA_DTYPES, x=x, text=text, dout=dout)
     module = _module("_C_cuda")
     B, N, E = x.shape
@@ -298,21 +286,22 @@ def cuda_patch_text_logits_backward(dout: Tensor, x: Tensor, text: Tensor,
 
 CPU_BACKEND = Backend(
     name="cpu",
-    attention=define_attention("cpu", cpu_attention_forward, cpu_attention_backward,
-                               device_types="cpu"),
-    patch_text_logits=define_patch_text_logits(
-        "cpu", cpu_patch_text_logits_forward, cpu_patch_text_logits_backward, device_types="cpu"),
+    ops={"attention": define_attention("cpu", cpu_attention_forward, cpu_attention_backward,
+                                       device_types="cpu"),
+         "patch_text_logits": define_patch_text_logits(
+             "cpu", cpu_patch_text_logits_forward, cpu_patch_text_logits_backward,
+             device_types="cpu")},
     dtypes={"cpu": CPU_DTYPES},
     runtime_check=_cpu_runtime_check,
 )
 
 CUDA_BACKEND = Backend(
     name="cuda",
-    attention=define_attention("cuda", cuda_attention_forward, cuda_attention_backward,
-                               device_types="cuda"),
-    patch_text_logits=define_patch_text_logits(
-        "cuda", cuda_patch_text_logits_forward, cuda_patch_text_logits_backward,
-        device_types="cuda"),
+    ops={"attention": define_attention("cuda", cuda_attention_forward, cuda_attention_backward,
+                                       device_types="cuda"),
+         "patch_text_logits": define_patch_text_logits(
+             "cuda", cuda_patch_text_logits_forward, cuda_patch_text_logits_backward,
+             device_types="cuda")},
     dtypes={"cuda": CUDA_DTYPES},
     head_dims=CUDA_HEAD_DIMS,
     runtime_check=_cuda_runtime_check,

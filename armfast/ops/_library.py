@@ -1,16 +1,27 @@
-"""torch.library plumbing shared by the backends.
+"""Autograd plumbing shared by the backends: one eager fast path and one compilable path per op.
 
-A backend supplies plain functions; `define_attention` and `define_patch_text_logits` turn them
-into custom ops (``armfast::attention_<backend>`` and its ``_backward``) with fake kernels and
-autograd, so `torch.compile` traces through them and `torch.library.opcheck` can check them.
+A backend supplies plain functions (no autograd); `define_attention` and
+`define_patch_text_logits` turn them into an op implementation with two paths, as
+flash-attention does:
 
-Contract for the supplied functions (all outputs freshly allocated and contiguous):
-  attention forward(q, k, v, scale) -> (out [B,H,Nq,d] in q.dtype,
-                                        lse [B,H,Nq] in `lse_dtype(q.dtype)`)
-  attention backward(dout, q, k, v, out, lse, scale) -> (dq, dk, dv)
-  patch_text_logits forward(x, text, logit_scale) -> out [B,N,C] in x.dtype
-  patch_text_logits backward(dout, x, text, logit_scale) -> (dx, dtext, dlogit_scale)
-Inputs may be strided views; logit_scale is a 0-d tensor.
+- eager (``impl(...)``): a `torch.autograd.Function`, or no autograd at all when no gradient
+  is needed. It allocates the output once, launches the kernel and saves only what the backward
+  reads (the log-sum-exp is saved, never returned, so autograd makes no gradient for it).
+- compiled (``impl.compiled(...)``): custom ops ``armfast::<op>_<backend>`` and their
+  ``_backward``, with fake kernels and autograd, which `torch.compile`/`torch.export` trace
+  and `torch.library.opcheck` checks. `armfast.ops` takes this path while compiling.
+
+Contract for the supplied functions:
+  attention forward(q, k, v, scale, out) -> lse [B,H,Nq] in `lse_dtype(q.dtype)`; writes
+      softmax(q k^T scale) v into `out`, a [B,H,Nq,d] view with any strides (it may be a
+      transposed view of a [B,Nq,H,d] buffer);
+  attention backward(dout, q, k, v, out, lse, scale) -> (dq, dk, dv), fresh tensors;
+  patch_text_logits forward(x, text, logit_scale) -> out [B,N,C] in x.dtype, fresh;
+  patch_text_logits backward(dout, x, text, logit_scale, text_grad) -> (dx, dtext, dlogit_scale),
+      dtext may be None when `text_grad` is False (frozen class embeddings: skip that pass).
+Inputs may be strided views (dout too); logit_scale is a 0-d tensor. The op layer has already
+validated shapes, dtypes and devices (`armfast.ops._validate`) and the backend's own limits
+(dtypes, head dims) when these functions run.
 """
 from __future__ import annotations
 
@@ -19,8 +30,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-AttentionForward = Callable[[Tensor, Tensor, Tensor, float], "tuple[Tensor, Tensor]"]
-AttentionBackward = Callable[..., "tuple[Tensor, Tensor, Tensor]"]
+from . import _validate
 
 
 def lse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -44,58 +54,167 @@ def _contiguous(*ts: Tensor) -> tuple[Tensor, ...]:
     return tuple(t.contiguous() for t in ts)
 
 
-def define_attention(backend: str, forward: AttentionForward, backward: AttentionBackward,
-                     device_types: str | tuple[str, ...] | None = None) -> Callable:
-    """Registers the attention ops of `backend`; returns `fn(q, k, v, scale) -> out` with autograd."""
-    name = f"armfast::attention_{backend}"
+def needs_grad(*ts: Tensor) -> bool:
+    """Whether autograd will want gradients of any of `ts` from this call."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
+
+
+def plain(fn: Callable) -> Callable:
+    """An implementation made of torch ops with their own autograd: both paths are `fn`."""
+    fn.compiled = fn
+    return fn
+
+
+# ---------------------------------------------------------------------------------------------
+# attention
+# ---------------------------------------------------------------------------------------------
+
+def attention_output(q: Tensor, v: Tensor, heads_last: bool) -> tuple[Tensor, Tensor]:
+    """(the output tensor, its [B,H,Nq,d] view for the kernel): [B,H,Nq,d], or [B,Nq,H,d]
+    with `heads_last` so that merging the heads afterwards is a view."""
+    B, H, Nq, _ = q.shape
+    d = v.shape[-1]
+    if heads_last:
+        out = empty((B, Nq, H, d), q.dtype, q.device)
+        return out, out.transpose(1, 2)
+    out = empty((B, H, Nq, d), q.dtype, q.device)
+    return out, out
+
+
+def _heads_first(t: Tensor, heads_last: bool) -> Tensor:
+    return t.transpose(1, 2) if heads_last else t
+
+
+class AttentionImpl:
+    """One backend's attention: ``impl(q, k, v, scale, heads_last)`` in eager mode,
+    ``impl.compiled(...)`` under torch.compile; ``forward_op``/``backward_op`` are the custom ops."""
+
+    def __init__(self, backend: str, forward: Callable, backward: Callable, device_types):
+        self.backend, self.forward, self.backward = backend, forward, backward
+        self.forward_op, self.backward_op = _attention_ops(self, device_types)
+
+    def run_forward(self, q: Tensor, k: Tensor, v: Tensor, scale: float,
+                    heads_last: bool) -> tuple[Tensor, Tensor]:
+        out, view = attention_output(q, v, heads_last)
+        return out, self.forward(q, k, v, scale, view)
+
+    def run_backward(self, dout, q, k, v, out, lse, scale, heads_last):
+        return self.backward(_heads_first(dout, heads_last), q, k, v,
+                             _heads_first(out, heads_last), lse, scale)
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, scale: float, heads_last: bool = False) -> Tensor:
+        if needs_grad(q, k, v):
+            return _FusedAttention.apply(q, k, v, scale, heads_last, self)
+        return self.run_forward(q, k, v, scale, heads_last)[0]
+
+    def compiled(self, q: Tensor, k: Tensor, v: Tensor, scale: float, heads_last: bool = False) -> Tensor:
+        return self.forward_op(q, k, v, scale, heads_last)[0]
+
+
+class _FusedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale, heads_last, impl):
+        out, lse = impl.run_forward(q, k, v, scale, heads_last)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale, ctx.heads_last, ctx.impl = scale, heads_last, impl
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = ctx.impl.run_backward(dout, q, k, v, out, lse, ctx.scale, ctx.heads_last)
+        return dq, dk, dv, None, None, None
+
+
+def _attention_ops(impl: AttentionImpl, device_types):
+    name = f"armfast::attention_{impl.backend}"
 
     @torch.library.custom_op(name, mutates_args=(), device_types=device_types)
-    def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-        return _contiguous(*forward(q, k, v, scale))
+    def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float,
+                      heads_last: bool = False) -> tuple[Tensor, Tensor]:
+        _validate.attention_args(q, k, v, scale)  # callable directly: check what the kernels read
+        return impl.run_forward(q, k, v, scale, heads_last)
 
     @attention_fwd.register_fake
-    def _(q, k, v, scale):
+    def _(q, k, v, scale, heads_last=False):
         B, H, Nq, _ = q.shape
-        return q.new_empty((B, H, Nq, v.shape[-1])), q.new_empty((B, H, Nq), dtype=lse_dtype(q.dtype))
+        shape = (B, Nq, H, v.shape[-1]) if heads_last else (B, H, Nq, v.shape[-1])
+        return q.new_empty(shape), q.new_empty((B, H, Nq), dtype=lse_dtype(q.dtype))
 
     @torch.library.custom_op(name + "_backward", mutates_args=(), device_types=device_types)
     def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                      scale: float) -> tuple[Tensor, Tensor, Tensor]:
-        return _contiguous(*backward(dout, q, k, v, out, lse, scale))
+                      scale: float, heads_last: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        _validate.attention_args(q, k, v, scale)
+        _validate.saved_attention(dout, out, lse, q, v, heads_last)
+        return _contiguous(*impl.run_backward(dout, q, k, v, out, lse, scale, heads_last))
 
     @attention_bwd.register_fake
-    def _(dout, q, k, v, out, lse, scale):
+    def _(dout, q, k, v, out, lse, scale, heads_last=False):
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
     def setup_context(ctx, inputs, output):
-        q, k, v, scale = inputs
+        q, k, v, scale, heads_last = inputs
         out, lse = output
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.scale = scale
+        ctx.scale, ctx.heads_last = scale, heads_last
 
     def backward_rule(ctx, dout, dlse):
         # lse is an auxiliary output for the backward pass; gradients do not flow through it.
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, ctx.scale)
-        return dq, dk, dv, None
+        dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, ctx.scale, ctx.heads_last)
+        return dq, dk, dv, None, None
 
     attention_fwd.register_autograd(backward_rule, setup_context=setup_context)
-
-    def attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-        return attention_fwd(q, k, v, scale)[0]
-
-    attention.forward_op, attention.backward_op = attention_fwd, attention_bwd
-    return attention
+    return attention_fwd, attention_bwd
 
 
-def define_patch_text_logits(backend: str, forward: Callable, backward: Callable,
-                             device_types: str | tuple[str, ...] | None = None) -> Callable:
-    """Registers the patch-text-logits ops of `backend`; returns `fn(x, text, logit_scale)`."""
-    name = f"armfast::patch_text_logits_{backend}"
+def define_attention(backend: str, forward: Callable, backward: Callable,
+                     device_types: str | tuple[str, ...] | None = None) -> AttentionImpl:
+    """The attention of `backend` from its forward and backward functions (module docstring)."""
+    return AttentionImpl(backend, forward, backward, device_types)
+
+
+# ---------------------------------------------------------------------------------------------
+# patch_text_logits
+# ---------------------------------------------------------------------------------------------
+
+class PatchTextLogitsImpl:
+    """One backend's patch_text_logits: ``impl(x, text, logit_scale)`` in eager mode,
+    ``impl.compiled(...)`` under torch.compile; ``forward_op``/``backward_op`` are the custom ops."""
+
+    def __init__(self, backend: str, forward: Callable, backward: Callable, device_types):
+        self.backend, self.forward, self.backward = backend, forward, backward
+        self.forward_op, self.backward_op = _logits_ops(self, device_types)
+
+    def __call__(self, x: Tensor, text: Tensor, logit_scale: Tensor) -> Tensor:
+        if needs_grad(x, text, logit_scale):
+            return _FusedLogits.apply(x, text, logit_scale, self)
+        return self.forward(x, text, logit_scale)
+
+    def compiled(self, x: Tensor, text: Tensor, logit_scale: Tensor) -> Tensor:
+        return self.forward_op(x, text, logit_scale)
+
+
+class _FusedLogits(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, text, logit_scale, impl):
+        ctx.save_for_backward(x, text, logit_scale)
+        ctx.impl = impl
+        return impl.forward(x, text, logit_scale)
+
+    @staticmethod
+    def backward(ctx, dout):
+        dx, dtext, dscale = ctx.impl.backward(dout, *ctx.saved_tensors, ctx.needs_input_grad[1])
+        return dx, dtext, dscale, None
+
+
+def _logits_ops(impl: PatchTextLogitsImpl, device_types):
+    name = f"armfast::patch_text_logits_{impl.backend}"
 
     @torch.library.custom_op(name, mutates_args=(), device_types=device_types)
     def logits_fwd(x: Tensor, text: Tensor, logit_scale: Tensor) -> Tensor:
-        return forward(x, text, logit_scale).contiguous()
+        _validate.patch_text_logits_args(x, text, logit_scale)
+        return impl.forward(x, text, logit_scale).contiguous()
 
     @logits_fwd.register_fake
     def _(x, text, logit_scale):
@@ -104,7 +223,7 @@ def define_patch_text_logits(backend: str, forward: Callable, backward: Callable
     @torch.library.custom_op(name + "_backward", mutates_args=(), device_types=device_types)
     def logits_bwd(dout: Tensor, x: Tensor, text: Tensor,
                    logit_scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return _contiguous(*backward(dout, x, text, logit_scale))
+        return _contiguous(*impl.backward(dout, x, text, logit_scale, True))
 
     @logits_bwd.register_fake
     def _(dout, x, text, logit_scale):
@@ -117,9 +236,10 @@ def define_patch_text_logits(backend: str, forward: Callable, backward: Callable
         return logits_bwd(dout, *ctx.saved_tensors)
 
     logits_fwd.register_autograd(backward_rule, setup_context=setup_context)
+    return logits_fwd, logits_bwd
 
-    def patch_text_logits(x: Tensor, text: Tensor, logit_scale: Tensor) -> Tensor:
-        return logits_fwd(x, text, logit_scale)
 
-    patch_text_logits.forward_op, patch_text_logits.backward_op = logits_fwd, logits_bwd
-    return patch_text_logits
+def define_patch_text_logits(backend: str, forward: Callable, backward: Callable,
+                             device_types: str | tuple[str, ...] | None = None) -> PatchTextLogitsImpl:
+    """The patch_text_logits of `backend` from its forward and backward functions."""
+    return PatchTextLogitsImpl(backend, forward, backward, device_types)

@@ -5,6 +5,8 @@ Half-precision inputs are computed in float32, float64 in float64. It materialis
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -18,12 +20,13 @@ def _acc(*ts: Tensor) -> tuple[Tensor, ...]:
     return tuple(t.to(lse_dtype(t.dtype)) for t in ts)
 
 
-def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, out: Tensor) -> Tensor:
     qa, ka, va = _acc(q, k, v)
     s = torch.matmul(qa, ka.transpose(-2, -1)) * scale
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - lse.unsqueeze(-1))
-    return torch.matmul(p, va).to(q.dtype), lse
+    out.copy_(torch.matmul(p, va))
+    return lse
 
 
 def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
@@ -52,24 +55,27 @@ def patch_text_logits_forward(x: Tensor, text: Tensor, logit_scale: Tensor) -> T
     return (sa * torch.matmul(xn, tn.t())).to(x.dtype)
 
 
-def patch_text_logits_backward(dout: Tensor, x: Tensor, text: Tensor,
-                               logit_scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def patch_text_logits_backward(dout: Tensor, x: Tensor, text: Tensor, logit_scale: Tensor,
+                               text_grad: bool = True) -> tuple[Tensor, Optional[Tensor], Tensor]:
     xa, ta, sa, g = _acc(x, text, logit_scale, dout)
     xn, rx, mx = _normalize(xa)
     tn, rt, mt = _normalize(ta)
-    dscale = (g * torch.matmul(xn, tn.t())).sum()
-    gxn = sa * torch.matmul(g, tn)  # dL/d normalize(x)
-    gtn = sa * torch.einsum("bnc,bne->ce", g, xn)  # dL/d normalize(text)
+    gt = torch.matmul(g, tn)  # dL/d normalize(x), before the scale
+    dscale = (gt * xn).sum()  # sum(g * cos) without recomputing cos
+    gxn = sa * gt
     # d(t / |t|) = (g - t_hat <g, t_hat>) / |t|; below the eps clamp the norm is constant.
     dx = (gxn - mx * xn * (gxn * xn).sum(-1, keepdim=True)) / rx
-    dt = (gtn - mt * tn * (gtn * tn).sum(-1, keepdim=True)) / rt
-    return dx.to(x.dtype), dt.to(text.dtype), dscale.to(logit_scale.dtype).reshape(logit_scale.shape)
+    dt = None
+    if text_grad:
+        gtn = sa * torch.einsum("bnc,bne->ce", g, xn)  # dL/d normalize(text)
+        dt = ((gtn - mt * tn * (gtn * tn).sum(-1, keepdim=True)) / rt).to(text.dtype)
+    return dx.to(x.dtype), dt, dscale.to(logit_scale.dtype).reshape(logit_scale.shape)
 
 
 BACKEND = Backend(
     name="reference",
-    attention=define_attention("reference", attention_forward, attention_backward),
-    patch_text_logits=define_patch_text_logits(
-        "reference", patch_text_logits_forward, patch_text_logits_backward),
+    ops={"attention": define_attention("reference", attention_forward, attention_backward),
+         "patch_text_logits": define_patch_text_logits(
+             "reference", patch_text_logits_forward, patch_text_logits_backward)},
     dtypes={device: ANY_DTYPE for device in ("cpu", "cuda", "mps", "xpu")},
 )

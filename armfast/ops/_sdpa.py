@@ -11,13 +11,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._reference import NORM_EPS
+from ._library import plain
 from ._registry import ANY_DTYPE, Backend
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+@plain
+def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, heads_last: bool = False) -> Tensor:
+    out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    # a view; on CUDA the flash and cuDNN kernels already store [B, N, H, d], so it is contiguous
+    return out.transpose(1, 2) if heads_last else out
 
 
+@plain
 def patch_text_logits(x: Tensor, text: Tensor, logit_scale: Tensor) -> Tensor:
     xn = F.normalize(x, dim=-1, eps=NORM_EPS)
     tn = F.normalize(text, dim=-1, eps=NORM_EPS)
@@ -26,7 +31,6 @@ def patch_text_logits(x: Tensor, text: Tensor, logit_scale: Tensor) -> Tensor:
 
 BACKEND = Backend(
     name="sdpa",
-    attention=attention,
-    patch_text_logits=patch_text_logits,
+    ops={"attention": attention, "patch_text_logits": patch_text_logits},
     dtypes={device: ANY_DTYPE for device in ("cpu", "cuda", "mps", "xpu")},
 )

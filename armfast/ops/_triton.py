@@ -92,11 +92,10 @@ def attention_grid(batch_heads: int, length: int, block: int, what: str) -> tupl
 # attention
 # ---------------------------------------------------------------------------------------------
 
-def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, out: Tensor) -> Tensor:
     kernels, common = _kernels().attention, _kernels().common
     B, H, N_Q, d = q.shape
     N_K = k.shape[2]
-    out = empty((B, H, N_Q, d), q.dtype, q.device)
     lse = empty((B, H, N_Q), lse_dtype(q.dtype), q.device)
     what = f"triton attention of q {tuple(q.shape)}"
 
@@ -110,7 +109,7 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Te
             H, N_Q, N_K, common.bucket(N_Q), common.bucket(N_K),
             HEAD_DIM=d, BLOCK_D=_block_d(d),
             ACC_DTYPE=common.acc_dtype(q.dtype), DOT_PRECISION=common.dot_precision(q.dtype))
-    return out, lse
+    return lse
 
 
 def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
@@ -170,8 +169,8 @@ def patch_text_logits_forward(x: Tensor, text: Tensor, logit_scale: Tensor) -> T
     return out
 
 
-def patch_text_logits_backward(dout: Tensor, x: Tensor, text: Tensor,
-                               logit_scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def patch_text_logits_backward(dout: Tensor, x: Tensor, text: Tensor, logit_scale: Tensor,
+                               text_grad: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     kernels, common = _kernels().logits, _kernels().common
     B, N, E = x.shape
     C, R = text.shape[0], B * N
@@ -213,9 +212,9 @@ def patch_text_logits_backward(dout: Tensor, x: Tensor, text: Tensor,
 # The CPU entries run only under TRITON_INTERPRET=1; `runtime_check` says so otherwise.
 BACKEND = Backend(
     name="triton",
-    attention=define_attention("triton", attention_forward, attention_backward),
-    patch_text_logits=define_patch_text_logits(
-        "triton", patch_text_logits_forward, patch_text_logits_backward),
+    ops={"attention": define_attention("triton", attention_forward, attention_backward),
+         "patch_text_logits": define_patch_text_logits(
+             "triton", patch_text_logits_forward, patch_text_logits_backward)},
     dtypes={"cuda": (torch.float16, torch.bfloat16, torch.float32),
             "cpu": (torch.float32, torch.float64)},
     head_dims=range(1, MAX_HEAD_DIM + 1),

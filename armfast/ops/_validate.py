@@ -29,8 +29,43 @@ def check_same(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> Non
             raise ValueError(f"{name} must be on the device of {first} ({ref.device}), got {t.device}")
 
 
+_FLOATS = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
+_strided = torch.strided
+Tensor = torch.Tensor
+
+
+def _plain_attention_inputs(q, k, v) -> bool:
+    """The common case, checked in about a microsecond: three dense floating tensors of one
+    dtype and device with matching [B, H, N, d] shapes and no empty dimension."""
+    if not (type(q) is Tensor and type(k) is Tensor and type(v) is Tensor):
+        return False
+    qs, ks, vs = q.shape, k.shape, v.shape
+    return (len(qs) == 4 and len(ks) == 4 and len(vs) == 4
+            and qs[0] == ks[0] == vs[0] and qs[1] == ks[1] == vs[1] and ks[2] == vs[2]
+            and qs[3] == ks[3] == vs[3] and 0 not in qs and 0 not in ks
+            and q.dtype in _FLOATS and q.dtype == k.dtype == v.dtype
+            and q.device == k.device == v.device
+            and q.layout is _strided and k.layout is _strided and v.layout is _strided)
+
+
 def attention_args(q, k, v, scale) -> float:
     """Validates `attention` inputs; returns the softmax scale to use."""
+    if not _plain_attention_inputs(q, k, v):
+        _explain_attention_inputs(q, k, v)
+    if scale is None:
+        return q.shape[-1] ** -0.5
+    if type(scale) is float and 0 < scale < math.inf:
+        return scale
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be finite and > 0, got {scale}")
+    return float(scale)
+
+
+def _explain_attention_inputs(q, k, v) -> None:
+    """Raises the error that says what is wrong with q, k, v (tensor subclasses that are fine
+    get here too, and pass)."""
     layout = "[B, H, N, d]"
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, 4, layout)
@@ -44,22 +79,49 @@ def attention_args(q, k, v, scale) -> float:
     if k.shape[3] != q.shape[3] or v.shape[3] != q.shape[3]:
         raise ValueError(
             f"k and v must have q's head dim d={q.shape[3]}, got k {k.shape[3]}, v {v.shape[3]}")
-    if scale is None:
-        return q.shape[-1] ** -0.5
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
-    if not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale must be finite and > 0, got {scale}")
-    return float(scale)
+
+
+def saved_attention(dout, out, lse, q, v, heads_last: bool) -> None:
+    """The backward's own inputs, for direct calls of the backward ops: the kernels read them
+    raw, so a wrong dtype or shape must fail here."""
+    B, H, Nq, _ = q.shape
+    shape = (B, Nq, H, v.shape[-1]) if heads_last else (B, H, Nq, v.shape[-1])
+    for name, t in (("dout", dout), ("out", out)):
+        check_tensor(name, t, 4, "like the forward's output")
+        if tuple(t.shape) != shape or t.dtype != q.dtype or t.device != q.device:
+            raise ValueError(f"{name} must be {q.dtype} {list(shape)} on {q.device}, got "
+                             f"{t.dtype} {list(t.shape)} on {t.device}")
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != (B, H, Nq) or lse.dtype != acc \
+            or lse.device != q.device:
+        got = f"{lse.dtype} {list(lse.shape)} on {lse.device}" if isinstance(lse, torch.Tensor) \
+            else type(lse).__name__
+        raise ValueError(f"lse must be {acc} {[B, H, Nq]} on {q.device}, got {got}")
+
+
+LAYOUTS = {"bhnd": False, "bnhd": True}  # layout -> heads_last
+
+
+def heads_last(value) -> bool:
+    """The `layout` argument of attention -> whether the heads come after the tokens."""
+    heads_last = LAYOUTS.get(value) if isinstance(value, str) else None
+    if heads_last is None:
+        raise ValueError(f"layout must be 'bhnd' ([B, H, N, d]) or 'bnhd' ([B, N, H, d]), "
+                         f"got {value!r}")
+    return heads_last
 
 
 def patch_text_logits_args(x, text, logit_scale) -> torch.Tensor:
     """Validates `patch_text_logits` inputs; returns logit_scale as a 0-d tensor on x's device."""
-    check_tensor("x", x, 3, "[B, N, E]")
-    check_tensor("text", text, 2, "[C, E]")
-    check_same(("x", "text"), (x, text))
-    if text.shape[1] != x.shape[2]:
-        raise ValueError(f"text must have x's embedding dim E={x.shape[2]}, got {text.shape[1]}")
+    if not (type(x) is Tensor and type(text) is Tensor and x.dim() == 3 and text.dim() == 2
+            and text.shape[1] == x.shape[2] and 0 not in x.shape and 0 not in text.shape
+            and x.dtype in _FLOATS and x.dtype == text.dtype and x.device == text.device
+            and x.layout is _strided and text.layout is _strided):
+        check_tensor("x", x, 3, "[B, N, E]")
+        check_tensor("text", text, 2, "[C, E]")
+        check_same(("x", "text"), (x, text))
+        if text.shape[1] != x.shape[2]:
+            raise ValueError(f"text must have x's embedding dim E={x.shape[2]}, got {text.shape[1]}")
     if isinstance(logit_scale, torch.Tensor):
         if logit_scale.numel() != 1:
             raise ValueError(f"logit_scale must be a number or a one-element tensor, got shape "

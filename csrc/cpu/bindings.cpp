@@ -7,6 +7,7 @@
 #endif
 
 #include <cmath>
+#include <optional>
 #include <string>
 
 #include "armfast/tensor_arg.h"
@@ -116,7 +117,7 @@ void patch_text_logits_forward(const std::string& dtype, const PyTensor& x, cons
 
 double patch_text_logits_backward(const std::string& dtype, const PyTensor& dout, const PyTensor& x,
                                   const PyTensor& text, double logit_scale, const PyTensor& dx,
-                                  const PyTensor& dtext, int threads) {
+                                  const std::optional<PyTensor>& dtext, int threads) {
   const bool f64 = is_double(dtype);
   const TensorArg xa = tensor_arg("x", x, {-1, -1, -1});
   const int64_t B = xa.size(0), N = xa.size(1), E = xa.size(2);
@@ -124,17 +125,20 @@ double patch_text_logits_backward(const std::string& dtype, const PyTensor& dout
   const int64_t C = ta.size(0);
   const TensorArg ga = tensor_arg("dout", dout, {B, N, C});
   const TensorArg dxa = tensor_arg("dx", dx, {B, N, E});
-  const TensorArg dta = tensor_arg("dtext", dtext, {C, E});
+  // dtext None: its gradient is not needed and its pass is skipped (null data pointer)
+  const std::optional<TensorArg> dta =
+      dtext ? std::optional<TensorArg>(tensor_arg("dtext", *dtext, {C, E})) : std::nullopt;
   check_scale("logit_scale", logit_scale, false);
   const cpu::LogitsShape s{B, N, C, E};
   py::gil_scoped_release release;
   if (f64)
     return cpu::patch_text_logits_backward<double>(
         s, strided<const double>(ga), strided<const double>(xa), strided<const double>(ta),
-        logit_scale, strided<double>(dxa), strided<double>(dta), threads);
+        logit_scale, strided<double>(dxa), dta ? strided<double>(*dta) : cpu::Strided<double>{},
+        threads);
   return cpu::patch_text_logits_backward<float>(
       s, strided<const float>(ga), strided<const float>(xa), strided<const float>(ta), logit_scale,
-      strided<float>(dxa), strided<float>(dta), threads);
+      strided<float>(dxa), dta ? strided<float>(*dta) : cpu::Strided<float>{}, threads);
 }
 
 }  // namespace
@@ -169,5 +173,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("patch_text_logits_backward", &patch_text_logits_backward, py::arg("dtype"), py::arg("dout"),
         py::arg("x"), py::arg("text"), py::arg("logit_scale"), py::arg("dx"), py::arg("dtext"),
         py::arg("threads") = 0,
-        (std::string("Writes dx and dtext; returns d(loss)/d(logit_scale).") + tensor_doc).c_str());
+        (std::string("Writes dx and dtext (None: skipped); returns d(loss)/d(logit_scale).") + tensor_doc).c_str());
 }

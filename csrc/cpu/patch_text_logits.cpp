@@ -236,8 +236,10 @@ double patch_text_logits_backward(const LogitsShape& s, Strided<const T> dout, S
   }
   auto rows = isa_kernel<BackwardRows, const Problem<T>*, int64_t, T*>();
   run_blocks<T>(rows, P, BN, kRows, kRows * (s.C + P.Ep), threads);
-  auto classes = isa_kernel<BackwardClasses, const Problem<T>*, int64_t, T*>();
-  run_blocks<T>(classes, P, s.C, kClasses, kClasses * (P.Ep + kRows), threads);
+  if (dtext.data != nullptr) {  // null: text needs no gradient (e.g. frozen class embeddings)
+    auto classes = isa_kernel<BackwardClasses, const Problem<T>*, int64_t, T*>();
+    run_blocks<T>(classes, P, s.C, kClasses, kClasses * (P.Ep + kRows), threads);
+  }
   double dscale = 0;  // a fixed-order sum: the same result for any thread count
   for (int64_t r = 0; r < BN; ++r) dscale += static_cast<double>(P.dots[r]);
   return dscale;

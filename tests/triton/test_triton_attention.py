@@ -48,7 +48,7 @@ def test_matches_float64(B, H, Nq, Nk, d, strided):
 def test_lse_and_custom_scale():
     torch.manual_seed(1)
     q, k, v = make_qkv(1, 2, 33, 65, 32, device=DEVICE)
-    out, lse = _triton.attention_forward(q, k, v, 0.3)
+    out, lse = _triton.BACKEND.attention.run_forward(q, k, v, 0.3, False)
     s = (q.double() @ k.double().transpose(-2, -1)) * 0.3
     assert lse.dtype == torch.float32 and lse.shape == (1, 2, 33)
     assert_close(lse, torch.logsumexp(s, -1), atol=1e-5, rtol=1e-5, name="lse")
@@ -82,7 +82,7 @@ def test_float64_and_gradcheck():
 def test_backward_is_deterministic():
     torch.manual_seed(4)
     q, k, v = make_qkv(1, 2, 70, 45, 32, device=DEVICE, strided=True)
-    out, lse = _triton.attention_forward(q, k, v, 0.2)
+    out, lse = _triton.BACKEND.attention.run_forward(q, k, v, 0.2, False)
     dout = torch.randn_like(out)
     first = _triton.attention_backward(dout, q, k, v, out, lse, 0.2)
     second = _triton.attention_backward(dout, q, k, v, out, lse, 0.2)
