@@ -390,7 +390,9 @@ std::string launch(Dim3 grid, Dim3 block, size_t dynamic_smem_bytes, const std::
   r.grid = grid;
   r.block_dim = block;
   r.kernel = &kernel;
-  const size_t smem_alloc = std::max<size_t>(dynamic_smem_bytes, 16);
+  // A guard zone past the block's shared memory: reads there return NaN bytes, writes are reported.
+  constexpr size_t kGuard = 4096;
+  const size_t smem_alloc = std::max<size_t>(dynamic_smem_bytes, 16) + kGuard;
   std::unique_ptr<unsigned char[]> smem_buf(new unsigned char[smem_alloc + 128]);
   auto* smem = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_buf.get()) + 127) / 128 * 128);
   r.fibers.resize(block.x);
@@ -440,7 +442,14 @@ std::string launch(Dim3 grid, Dim3 block, size_t dynamic_smem_bytes, const std::
         }
         break;
       }
-      if (all_done) break;
+      if (all_done) {
+        for (size_t i = dynamic_smem_bytes; i < dynamic_smem_bytes + kGuard; ++i)
+          if (smem[i] != 0xff) {
+            r.error = "shared memory written past the " + std::to_string(dynamic_smem_bytes) + " bytes the launch asked for";
+            break;
+          }
+        break;
+      }
       if (!ran) {
         r.error = "deadlock: every live thread waits at a barrier that cannot complete (block " +
                   std::to_string(bi) + ")";
