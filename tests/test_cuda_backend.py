@@ -66,9 +66,13 @@ def assert_close_to_truth(got, truth, peer, name, factor=3.0):
     err = (got.double() - truth).abs().max().item()
     peer_err = (peer.double() - truth).abs().max().item()
     floor = FLOOR[got.dtype]
-    if got.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+    if got.dtype == torch.float32 and not exact_float32(got.dtype):
         floor = TF32_FLOOR * max(1.0, truth.abs().max().item())
     assert err <= factor * peer_err + floor, f"{name}: error {err:.3g}, PyTorch in {got.dtype}: {peer_err:.3g}"
+
+
+def exact_float32(dtype):
+    return dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
 
 
 def attention_peer(q, k, v, scale=None):
@@ -275,7 +279,7 @@ def check_logits(x, text, scale, seed=0):
     # dlogit_scale sums B*N*C products: compare relative to its size
     assert grads[2].dtype == scale.dtype and grads[2].shape == scale.shape
     torch.testing.assert_close(grads[2].double(), truth_grads[2].double(),
-                               rtol=1e-4 if x.dtype == torch.float32 else 2e-2, atol=1e-3)
+                               rtol=1e-4 if exact_float32(x.dtype) else 2e-2, atol=1e-3)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, **DTYPE_IDS)
