@@ -9,7 +9,7 @@ import torch
 
 from armfast import ops
 from armfast.cli import main
-from armfast.ops import _auto, _library, _registry
+from armfast.ops import _auto, _registry
 
 from conftest import attention_f64, make_qkv
 
