@@ -23,7 +23,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._library import define_attention, define_patch_text_logits, empty, lse_dtype
+from ._library import baseline_ops, define_attention, define_patch_text_logits, empty, lse_dtype
+from ._reference import (GAUSSIAN_SELF_CORRELATION, MASKED_AFFINITY, SELF_CORRELATION,
+                         SELF_CORRELATION_SUM)
 from ._registry import Backend
 
 CPU_DTYPES = (torch.float32, torch.float64)
@@ -190,6 +192,32 @@ def cpu_patch_text_logits_backward(dout: Tensor, x: Tensor, text: Tensor, logit_
                                  device=logit_scale.device)
 
 
+# The baseline attentions (forward only; see `_library.ForwardOnlyOp` for the contract).
+
+def cpu_self_correlation_forward(x: Tensor, v: Tensor, scale: float, out: Tensor) -> None:
+    _module("_C").self_correlation_forward(_DTYPE_NAMES[x.dtype], _arg(x), None, _arg(v), _arg(out),
+                                           scale, None, torch.get_num_threads())
+
+
+def cpu_self_correlation_sum_forward(q: Tensor, k: Tensor, v: Tensor, scale: float,
+                                     out: Tensor) -> None:
+    _module("_C").self_correlation_forward(_DTYPE_NAMES[q.dtype], _arg(q), _arg(k), _arg(v),
+                                           _arg(out), scale, None, torch.get_num_threads())
+
+
+def cpu_gaussian_self_correlation_forward(x: Tensor, v: Tensor, scale: float, grid_h: int,
+                                          grid_w: int, sigma: float, class_token: bool,
+                                          out: Tensor) -> None:
+    _module("_C").self_correlation_forward(_DTYPE_NAMES[x.dtype], _arg(x), None, _arg(v), _arg(out),
+                                           scale, (grid_h, grid_w, class_token, sigma),
+                                           torch.get_num_threads())
+
+
+def cpu_masked_affinity_forward(f: Tensor, v: Tensor, beta: float, gamma: float, out: Tensor) -> None:
+    _module("_C").masked_affinity_forward(_DTYPE_NAMES[f.dtype], _arg(f), _arg(v), _arg(out), beta,
+                                          gamma, torch.get_num_threads())
+
+
 # ---------------------------------------------------------------------------------------------
 # cuda
 # ---------------------------------------------------------------------------------------------
@@ -273,7 +301,11 @@ CPU_BACKEND = Backend(
                                        device_types="cpu"),
          "patch_text_logits": define_patch_text_logits(
              "cpu", cpu_patch_text_logits_forward, cpu_patch_text_logits_backward,
-             device_types="cpu")},
+             device_types="cpu"),
+         **baseline_ops("cpu", {SELF_CORRELATION: cpu_self_correlation_forward,
+                                SELF_CORRELATION_SUM: cpu_self_correlation_sum_forward,
+                                GAUSSIAN_SELF_CORRELATION: cpu_gaussian_self_correlation_forward,
+                                MASKED_AFFINITY: cpu_masked_affinity_forward}, "cpu")},
     dtypes={"cpu": CPU_DTYPES},
     runtime_check=_cpu_runtime_check,
 )

@@ -44,6 +44,38 @@ double patch_text_logits_backward(const LogitsShape& s, Strided<const T> dout, S
                                   Strided<const T> text, double logit_scale, Strided<T> dx,
                                   Strided<T> dtext, int threads);
 
+// ---- the baseline attentions (baseline_attention.cpp), forward only --------------------------
+
+struct SelfCorrelationShape {
+  int64_t B, H, N, d;
+};
+
+// NACLIP's neighbourhood term: tokens are the patches of an h x w grid in row-major order, after
+// a class token when class_token; G = exp(-dist^2 / (2 sigma^2)), 0 on the class token.
+struct GridBias {
+  int64_t h, w;
+  bool class_token;
+  double sigma;
+};
+
+struct AffinityShape {
+  int64_t B, n, C, H, d;  // f [B, n, C], v and out [B, H, n, d]
+};
+
+// x, v, out [B,H,N,d]: out = softmax(scale x x^T + G) v, G from `bias` (nullptr: none). With a
+// second operand (x2.data != nullptr; bias must then be nullptr), SCLIP's
+// out = (softmax(scale x x^T) + softmax(scale x2 x2^T)) v.
+template <typename T>
+void self_correlation_forward(const SelfCorrelationShape& s, Strided<const T> x,
+                              Strided<const T> x2, Strided<const T> v, Strided<T> out,
+                              double scale, const GridBias* bias, int threads);
+
+// ProxyCLIP: out[b, h] = softmax(gamma S, S < beta mean(S) masked off the diagonal) v[b, h] with
+// S the cosine affinities of the rows of f[b] and mean(S) over all n x n pairs.
+template <typename T>
+void masked_affinity_forward(const AffinityShape& s, Strided<const T> f, Strided<const T> v,
+                             Strided<T> out, double beta, double gamma, int threads);
+
 // Instruction set the kernels dispatch to: "avx512", "avx2" or "generic". The best the CPU
 // supports, capped by the environment variable ARMFAST_CPU_ISA (for tests and comparisons).
 const char* active_isa();
