@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from armfast.bench.workloads import affinity_features
+
 # (h, w) grids: one patch, non-square, ViT-B/16 at 224 and 448 px, and wide
 GRIDS = ((1, 1), (7, 5), (14, 14), (28, 28), (5, 9))
 
@@ -67,24 +69,12 @@ def heads(B, H, N, d, *, dtype=torch.float32, device="cpu", strided=False, gener
 
 
 def affinity_inputs(B, n, C, H, d, *, dtype=torch.float32, device="cpu", strided=False, generator=None):
-    """(f [B, n, C], v [B, H, n, d], beta): VFM-like features (a shared direction plus noise, so
-    mean(S) is well above 0) and a beta that puts the mask threshold beta * mean(S) in the middle
-    of the widest gap between the affinities, away from every S_ij: then rounding in float32
-    cannot flip an entry across it. The images are one image's patches in other orders (same
-    affinities, same threshold), each with its own v."""
-    f0 = torch.randn(n, C, dtype=torch.float64, generator=generator) + 0.7 * torch.randn(
-        C, dtype=torch.float64, generator=generator)
-    f = torch.stack([f0] + [f0[torch.randperm(n, generator=generator)] for _ in range(B - 1)])
+    """(f [B, n, C], v [B, H, n, d], beta) with no affinity near the mask threshold (see
+    `armfast.bench.workloads.affinity_features`); strided: f as a VFM's [B, C, n] map seen as
+    [B, n, C], v as a [B, n, H, d] projection seen as [B, H, n, d]."""
+    f, beta = affinity_features(B, n, C, generator)
     v = torch.randn(B, H, n, d, dtype=torch.float64, generator=generator)
-    beta = 1.2
-    if n > 1:
-        fn = f0 / f0.norm(dim=-1, keepdim=True)
-        S = fn @ fn.t()
-        values = S[~torch.eye(n, dtype=torch.bool)].sort().values
-        middle = values[int(0.3 * len(values)):max(int(0.7 * len(values)), 2)]
-        i = int((middle[1:] - middle[:-1]).argmax())
-        beta = float((middle[i] + middle[i + 1]) / 2 / S.mean())
-    if strided:  # features as a VFM gives them, [B, C, n] (a map flattened), transposed
+    if strided:
         f = f.transpose(1, 2).contiguous().transpose(1, 2)
         v = v.transpose(1, 2).contiguous().transpose(1, 2)
     return f.to(device=device, dtype=dtype), v.to(device=device, dtype=dtype), beta

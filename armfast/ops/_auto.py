@@ -51,9 +51,10 @@ def self_correlation_key(B: int, H: int, N: int, d: int) -> tuple[int, int]:
 
 
 def self_correlation_sum_key(B: int, H: int, N: int, d: int) -> tuple[int, int]:
-    """(head dim, forward FLOPs) of SCLIP's (softmax(s QQ^T) + softmax(s KK^T)) V: two
-    attentions' worth (two score products and, as the fused kernels do it, two value products)."""
-    return d, 8 * B * H * N * N * d
+    """(head dim, forward FLOPs) of SCLIP's (softmax(s QQ^T) + softmax(s KK^T)) V: two score
+    products and one product of the summed map with V, as written. (The fused kernels do a
+    second value product, 8 N^2 d in all: each softmax's normaliser is known only at the end.)"""
+    return d, 6 * B * H * N * N * d
 
 
 def masked_affinity_key(B: int, n: int, C: int, H: int, d: int) -> tuple[int, int]:

@@ -136,7 +136,11 @@ def masked_affinity_math(f: Tensor, v: Tensor, beta: float, gamma: float) -> Ten
     a = gamma * (s - beta * s.mean(dim=(1, 2), keepdim=True))
     eye = torch.eye(a.shape[-1], dtype=torch.bool, device=a.device)
     p = a.masked_fill((a < 0) & ~eye, float("-inf")).softmax(-1)
-    return torch.matmul(p.unsqueeze(1), va).to(v.dtype)
+    # one product with every head's values side by side ([n, H*d]); a broadcast p @ v per head
+    # would first copy p once per head
+    B, H, n, d = v.shape
+    out = torch.matmul(p, va.transpose(1, 2).reshape(B, n, H * d))
+    return out.view(B, n, H, d).transpose(1, 2).to(v.dtype)
 
 
 SELF_CORRELATION = ForwardOnlyOp("self_correlation", "Tensor x, Tensor v, float scale",
