@@ -38,6 +38,8 @@ def lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+NORM_EPS = 1e-12  # as in torch.nn.functional.normalize
+
 # Tests set this to fill every buffer the fused backends allocate with NaN, so that an element a
 # kernel forgets to write shows up instead of passing as left-over memory.
 POISON_ALLOCATIONS = False
@@ -361,3 +363,14 @@ def baseline_ops(backend: str, forwards: dict[ForwardOnlyOp, Callable],
     """``Backend.ops`` entries of `backend`'s fused baseline attentions, from their forwards."""
     return {op.name: define_forward_only(op, backend, forward, device_types)
             for op, forward in forwards.items()}
+
+
+def affinity_first_pass(f: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+    """The O(n C) first pass of masked_affinity_attention for the GPU backends: (rnorm [B, n],
+    thresh [B]) with rnorm = 1 / max(|f_i|, eps) (as F.normalize) and thresh = beta * mean(S),
+    where mean(S) over all n x n cosines is |mean_i f_i rnorm_i|^2. float32 (float64 for float64
+    features), contiguous."""
+    acc = lse_dtype(f.dtype)
+    rnorm = 1.0 / torch.linalg.vector_norm(f, dim=-1, dtype=acc).clamp_min(NORM_EPS)
+    mean = torch.bmm(rnorm.unsqueeze(1), f.to(acc)).squeeze(1) / f.shape[1]  # [B, C]
+    return rnorm.contiguous(), (beta * mean.square().sum(-1)).contiguous()

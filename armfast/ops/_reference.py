@@ -11,11 +11,10 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from ._library import (ForwardOnlyOp, define_attention, define_patch_text_logits, lse_dtype,
-                       plain)
+from ._library import (NORM_EPS, ForwardOnlyOp, define_attention, define_patch_text_logits,
+                       lse_dtype, plain)
 from ._registry import ANY_DTYPE, Backend
 
-NORM_EPS = 1e-12  # as in torch.nn.functional.normalize
 
 
 def _acc(*ts: Tensor) -> tuple[Tensor, ...]:

@@ -17,7 +17,10 @@ import torch
 import triton
 from torch import Tensor
 
-from ._library import define_attention, define_patch_text_logits, empty, lse_dtype
+from ._library import (affinity_first_pass, baseline_ops, define_attention,
+                       define_patch_text_logits, empty, lse_dtype)
+from ._reference import (GAUSSIAN_SELF_CORRELATION, MASKED_AFFINITY, SELF_CORRELATION,
+                         SELF_CORRELATION_SUM)
 from ._registry import Backend
 
 MAX_HEAD_DIM = 128
@@ -28,8 +31,9 @@ MIN_CAPABILITY = (8, 0)  # bfloat16 tensor-core dots need Ampere (sm_80) or newe
 @functools.cache
 def _kernels() -> SimpleNamespace:
     """The kernel modules, imported at the first launch (see the module docstring)."""
-    from armfast.kernels import _common, attention, patch_text_logits
-    return SimpleNamespace(common=_common, attention=attention, logits=patch_text_logits)
+    from armfast.kernels import _common, attention, baseline_attention, patch_text_logits
+    return SimpleNamespace(common=_common, attention=attention, logits=patch_text_logits,
+                           baselines=baseline_attention)
 
 
 def _interpret_mode() -> bool:
@@ -209,12 +213,72 @@ def patch_text_logits_backward(dout: Tensor, x: Tensor, text: Tensor, logit_scal
     return dx, dtext, dscale.to(logit_scale.dtype).reshape(logit_scale.shape)
 
 
+# ---------------------------------------------------------------------------------------------
+# the baseline attentions, forward only (see `_library.ForwardOnlyOp` for the contract)
+# ---------------------------------------------------------------------------------------------
+
+def _self_correlation(x: Tensor, x2: Tensor | None, v: Tensor, out: Tensor, scale: float,
+                      grid: tuple[int, bool, float] | None) -> None:
+    """softmax(s x x^T [+ G]) v, or with x2 SCLIP's sum; grid = (width, class_token, sigma)."""
+    kernels, common = _kernels().baselines, _kernels().common
+    B, H, N, d = x.shape
+    grid_w, class_token, sigma = grid or (1, False, 1.0)
+    bias_coef = -kernels.LOG2E.value / (2.0 * sigma * sigma)
+    y = x if x2 is None else x2
+    what = f"triton self-correlation of x {tuple(x.shape)}"
+    with _on_device(x):
+        kernels.self_corr_fwd[lambda meta: attention_grid(B * H, N, meta["BLOCK_M"], what)](
+            x, y, v, out, scale, bias_coef,
+            *x.stride(), *y.stride(), *v.stride(), *out.stride(),
+            H, N, grid_w, int(class_token), common.bucket(N),
+            HEAD_DIM=d, BLOCK_D=_block_d(d),
+            ACC_DTYPE=common.acc_dtype(x.dtype), DOT_PRECISION=common.dot_precision(x.dtype),
+            DUAL=x2 is not None, BIAS=grid is not None)
+
+
+def self_correlation_forward(x: Tensor, v: Tensor, scale: float, out: Tensor) -> None:
+    _self_correlation(x, None, v, out, scale, None)
+
+
+def self_correlation_sum_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, out: Tensor) -> None:
+    _self_correlation(q, k, v, out, scale, None)
+
+
+def gaussian_self_correlation_forward(x: Tensor, v: Tensor, scale: float, grid_h: int, grid_w: int,
+                                      sigma: float, class_token: bool, out: Tensor) -> None:
+    _self_correlation(x, None, v, out, scale, (grid_w, class_token, sigma))
+
+
+def masked_affinity_forward(f: Tensor, v: Tensor, beta: float, gamma: float, out: Tensor) -> None:
+    kernels, common = _kernels().baselines, _kernels().common
+    B, n, C = f.shape
+    H, d = v.shape[1], v.shape[3]
+    rnorm, thresh = affinity_first_pass(f, beta)
+    what = f"triton masked affinity attention of f {tuple(f.shape)} and v {tuple(v.shape)}"
+
+    def grid(meta):
+        return launch_grid(B * triton.cdiv(H * d, meta["BLOCK_DV"]), triton.cdiv(n, meta["BLOCK_M"]),
+                           what=what)
+
+    with _on_device(f):
+        kernels.masked_affinity_fwd[grid](
+            f, rnorm, thresh, v, out, gamma,
+            *f.stride(), *rnorm.stride(), *v.stride(), *out.stride(),
+            n, C, H, common.bucket(n),
+            HEAD_DIM=d, ACC_DTYPE=common.acc_dtype(f.dtype),
+            DOT_PRECISION=common.dot_precision(f.dtype))
+
+
 # The CPU entries run only under TRITON_INTERPRET=1; `runtime_check` says so otherwise.
 BACKEND = Backend(
     name="triton",
     ops={"attention": define_attention("triton", attention_forward, attention_backward),
          "patch_text_logits": define_patch_text_logits(
-             "triton", patch_text_logits_forward, patch_text_logits_backward)},
+             "triton", patch_text_logits_forward, patch_text_logits_backward),
+         **baseline_ops("triton", {SELF_CORRELATION: self_correlation_forward,
+                                   SELF_CORRELATION_SUM: self_correlation_sum_forward,
+                                   GAUSSIAN_SELF_CORRELATION: gaussian_self_correlation_forward,
+                                   MASKED_AFFINITY: masked_affinity_forward})},
     dtypes={"cuda": (torch.float16, torch.bfloat16, torch.float32),
             "cpu": (torch.float32, torch.float64)},
     head_dims=range(1, MAX_HEAD_DIM + 1),
