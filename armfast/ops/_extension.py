@@ -8,9 +8,13 @@ The kernels never see libtorch: the wrappers here check what the kernels rely on
 head dim), allocate the outputs and pass each tensor as ``(data_ptr, sizes, strides)`` with
 strides in elements, plus, for CUDA, the device index and torch's current stream.
 
-The CUDA attention kernels pick their tiles per call from the shared memory a block may use on
-the device (large tiles on sm_80/sm_90, smaller ones on the 99 KiB of sm_86/sm_89/sm_120);
-ARMFAST_CUDA_MAX_SHARED_MEMORY (bytes) lowers that limit, e.g. to run the small tiles anywhere.
+The CUDA attention runs on tensor cores (FlashAttention-2 style, mma.sync) for float16 and
+bfloat16, and for float32 on TF32 when torch allows TF32 matmuls
+(`torch.backends.cuda.matmul.allow_tf32`, i.e. `torch.get_float32_matmul_precision() != "highest"`);
+otherwise float32 runs on exact FP32 kernels. The backward accumulates dQ with fp32 atomics unless
+`torch.are_deterministic_algorithms_enabled()`, which selects bitwise-reproducible kernels. Tiles
+are picked per call from the GPU's shared memory and SM count; ARMFAST_CUDA_MAX_SHARED_MEMORY
+(bytes) lowers the shared-memory limit, e.g. to run the small-memory tiles on any GPU.
 """
 from __future__ import annotations
 
@@ -228,12 +232,19 @@ def _launch(t: Tensor) -> tuple[int, int]:
     return t.device.index, torch.cuda.current_stream(t.device).cuda_stream
 
 
+def _allow_tf32(dtype: torch.dtype) -> bool:
+    """float32 may run on TF32 tensor cores: torch allows TF32 for float32 matmuls."""
+    return dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+
+
 def cuda_attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, out: Tensor) -> Tensor:
+    """Writes out ([B, H, Nq, d], any strides, e.g. a view of a [B, Nq, H, d] buffer); returns lse."""
     _check("cuda", CUDA_DTYPES, q=q, k=k, v=v)
     _check_head_dim(q.shape[-1])
     lse = empty(q.shape[:3], torch.float32, q.device)
     _module("_C_cuda").attention_forward(_DTYPE_NAMES[q.dtype], _arg(q), _arg(k), _arg(v),
-                                         _arg(out), _arg(lse), float(scale), *_launch(q))
+                                         _arg(out), _arg(lse), float(scale),
+                                         _allow_tf32(q.dtype), *_launch(q))
     return lse
 
 
@@ -242,14 +253,20 @@ def cuda_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: 
     _check("cuda", CUDA_DTYPES, q=q, k=k, v=v, dout=dout, out=out)
     _check_lse(lse, q)
     _check_head_dim(q.shape[-1])
-    B, H, Nq, _ = q.shape
-    delta = empty((B, H, Nq), torch.float32, q.device)  # workspace: rowsum(dout * out)
+    module = _module("_C_cuda")
+    B, H, Nq, d = q.shape
+    tf32 = _allow_tf32(q.dtype)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    atomic_dq = not deterministic and (q.dtype != torch.float32 or tf32)
+    workspace = empty((module.attention_backward_workspace(B, H, Nq, d, atomic_dq),),
+                      torch.float32, q.device)
     dq = empty(q.shape, q.dtype, q.device)
     dk = empty(k.shape, k.dtype, k.device)
     dv = empty(v.shape, v.dtype, v.device)
-    _module("_C_cuda").attention_backward(
+    module.attention_backward(
         _DTYPE_NAMES[q.dtype], _arg(dout), _arg(q), _arg(k), _arg(v), _arg(out), _arg(lse),
-        _arg(delta), _arg(dq), _arg(dk), _arg(dv), float(scale), *_launch(q))
+        _arg(workspace), _arg(dq), _arg(dk), _arg(dv), float(scale), tf32, deterministic,
+        *_launch(q))
     return dq, dk, dv
 
 
@@ -269,7 +286,7 @@ def cuda_patch_text_logits_forward(x: Tensor, text: Tensor, logit_scale: Tensor)
     workspace = empty((module.patch_text_logits_workspace(B * N, C, E, False),), torch.float32,
                        x.device)
     module.patch_text_logits_forward(_DTYPE_NAMES[x.dtype], _arg(x), _arg(text), _arg(scale),
-                                     _arg(out), _arg(workspace), *_launch(x))
+                                     _arg(out), _arg(workspace), _allow_tf32(x.dtype), *_launch(x))
     return out
 
 
@@ -287,7 +304,7 @@ def cuda_patch_text_logits_backward(dout: Tensor, x: Tensor, text: Tensor, logit
                        x.device)
     module.patch_text_logits_backward(
         _DTYPE_NAMES[x.dtype], _arg(dout), _arg(x), _arg(text), _arg(scale), _arg(dx), _arg(dtext),
-        _arg(dscale), _arg(workspace), *_launch(x))
+        _arg(dscale), _arg(workspace), _allow_tf32(x.dtype), *_launch(x))
     return dx, dtext, dscale.to(logit_scale.dtype).reshape(logit_scale.shape)
 
 
