@@ -268,3 +268,38 @@ def _xv(N=13, d=8):
 def test_bad_arguments(call_it, error, match):
     with pytest.raises(error, match=match):
         call_it(*_xv())
+
+
+# ---- auto: the measured table ------------------------------------------------------------------
+
+@pytest.mark.skipif(not CPU_READY, reason="cpu backend unavailable")
+def test_auto_follows_the_table(tmp_path, monkeypatch):
+    import json
+
+    from armfast.ops import _auto
+
+    path = tmp_path / "auto_table.json"
+    monkeypatch.setenv(_auto.TABLE_ENV, str(path))
+    q, k, v = heads(1, 2, 17, 16, count=3)
+    dim, work = _auto.self_correlation_sum_key(*q.shape)
+    entry = {"op": "self_correlation_sum", "device": "cpu", "dtype": "float32", "dim": dim, "mode": "forward",
+             "bucket": _auto.bucket(work), "backend": "cpu", "vs_sdpa": 1.5, "shapes": ["x"]}
+    path.write_text(json.dumps({"format": 1, "measurements": [], "entries": [entry]}))
+    _registry.clear_cache()
+    try:
+        assert ops.resolve_backend("self_correlation_sum", "auto", v, work=work) == "cpu"
+        # no entry for the other ops, for training, or for another size: sdpa
+        assert ops.resolve_backend("self_correlation", "auto", v, work=work) == "sdpa"
+        assert ops.resolve_backend("self_correlation_sum", "auto", v, work=work, train=True) == "sdpa"
+        impl = _registry.load("cpu").ops["self_correlation_sum"]
+        calls = []
+        original = impl.forward
+        impl.forward = lambda *a: calls.append(1) or original(*a)
+        try:
+            out = ops.self_correlation_sum(q, k, v)
+        finally:
+            impl.forward = original
+        assert calls == [1]
+        _check(out, self_correlation_sum_f64(q, k, v), torch.float32)
+    finally:
+        _registry.clear_cache()

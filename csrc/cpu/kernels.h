@@ -3,6 +3,8 @@
 
 #include <cstdint>
 
+#include "armfast/baseline_shapes.h"
+
 namespace armfast::cpu {
 
 // A strided tensor of up to 4 dims: element (i0, i1, ...) lives at data[i0*stride[0] + ...].
@@ -46,21 +48,9 @@ double patch_text_logits_backward(const LogitsShape& s, Strided<const T> dout, S
 
 // ---- the baseline attentions (baseline_attention.cpp), forward only --------------------------
 
-struct SelfCorrelationShape {
-  int64_t B, H, N, d;
-};
-
-// NACLIP's neighbourhood term: tokens are the patches of an h x w grid in row-major order, after
-// a class token when class_token; G = exp(-dist^2 / (2 sigma^2)), 0 on the class token.
-struct GridBias {
-  int64_t h, w;
-  bool class_token;
-  double sigma;
-};
-
-struct AffinityShape {
-  int64_t B, n, C, H, d;  // f [B, n, C], v and out [B, H, n, d]
-};
+using armfast::AffinityShape;  // armfast/baseline_shapes.h
+using armfast::GridBias;
+using armfast::SelfCorrelationShape;
 
 // x, v, out [B,H,N,d]: out = softmax(scale x x^T + G) v, G from `bias` (nullptr: none). With a
 // second operand (x2.data != nullptr; bias must then be nullptr), SCLIP's
