@@ -15,6 +15,11 @@ otherwise float32 runs on exact FP32 kernels. The backward accumulates dQ with f
 `torch.are_deterministic_algorithms_enabled()`, which selects bitwise-reproducible kernels. Tiles
 are picked per call from the GPU's shared memory and SM count; ARMFAST_CUDA_MAX_SHARED_MEMORY
 (bytes) lowers the shared-memory limit, e.g. to run the small-memory tiles on any GPU.
+
+The baseline attentions (self_correlation, self_correlation_sum, gaussian_self_correlation,
+masked_affinity_attention) are forward kernels (their gradients recompute the reference math):
+flash-style tiles on the CPU, tensor cores on CUDA for float16/bfloat16 and, when torch allows
+TF32, float32 (at precision 'highest' the cuda backend refuses float32 for them).
 """
 from __future__ import annotations
 

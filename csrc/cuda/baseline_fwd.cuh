@@ -52,23 +52,47 @@ struct Params {
 
 // ---- register-tile pieces shared by both kernels ----------------------------------------------
 
-// s[MT][NT] = Q K^T of the warp's rows: qf the Q fragments (KS k steps), ks a [16 NT][ld] tile.
-template <typename T, int MT, int NT, int KS>
-__device__ __forceinline__ void scores(float (&s)[MT][NT][4], const uint32_t (&qf)[MT][KS][4], const T* ks, int ld) {
+// s[MT][NT] += Q K^T of the warp's rows, K a [16 NT][ld] tile; q_frag(a, mt, kk) supplies the A
+// fragment of Q for m16 tile mt and k step kk (KS steps).
+template <typename T, int MT, int NT, int KS, class QFrag>
+__device__ __forceinline__ void scores(float (&s)[MT][NT][4], QFrag&& q_frag, const T* ks, int ld) {
   using M = Mma<T>;
 #pragma unroll
-  for (int kk = 0; kk < KS; ++kk)
+  for (int kk = 0; kk < KS; ++kk) {
+    uint32_t qa[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) q_frag(qa[mt], mt, kk);
 #pragma unroll
     for (int nn = 0; nn < NT / 2; ++nn) {
       uint32_t kb[2][2];
       M::load_b(kb, ks + 16 * nn * ld + kk * M::K, ld);
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
-        mma_sync<T>(s[mt][2 * nn], qf[mt][kk], kb[0]);
-        mma_sync<T>(s[mt][2 * nn + 1], qf[mt][kk], kb[1]);
+        mma_sync<T>(s[mt][2 * nn], qa[mt], kb[0]);
+        mma_sync<T>(s[mt][2 * nn + 1], qa[mt], kb[1]);
       }
     }
+  }
 }
+
+// Q's A fragments kept in registers, or read from shared memory (q: the warp's first row, pitch
+// ld) one k step at a time, for kernels that cannot keep all of them in registers.
+template <int MT, int KS>
+struct QInRegisters {
+  const uint32_t (&f)[MT][KS][4];
+  __device__ __forceinline__ void operator()(uint32_t (&a)[4], int mt, int kk) const {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) a[i] = f[mt][kk][i];
+  }
+};
+template <typename T>
+struct QInSharedMemory {
+  const T* q;
+  int ld;
+  __device__ __forceinline__ void operator()(uint32_t (&a)[4], int mt, int kk) const {
+    Mma<T>::load_a(a, q + 16 * mt * ld + kk * Mma<T>::K, ld);
+  }
+};
 
 template <int MT, int NT>
 __device__ __forceinline__ void zero(float (&s)[MT][NT][4]) {
@@ -159,6 +183,9 @@ struct SelfCorrConfig {
   static constexpr int BK = (D == 128 || std::is_same_v<T, float> || (DUAL && D >= 64)) ? 32 : 64;
   static constexpr int THREADS = 32 * WARPS, BQ = 16 * MT * WARPS, OPS = DUAL ? 2 : 1;
   static constexpr int LD = D + kPad;
+  // The Q fragments stay in registers unless two operands' worth would crowd out the
+  // accumulators (TF32 at d = 128): then they are reloaded from shared memory per key tile.
+  static constexpr bool Q_IN_REGISTERS = !DUAL || OPS * MT * (D / Mma<T>::K) * 4 <= 64;
   static constexpr size_t Q = 0;                                 // OPS x [BQ][LD]
   static constexpr size_t K = Q + sizeof(T) * OPS * BQ * LD;      // OPS x [BK][LD]
   static constexpr size_t V = K + sizeof(T) * OPS * BK * LD;      // [BK][LD]
@@ -196,15 +223,21 @@ __global__ void __launch_bounds__(C::THREADS) self_corr_fwd_kernel(const Params 
   __syncthreads();
 
   const int wrow = warp * MT * 16;
-  uint32_t qf[OPS][MT][KS][4];
+  constexpr bool QREG = C::Q_IN_REGISTERS;
+  uint32_t qf[OPS][MT][QREG ? KS : 1][4];
+  auto load_q = [&](uint32_t (&frag)[MT][KS][4], int o) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int kk = 0; kk < KS; ++kk)
+        M::load_a(frag[mt][kk], qs + o * BQ * LD + (wrow + 16 * mt) * LD + kk * M::K, LD);
+  };
   float acc[OPS][MT][DT][4], row_max[OPS][MT][2], row_sum[OPS][MT][2];
 #pragma unroll
   for (int o = 0; o < OPS; ++o) {
+    if constexpr (QREG) load_q(qf[o], o);
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-      for (int kk = 0; kk < KS; ++kk)
-        M::load_a(qf[o][mt][kk], qs + o * BQ * LD + (wrow + 16 * mt) * LD + kk * M::K, LD);
       row_max[o][mt][0] = row_max[o][mt][1] = -INFINITY;
       row_sum[o][mt][0] = row_sum[o][mt][1] = 0.0f;
     }
@@ -233,7 +266,11 @@ __global__ void __launch_bounds__(C::THREADS) self_corr_fwd_kernel(const Params 
     for (int o = 0; o < OPS; ++o) {
       float s[MT][NT][4];
       zero(s);
-      scores<T>(s, qf[o], ks + o * BK * LD, LD);
+      if constexpr (QREG) {
+        scores<T, MT, NT, KS>(s, QInRegisters<MT, KS>{qf[o]}, ks + o * BK * LD, LD);
+      } else {
+        scores<T, MT, NT, KS>(s, QInSharedMemory<T>{qs + o * BQ * LD + wrow * LD, LD}, ks + o * BK * LD, LD);
+      }
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -256,8 +293,8 @@ __global__ void __launch_bounds__(C::THREADS) self_corr_fwd_kernel(const Params 
     __syncthreads();  // every warp is done with this key tile
   }
 
-  // O = sum over operands of acc / l; every row saw real keys, so l >= 1
-  float out[MT][DT][4], ones[MT][2];
+  // O = sum over operands of acc / l, gathered in acc[0]; every row saw real keys, so l >= 1
+  float ones[MT][2];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -270,15 +307,15 @@ __global__ void __launch_bounds__(C::THREADS) self_corr_fwd_kernel(const Params 
       for (int dt = 0; dt < DT; ++dt)
 #pragma unroll
         for (int e = 2 * half; e < 2 * half + 2; ++e) {
-          float x = 0.0f;
+          float x = acc[0][mt][dt][e] * inv[0];
 #pragma unroll
-          for (int o = 0; o < OPS; ++o) x += acc[o][mt][dt][e] * inv[o];
-          out[mt][dt][e] = x;
+          for (int o = 1; o < OPS; ++o) x += acc[o][mt][dt][e] * inv[o];
+          acc[0][mt][dt][e] = x;
         }
     }
   T* og = w.slice<T>(p.out, p.so);
   // The warp's own Q rows are free now (its fragments are in registers).
-  flash::store_acc_rows<T, MT, DT>(out, ones, qs + wrow * LD, LD, og, p.so[2], p.so[3], q0 + wrow, N, p.vec_o);
+  flash::store_acc_rows<T, MT, DT>(acc[0], ones, qs + wrow * LD, LD, og, p.so[2], p.so[3], q0 + wrow, N, p.vec_o);
 }
 
 // ---- masked affinity: ProxyCLIP -------------------------------------------------------------------
@@ -357,12 +394,7 @@ __global__ void __launch_bounds__(C::THREADS) masked_affinity_fwd_kernel(const P
       load_block<T, BQ, CK, THREADS>(fq, LDF, fb, prm.sf[1], prm.sf[2], q0, nq, c0, prm.C - c0);
       load_block<T, BK, CK, THREADS>(fk, LDF, fb, prm.sf[1], prm.sf[2], k0, nk, c0, prm.C - c0);
       __syncthreads();
-      uint32_t qf[MT][KS][4];
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int kk = 0; kk < KS; ++kk) M::load_a(qf[mt][kk], fq + (wrow + 16 * mt) * LDF + kk * M::K, LDF);
-      scores<T>(s, qf, fk, LDF);
+      scores<T, MT, NT, KS>(s, QInSharedMemory<T>{fq + wrow * LDF, LDF}, fk, LDF);
       __syncthreads();  // before the next chunk overwrites fq, fk
     }
     // V columns col0 .. col0 + DVB of [n, H * d]: head c / d, column c % d
