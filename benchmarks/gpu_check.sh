@@ -13,13 +13,14 @@
 #   cuda.json        the raw benchmark (copy to benchmarks/results/cuda.json)
 #   auto_table.json  armfast/ops/auto_table.json with this GPU's entries (copy it back)
 #   RESULTS.md       benchmarks/RESULTS.md with the GPU section rendered from cuda.json
-#   first_calls.json cold first-call costs of the Triton kernels, per dtype/head dim/bucket
+#   first_calls.json cold first-call costs of the fused backends, per dtype/head dim/bucket
+#   triton_vs_sdpa.json  issue 13's table (do_bench medians, triton against SDPA)
 #   check.log        everything the steps printed
 # and prints a compact summary table last. Each step has its own time limit, cut to what is left
 # of the whole check's budget (ARMFAST_GPU_CHECK_BUDGET seconds, default 540, under the device
 # tool's 600 s per command), so a hang in one step still leaves the others' results. The steps
 # run in order of value: build, benchmark (every backend is checked against the reference on
-# every shape before it is timed), GPU tests, Triton tests, cold first calls.
+# every shape before it is timed), GPU tests, Triton tests, issue 13's table, cold first calls.
 #
 # ARMFAST_GPU_CHECK_DRY=1 runs the same steps on the CPU with toy shapes and no build (to test
 # this script on a machine without a GPU).
@@ -78,7 +79,10 @@ step bench 240 python3 -P -m armfast.cli bench --device "$device" --dtype "$dtyp
 pytest=(python3 -P -m pytest -q -p no:cacheprovider)
 python3 -c "import pytest_timeout" 2> /dev/null && pytest+=(--timeout=120)  # one hung test is not all
 step tests 120 "${pytest[@]}" "${tests[@]}"
-[ "$DRY" = 1 ] || step triton-tests 120 "${pytest[@]}" tests/triton
+if [ "$DRY" != 1 ]; then
+    step triton-tests 120 "${pytest[@]}" tests/triton
+    step triton-vs-sdpa 90 python3 -P tests/triton/bench_vs_sdpa.py --json "$OUT/triton_vs_sdpa.json"
+fi
 step first-calls 60 python3 -P -m armfast.bench.first_calls --device "$device" --backends "$fused" --json "$OUT/first_calls.json"
 
 if [ -f "$OUT/$device.json" ]; then

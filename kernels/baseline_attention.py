@@ -28,28 +28,35 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import autotune, interpreting
+from ._common import interpreting
 
 INTERPRET = interpreting()
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
-SELF_CORR_KEY = ["HEAD_DIM", "N_BUCKET", "DOT_PRECISION", "DUAL", "BIAS"]
-AFFINITY_KEY = ["HEAD_DIM", "H", "C", "N_BUCKET", "DOT_PRECISION"]
-
-# (BLOCK_M, BLOCK_N, num_warps, num_stages); SCLIP holds two accumulators, so the big tiles may be
-# dropped by the autotuner for lack of registers.
-SELF_CORR_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-                     for m, n, w, s in [(128, 64, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3),
-                                        (64, 32, 4, 2)]]
+# (BLOCK_M, BLOCK_N, num_warps, num_stages), measured once per size bucket by the Tuner of
+# armfast/ops/_triton.py; SCLIP holds two accumulators, so a config that runs out of registers
+# or shared memory is dropped there.
+_SELF_CORR = [(128, 64, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 2)]
 # (BLOCK_M, BLOCK_N, BLOCK_C, BLOCK_DV, num_warps, num_stages)
-AFFINITY_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_C": c, "BLOCK_DV": dv},
-                                  num_warps=w, num_stages=s)
-                    for m, n, c, dv, w, s in [(64, 64, 64, 128, 4, 3), (128, 64, 64, 128, 8, 3),
-                                              (64, 64, 64, 256, 8, 2), (128, 64, 32, 256, 8, 2),
-                                              (64, 32, 64, 64, 4, 2)]]
+_AFFINITY = [(64, 64, 64, 128, 4, 3), (128, 64, 64, 128, 8, 3), (64, 64, 64, 256, 8, 2),
+             (128, 64, 32, 256, 8, 2), (64, 32, 64, 64, 4, 2)]
 INTERPRET_SELF_CORR = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32})
 INTERPRET_AFFINITY = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_C": 32, "BLOCK_DV": 64})
+
+
+def self_corr_configs(family: str, kind: str) -> list[triton.Config]:
+    """Launch configs of `self_corr_fwd` for a GPU family; plain float32 gets small tiles."""
+    tiles = _SELF_CORR if kind != "fp32" and family != "small" else _SELF_CORR[2:]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+            for m, n, w, s in tiles]
+
+
+def affinity_configs(family: str, kind: str) -> list[triton.Config]:
+    """Launch configs of `masked_affinity_fwd` for a GPU family."""
+    tiles = _AFFINITY if kind != "fp32" and family != "small" else _AFFINITY[-1:]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_C": c, "BLOCK_DV": dv},
+                          num_warps=w, num_stages=s) for m, n, c, dv, w, s in tiles]
 
 
 @triton.jit
@@ -73,7 +80,6 @@ def _grid_position(t, GRID_W, FIRST):
     return (p // GRID_W).to(tl.float32), (p % GRID_W).to(tl.float32), patch
 
 
-@autotune(SELF_CORR_CONFIGS, SELF_CORR_KEY, INTERPRET_SELF_CORR)
 @triton.jit
 def self_corr_fwd(
     X, X2, V, O,
@@ -83,7 +89,6 @@ def self_corr_fwd(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_on, stride_od,
     H, N, GRID_W, FIRST,
-    N_BUCKET,  # autotuning key only
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     DUAL: tl.constexpr, BIAS: tl.constexpr,
@@ -151,7 +156,6 @@ def self_corr_fwd(
              out.to(O.dtype.element_ty), mask=q_mask)
 
 
-@autotune(AFFINITY_CONFIGS, AFFINITY_KEY, INTERPRET_AFFINITY)
 @triton.jit
 def masked_affinity_fwd(
     F, RNORM, THRESH, V, O,
@@ -161,7 +165,6 @@ def masked_affinity_fwd(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_on, stride_od,
     N, C, H,
-    N_BUCKET,  # autotuning key only
     HEAD_DIM: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DV: tl.constexpr,

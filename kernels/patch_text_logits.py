@@ -7,8 +7,9 @@ tensor, read on the device: no host sync). eps = 1e-12 as in `F.normalize`.
 
 Forward (`ptl_fwd`): one program per (row tile, text tile) computes the raw dot products and both
 sets of squared norms in one loop over E, then scales: normalisation, product and scale fused.
-It and `ptl_bwd_gcos` run on a flat grid (row tiles x text tiles, all on axis 0): B * N rows
-and C classes may each need more tiles than the 65535 programs CUDA allows on grid axes 1 and 2.
+Every kernel runs on a flat grid (all programs on axis 0): B * N rows and C classes may each
+need more tiles than the 65535 programs CUDA allows on grid axes 1 and 2. Sizes are not
+specialised (`do_not_specialize`): a new B, N or class count never recompiles.
 Offsets into tensors are int64 throughout, so no index * stride product wraps around at 2**31.
 
 Backward, with xn = x / rx, tn = t / rt, cos = <xn, tn> and g = dout (see
@@ -28,29 +29,58 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import autotune, interpreting
+from ._common import interpreting
 
 INTERPRET = interpreting()  # the mode the kernels below are built in
 
-NORM_EPS = tl.constexpr(1e-12)  # torch.nn.functional.normalize's default
-
-AUTOTUNE_KEY = ["E", "C", "R_BUCKET", "DOT_PRECISION"]
 
 
-def _configs(tiles, names):
-    return [triton.Config(dict(zip(names, tile[:3])), num_warps=tile[3], num_stages=tile[4])
-            for tile in tiles]
+@triton.jit
+def _norm_eps():
+    """torch.nn.functional.normalize's default eps (an inlined function, not a tl.constexpr
+    global: Triton re-checks every global a kernel reads on each launch)."""
+    return 1e-12
 
 
-# (BLOCK_R, BLOCK_C, BLOCK_E, num_warps, num_stages)
-_TILE_NAMES = ("BLOCK_R", "BLOCK_C", "BLOCK_E")
-FWD_CONFIGS = _configs([(128, 128, 32, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3),
-                        (64, 64, 64, 4, 4), (64, 64, 32, 4, 2)], _TILE_NAMES)
-BWD_DX_CONFIGS = _configs([(128, 64, 64, 8, 3), (64, 64, 64, 4, 3), (64, 32, 128, 4, 3),
-                           (32, 64, 64, 4, 4)], _TILE_NAMES)
-# dtext reduces over all rows; BLOCK_R is its step, BLOCK_C x BLOCK_E its output tile.
-BWD_DTEXT_CONFIGS = _configs([(64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (64, 32, 64, 4, 4),
-                              (32, 32, 64, 4, 3)], _TILE_NAMES)
+SIZES = ["R", "N", "C", "E"]  # runtime values, never compile-time specialisations
+
+
+def _configs(tiles):
+    return [triton.Config({"BLOCK_R": r, "BLOCK_C": c, "BLOCK_E": e}, num_warps=w, num_stages=s)
+            for r, c, e, w, s in tiles]
+
+
+# Config lists, (BLOCK_R, BLOCK_C, BLOCK_E, num_warps, num_stages), first = the default when
+# nothing is measured; `kind` is "half", "tf32" or "fp32" (float32 FMAs, no tensor cores), as in
+# attention.py. tests/triton/test_triton_compile.py checks that the sm90 half-precision ones
+# emit wgmma and spill nothing.
+def fwd_configs(family: str, kind: str) -> list[triton.Config]:
+    """ptl_fwd and ptl_bwd_gcos: a [BLOCK_R, BLOCK_C] output tile, BLOCK_E features per step."""
+    if kind == "fp32":
+        return _configs([(64, 32, 32, 4, 2), (32, 32, 32, 4, 2)])
+    if family in ("sm90", "sm80"):
+        return _configs([(128, 64, 64, 8, 3), (64, 128, 32, 8, 3), (64, 64, 32, 4, 3)])
+    return _configs([(64, 64, 32, 4, 2), (64, 32, 32, 4, 2)])
+
+
+def dx_configs(family: str, kind: str) -> list[triton.Config]:
+    """ptl_bwd_dx: a [BLOCK_R, BLOCK_E] output tile, BLOCK_C classes per step."""
+    if kind == "fp32":
+        return _configs([(64, 32, 32, 4, 2), (32, 32, 32, 4, 2)])
+    if family in ("sm90", "sm80"):
+        return _configs([(128, 64, 64, 8, 3), (64, 64, 64, 4, 3), (64, 32, 128, 4, 3)])
+    return _configs([(64, 32, 64, 4, 2), (32, 32, 64, 4, 2)])
+
+
+def dtext_configs(family: str, kind: str) -> list[triton.Config]:
+    """ptl_bwd_dtext: a [BLOCK_C, BLOCK_E] output tile, BLOCK_R rows per step."""
+    if kind == "fp32":
+        return _configs([(32, 32, 32, 4, 2), (32, 64, 32, 4, 2)])
+    if family in ("sm90", "sm80"):
+        return _configs([(64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (64, 128, 64, 8, 3)])
+    return _configs([(32, 64, 64, 4, 2), (32, 32, 64, 4, 2)])
+
+
 INTERPRET_CONFIG = triton.Config({"BLOCK_R": 32, "BLOCK_C": 32, "BLOCK_E": 32})
 ROW_NORM_BLOCK_R, ROW_NORM_BLOCK_E = 32, 64
 
@@ -70,13 +100,12 @@ def _tile_range(tile, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _flat_tiles(R, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """(rows, text) of this program on a flat grid of row tiles x text tiles, row tiles
-    varying fastest as on axis 0 of a 2-D grid."""
+def _flat_tiles(N_INNER, BLOCK_INNER: tl.constexpr):
+    """(outer tile, inner tile) of this program on a flat grid of outer x inner tiles, the inner
+    tiles of one outer tile adjacent (they share its rows, which then stay in L2)."""
     pid = tl.program_id(0)
-    row_tiles = tl.cdiv(R, BLOCK_R)
-    rows = (pid % row_tiles) * BLOCK_R + tl.arange(0, BLOCK_R)
-    return rows, _tile_range(pid // row_tiles, BLOCK_C)
+    inner_tiles = tl.cdiv(N_INNER, BLOCK_INNER)
+    return pid // inner_tiles, pid % inner_tiles
 
 
 @triton.jit
@@ -97,29 +126,29 @@ def _cos_tile(X, T, x_rows, mask_r, offs_c, C, E, stride_xe, stride_tc, stride_t
                     mask=mask_r[:, None] & mask_e[None, :], other=0.0)
         t = tl.load(T + offs_c[:, None] * stride_tc + cols[None, :] * stride_te,
                     mask=mask_c[:, None] & mask_e[None, :], other=0.0)
-        dots = tl.dot(x, tl.trans(t), dots, input_precision=DOT_PRECISION)
+        dots = tl.dot(x, tl.trans(t), dots, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         xf = x.to(ACC_DTYPE)
         tf = t.to(ACC_DTYPE)
         x_sq += tl.sum(xf * xf, 1)
         t_sq += tl.sum(tf * tf, 1)
-    x_norm = tl.maximum(tl.sqrt(x_sq), NORM_EPS)
-    t_norm = tl.maximum(tl.sqrt(t_sq), NORM_EPS)
+    x_norm = tl.maximum(tl.sqrt(x_sq), _norm_eps())
+    t_norm = tl.maximum(tl.sqrt(t_sq), _norm_eps())
     return dots / (x_norm[:, None] * t_norm[None, :])
 
 
-@autotune(FWD_CONFIGS, AUTOTUNE_KEY, INTERPRET_CONFIG)
-@triton.jit
+@triton.jit(do_not_specialize=SIZES)
 def ptl_fwd(
     X, T, SCALE, OUT,
     stride_xb, stride_xn, stride_xe,
     stride_tc, stride_te,
     stride_ob, stride_on, stride_oc,
     R, N, C, E,
-    R_BUCKET,  # autotuning key only
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
-    rows, offs_c = _flat_tiles(R, BLOCK_R, BLOCK_C)
+    row_tile, text_tile = _flat_tiles(C, BLOCK_C)
+    rows = row_tile * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_c = _tile_range(text_tile, BLOCK_C)
     mask_r = rows < R
     x_rows = _row_offsets(rows, N, stride_xb, stride_xn)
     cos = _cos_tile(X, T, x_rows, mask_r, offs_c, C, E, stride_xe, stride_tc, stride_te,
@@ -130,7 +159,7 @@ def ptl_fwd(
              mask=mask_r[:, None] & (offs_c < C)[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["R", "N", "E"])
 def row_norm(
     X, NORM,
     stride_xb, stride_xn, stride_xe,
@@ -151,20 +180,20 @@ def row_norm(
     tl.store(NORM + rows, tl.sqrt(sq), mask=mask_r)
 
 
-@autotune(FWD_CONFIGS, AUTOTUNE_KEY, INTERPRET_CONFIG)
-@triton.jit
+@triton.jit(do_not_specialize=SIZES)
 def ptl_bwd_gcos(
     X, T, DOUT, GCOS,
     stride_xb, stride_xn, stride_xe,
     stride_tc, stride_te,
     stride_gb, stride_gn, stride_gc,
     R, N, C, E,
-    R_BUCKET,  # autotuning key only
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     """GCOS [R, C] (contiguous, accumulator dtype) = dout * cos."""
-    rows, offs_c = _flat_tiles(R, BLOCK_R, BLOCK_C)
+    row_tile, text_tile = _flat_tiles(C, BLOCK_C)
+    rows = row_tile * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_c = _tile_range(text_tile, BLOCK_C)
     mask_r = rows < R
     mask = mask_r[:, None] & (offs_c < C)[None, :]
     x_rows = _row_offsets(rows, N, stride_xb, stride_xn)
@@ -176,8 +205,7 @@ def ptl_bwd_gcos(
              mask=mask)
 
 
-@autotune(BWD_DX_CONFIGS, AUTOTUNE_KEY, INTERPRET_CONFIG)
-@triton.jit
+@triton.jit(do_not_specialize=SIZES)
 def ptl_bwd_dx(
     X, T, DOUT, SCALE, X_NORM, T_NORM, GC_ROW, DX,
     stride_xb, stride_xn, stride_xe,
@@ -185,13 +213,13 @@ def ptl_bwd_dx(
     stride_gb, stride_gn, stride_gc,
     stride_dxb, stride_dxn, stride_dxe,
     R, N, C, E,
-    R_BUCKET,  # autotuning key only
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     """dx for a [BLOCK_R, BLOCK_E] tile: s g tn summed over all text tiles, then projected."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = _tile_range(tl.program_id(1), BLOCK_E)  # E / BLOCK_E tiles: far below 65535
+    row_tile, e_tile = _flat_tiles(E, BLOCK_E)
+    rows = row_tile * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = _tile_range(e_tile, BLOCK_E)
     offs_c = tl.arange(0, BLOCK_C).to(tl.int64)
     mask_r = rows < R
     mask_e = cols < E
@@ -205,19 +233,19 @@ def ptl_bwd_dx(
                     mask=mask_r[:, None] & mask_c[None, :], other=0.0)
         t = tl.load(T + text[:, None] * stride_tc + cols[None, :] * stride_te,
                     mask=mask_c[:, None] & mask_e[None, :], other=0.0)
-        t_norm = tl.maximum(tl.load(T_NORM + text, mask=mask_c, other=1.0), NORM_EPS)
+        t_norm = tl.maximum(tl.load(T_NORM + text, mask=mask_c, other=1.0), _norm_eps())
         # normalise before the dot: a unit row cannot overflow half precision, g / |t| could
         tn = (t.to(ACC_DTYPE) / t_norm[:, None]).to(t.dtype)
-        gxn = tl.dot(g.to(t.dtype), tn, gxn, input_precision=DOT_PRECISION)
+        gxn = tl.dot(g.to(t.dtype), tn, gxn, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
 
     scale = tl.load(SCALE).to(ACC_DTYPE)
     x_rows = _row_offsets(rows, N, stride_xb, stride_xn)
     mask = mask_r[:, None] & mask_e[None, :]
     x = tl.load(X + x_rows[:, None] + cols[None, :] * stride_xe, mask=mask, other=0.0).to(ACC_DTYPE)
     x_norm = tl.load(X_NORM + rows, mask=mask_r, other=1.0)
-    x_clamped = tl.maximum(x_norm, NORM_EPS)
+    x_clamped = tl.maximum(x_norm, _norm_eps())
     # below the eps clamp the norm is a constant and the projection term vanishes
-    proj = tl.where(x_norm >= NORM_EPS, tl.load(GC_ROW + rows, mask=mask_r, other=0.0), 0.0)
+    proj = tl.where(x_norm >= _norm_eps(), tl.load(GC_ROW + rows, mask=mask_r, other=0.0), 0.0)
     xn = x / x_clamped[:, None]
     dx = scale * (gxn - xn * proj[:, None]) / x_clamped[:, None]
     dx_rows = _row_offsets(rows, N, stride_dxb, stride_dxn)
@@ -225,8 +253,7 @@ def ptl_bwd_dx(
              mask=mask)
 
 
-@autotune(BWD_DTEXT_CONFIGS, AUTOTUNE_KEY, INTERPRET_CONFIG)
-@triton.jit
+@triton.jit(do_not_specialize=SIZES)
 def ptl_bwd_dtext(
     X, T, DOUT, SCALE, X_NORM, T_NORM, GC_COL, DT,
     stride_xb, stride_xn, stride_xe,
@@ -234,13 +261,13 @@ def ptl_bwd_dtext(
     stride_gb, stride_gn, stride_gc,
     stride_dtc, stride_dte,
     R, N, C, E,
-    R_BUCKET,  # autotuning key only
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     """dtext for a [BLOCK_C, BLOCK_E] tile: s g^T xn summed over all B * N rows, then projected."""
-    text = _tile_range(tl.program_id(0), BLOCK_C)
-    cols = _tile_range(tl.program_id(1), BLOCK_E)  # E / BLOCK_E tiles: far below 65535
+    text_tile, e_tile = _flat_tiles(E, BLOCK_E)
+    text = _tile_range(text_tile, BLOCK_C)
+    cols = _tile_range(e_tile, BLOCK_E)
     offs_r = tl.arange(0, BLOCK_R)
     mask_c = text < C
     mask_e = cols < E
@@ -255,18 +282,20 @@ def ptl_bwd_dtext(
                     mask=mask_r[:, None] & mask_c[None, :], other=0.0)
         x = tl.load(X + x_rows[:, None] + cols[None, :] * stride_xe,
                     mask=mask_r[:, None] & mask_e[None, :], other=0.0)
-        x_norm = tl.maximum(tl.load(X_NORM + rows, mask=mask_r, other=1.0), NORM_EPS)
+        x_norm = tl.maximum(tl.load(X_NORM + rows, mask=mask_r, other=1.0), _norm_eps())
         xn = (x.to(ACC_DTYPE) / x_norm[:, None]).to(x.dtype)
-        gtn = tl.dot(tl.trans(g.to(x.dtype)), xn, gtn, input_precision=DOT_PRECISION)
+        gtn = tl.dot(tl.trans(g.to(x.dtype)), xn, gtn, input_precision=DOT_PRECISION,
+                     out_dtype=ACC_DTYPE)
 
     scale = tl.load(SCALE).to(ACC_DTYPE)
     mask = mask_c[:, None] & mask_e[None, :]
     t = tl.load(T + text[:, None] * stride_tc + cols[None, :] * stride_te, mask=mask,
                 other=0.0).to(ACC_DTYPE)
     t_norm = tl.load(T_NORM + text, mask=mask_c, other=1.0)
-    t_clamped = tl.maximum(t_norm, NORM_EPS)
-    proj = tl.where(t_norm >= NORM_EPS, tl.load(GC_COL + text, mask=mask_c, other=0.0), 0.0)
+    t_clamped = tl.maximum(t_norm, _norm_eps())
+    proj = tl.where(t_norm >= _norm_eps(), tl.load(GC_COL + text, mask=mask_c, other=0.0), 0.0)
     tn = t / t_clamped[:, None]
     dt = scale * (gtn - tn * proj[:, None]) / t_clamped[:, None]
-    tl.store(DT + text[:, None] * stride_dtc + cols[None, :] * stride_dte, dt.to(DT.dtype.element_ty),
+    tl.store(DT + text[:, None] * stride_dtc + cols[None, :] * stride_dte,
+             dt.to(DT.dtype.element_ty),
              mask=mask)

@@ -2,8 +2,9 @@
 fresh process, per dtype, head dim and size, and of the call after it.
 
 The first call of the Triton backend compiles (and autotunes) its kernels; a user pays that at
-the start of every new shape bucket. Triton's kernel cache is pointed at an empty folder before
-anything imports Triton, so the numbers are cold even on a machine that ran them before.
+the start of every new shape bucket. Triton's kernel cache and armfast's tuning cache are
+pointed at an empty folder before anything imports Triton, so the numbers are cold even on a
+machine that ran them before.
 
     python -m armfast.bench.first_calls --device cuda --json first_calls.json
 """
@@ -80,7 +81,9 @@ def main(argv=None) -> int:
                         help="comma-separated fused backends (default: triton,cuda)")
     parser.add_argument("--json", metavar="OUT", help="write the rows as JSON")
     args = parser.parse_args(argv)
-    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="armfast-cold-triton-")
+    cold = tempfile.mkdtemp(prefix="armfast-cold-triton-")  # no compiled kernel, no tuning choice
+    os.environ["TRITON_CACHE_DIR"] = cold
+    os.environ["ARMFAST_TRITON_TUNING_CACHE"] = os.path.join(cold, "tuning.json")
     from ..ops import backend_status
 
     status = backend_status(args.device)

@@ -1,53 +1,52 @@
-"""Compiles the baseline attention kernels (kernels/baseline_attention.py) for a GPU target
-without a GPU, as compile_for_gpu.py does for the others. Run with TRITON_INTERPRET unset or 0:
+"""Compiles every candidate config of the baseline attention kernels (kernels/baseline_attention.py)
+for a GPU target without a GPU, through the backend's real launch path (see compile_only.py), as
+compile_for_gpu.py does for the others. Run with TRITON_INTERPRET unset or 0:
 
-    python tests/triton/compile_baselines_for_gpu.py [--arch 90] [--dtype bfloat16 ...]
-                                                     [--head-dim 64 ...] [--all-configs]
+    python tests/triton/compile_baselines_for_gpu.py [--arch 90] [--dtype bfloat16 ...] [--head-dim 64 ...]
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
-import triton
-from triton.backends.compiler import GPUTarget
 
-from armfast.kernels import _common
-from armfast.kernels import baseline_attention as ba
-from compile_for_gpu import TYPES, _compile, _configs
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compile_only import compile_only  # noqa: E402
+from compile_for_gpu import DTYPES  # noqa: E402
+
+from armfast.ops import _triton  # noqa: E402
 
 
-def baseline_kernels(dtype, d, target, all_configs):
-    t, acc = TYPES[dtype], "fp32"
-    precision = "tf32" if dtype == torch.float32 else "ieee"
-    common = dict(ACC_DTYPE=_common.acc_dtype(dtype), DOT_PRECISION=precision, HEAD_DIM=d)
-    floats = ("sm_scale", "bias_coef", "gamma")
-    for dual, bias in ((False, False), (True, False), (False, True)):
-        print(f"self_corr_fwd {t} d={d} DUAL={dual} BIAS={bias}")
-        for config in _configs(ba.self_corr_fwd, all_configs):
-            _compile(ba.self_corr_fwd, dict(X=t, X2=t, V=t, O=t),
-                     {**common, "BLOCK_D": max(16, triton.next_power_of_2(d)), "DUAL": dual,
-                      "BIAS": bias}, config, target, floats=floats)
-    print(f"masked_affinity_fwd {t} d={d}")
-    for config in _configs(ba.masked_affinity_fwd, all_configs):
-        _compile(ba.masked_affinity_fwd, dict(F=t, RNORM=acc, THRESH=acc, V=t, O=t), common, config,
-                 target, floats=floats)
+def baseline_kernels(dtype: torch.dtype, d: int) -> None:
+    """ClearCLIP, SCLIP and NACLIP at a 448 px crop (785 tokens), ProxyCLIP on a 28 x 28 VFM grid."""
+    x, k, v = (torch.randn(2, 12, 785, d, dtype=dtype) for _ in range(3))
+    out = torch.empty_like(x)
+    _triton.self_correlation_forward(x, v, d ** -0.5, out)
+    _triton.self_correlation_sum_forward(x, k, v, d ** -0.5, out)
+    _triton.gaussian_self_correlation_forward(x, v, d ** -0.5, 28, 28, 5.0, True, out)
+    f, vf = torch.randn(2, 784, 768, dtype=dtype), torch.randn(2, 12, 784, d, dtype=dtype)
+    _triton.masked_affinity_forward(f, vf, 1.2, 3.0, torch.empty_like(vf))
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 80, 90")
-    parser.add_argument("--dtype", action="append", choices=[str(d)[6:] for d in TYPES])
+    parser.add_argument("--dtype", action="append", choices=DTYPES)
     parser.add_argument("--head-dim", action="append", type=int)
-    parser.add_argument("--all-configs", action="store_true", help="every autotuning config")
     args = parser.parse_args(argv)
-    if _common.interpreting():
-        parser.error("unset TRITON_INTERPRET: the interpreter builds no GPU code")
-    target = GPUTarget("cuda", args.arch, 32)
-    for name in args.dtype or ["bfloat16"]:
-        for d in args.head_dim or [64]:
-            baseline_kernels(getattr(torch, name), d, target, args.all_configs)
+    with compile_only(args.arch) as driver:
+        for name in args.dtype or ["bfloat16"]:
+            for d in args.head_dim or [64]:
+                seen = len(driver.kernels)
+                baseline_kernels(getattr(torch, name), d)
+                print(f"baseline attentions {name} d={d}", flush=True)
+                for kernel in driver.kernels[seen:]:
+                    print(f"  {kernel.name:<20} {kernel.config:<70} smem={kernel.shared:>6} "
+                          f"regs={kernel.registers:>3} spill={kernel.spill_bytes:>4} "
+                          f"wgmma={kernel.wgmma:d} mma.sync={kernel.mma_sync:d} "
+                          f"local={kernel.local_memory:d}", flush=True)
     return 0
 
 

@@ -1,104 +1,92 @@
-"""Compiles the Triton kernels for a GPU target without a GPU (Triton ships ptxas).
+"""Compiles every candidate config of the Triton kernels for a GPU target, without a GPU, through
+the backend's real launch path (see compile_only.py), and prints what the compiler made of each:
 
-The interpreter runs the kernels' Python, not Triton's compiler, so it misses what only GPU
-compilation checks (constexpr globals, dot shapes and dtypes, layouts). Run with
-TRITON_INTERPRET unset or 0:
+    python tests/triton/compile_for_gpu.py [--arch 90] [--dtype bfloat16 ...] [--head-dim 64 ...]
+                                           [--tf32] [--skip-logits] [--json FILE]
 
-    python tests/triton/compile_for_gpu.py [--arch 90] [--dtype float16 ...] [--head-dim 40 ...]
-                                           [--all-configs]
-
-Prints each kernel's shared memory; exits non-zero on the first compilation error.
+One row per compiled kernel: config, shared memory, registers, ptxas spill bytes, and whether the
+PTX has wgmma (Hopper tensor cores), mma.sync (Ampere ones), TMA and local memory. The interpreter
+misses what only GPU compilation checks (constexpr globals, dot shapes and dtypes, layouts); run
+with TRITON_INTERPRET unset or 0. Exits non-zero on the first compilation error.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+from pathlib import Path
 
 import torch
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
-from armfast.kernels import _common
-from armfast.kernels import attention as attn
-from armfast.kernels import patch_text_logits as ptl
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compile_only import compile_only  # noqa: E402
 
-TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+from armfast.ops import _triton  # noqa: E402
+
+DTYPES = ("float16", "bfloat16", "float32")
 
 
-def _compile(kernel, pointers: dict, constexprs: dict, config: triton.Config, target: GPUTarget,
-             floats=("sm_scale",)):
-    jit = kernel if isinstance(kernel, triton.runtime.jit.JITFunction) else kernel.fn
-    constexprs = {**constexprs, **config.kwargs}
-    signature = {name: ("constexpr" if name in constexprs else
-                        "*" + pointers[name] if name in pointers else
-                        "fp32" if name in floats else "i32")
-                 for name in jit.arg_names}
-    start = time.time()
-    compiled = triton.compile(ASTSource(jit, signature, constexprs), target=target,
-                              options={"num_warps": config.num_warps, "num_stages": config.num_stages})
-    print(f"{jit.__name__:<20} {str(config.kwargs):<48} warps={config.num_warps} "
-          f"stages={config.num_stages} smem={compiled.metadata.shared:>7} ({time.time() - start:.1f}s)",
-          flush=True)
+def attention_kernels(dtype: torch.dtype, d: int) -> None:
+    """Forward, backward (atomic dQ) and deterministic backward at lengths that end in partial
+    tiles, large enough for the TMA forward's candidates; the tuner loads every candidate once."""
+    q = torch.randn(2, 48, 785, d, dtype=dtype)
+    k = torch.randn(2, 48, 700, d, dtype=dtype)
+    out, lse = _triton.BACKEND.attention.run_forward(q, k, k, d ** -0.5, False)
+    _triton.attention_backward(out, q, k, k, out, lse, d ** -0.5)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        _triton.attention_backward(out, q, k, k, out, lse, d ** -0.5)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
 
 
-def _configs(kernel, all_configs):
-    configs = getattr(kernel, "configs", None)
-    return configs if all_configs else configs[:1]
-
-
-def attention_kernels(dtype, d, target, all_configs):
-    t, acc = TYPES[dtype], "fp32"
-    precision = "tf32" if dtype == torch.float32 else "ieee"
-    common = dict(HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
-                  ACC_DTYPE=_common.acc_dtype(dtype))
-    print(f"attention {t} d={d}")
-    _compile(attn.attn_bwd_preprocess, dict(O=t, DO=t, DELTA=acc), common,
-             triton.Config({"BLOCK_M": attn.BLOCK_M_PREPROCESS}), target)
-    common["DOT_PRECISION"] = precision
-    for kernel, pointers in (
-            (attn.attn_fwd, dict(Q=t, K=t, V=t, O=t, LSE=acc)),
-            (attn.attn_bwd_dkdv, dict(Q=t, K=t, V=t, DO=t, LSE=acc, DELTA=acc, DK=t, DV=t)),
-            (attn.attn_bwd_dq, dict(Q=t, K=t, V=t, DO=t, LSE=acc, DELTA=acc, DQ=t))):
-        for config in _configs(kernel, all_configs):
-            _compile(kernel, pointers, common, config, target)
-
-
-def patch_text_logits_kernels(dtype, target, all_configs):
-    t, acc = TYPES[dtype], "fp32"
-    common = dict(ACC_DTYPE=_common.acc_dtype(dtype))
-    print(f"patch_text_logits {t}")
-    _compile(ptl.row_norm, dict(X=t, NORM=acc), common,
-             triton.Config({"BLOCK_R": ptl.ROW_NORM_BLOCK_R, "BLOCK_E": ptl.ROW_NORM_BLOCK_E}), target)
-    common["DOT_PRECISION"] = "tf32" if dtype == torch.float32 else "ieee"
-    norms = dict(SCALE="fp32", X_NORM=acc, T_NORM=acc)
-    for kernel, pointers in (
-            (ptl.ptl_fwd, dict(X=t, T=t, SCALE="fp32", OUT=t)),
-            (ptl.ptl_bwd_gcos, dict(X=t, T=t, DOUT=t, GCOS=acc)),
-            (ptl.ptl_bwd_dx, dict(X=t, T=t, DOUT=t, GC_ROW=acc, DX=t, **norms)),
-            (ptl.ptl_bwd_dtext, dict(X=t, T=t, DOUT=t, GC_COL=acc, DT=t, **norms))):
-        for config in _configs(kernel, all_configs):
-            _compile(kernel, pointers, common, config, target)
+def logits_kernels(dtype: torch.dtype) -> None:
+    x = torch.randn(2, 197, 512, dtype=dtype)
+    text = torch.randn(171, 512, dtype=dtype)
+    scale = torch.tensor(10.0)
+    out = _triton.patch_text_logits_forward(x, text, scale)
+    _triton.patch_text_logits_backward(out, x, text, scale)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 80, 90")
-    parser.add_argument("--dtype", action="append", choices=[str(d)[6:] for d in TYPES])
+    parser.add_argument("--dtype", action="append", choices=DTYPES)
     parser.add_argument("--head-dim", action="append", type=int)
-    parser.add_argument("--all-configs", action="store_true", help="every autotuning config")
+    parser.add_argument("--tf32", action="store_true", help="float32 dots on TF32 tensor cores")
     parser.add_argument("--skip-logits", action="store_true")
+    parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
-    if _common.interpreting():
-        parser.error("unset TRITON_INTERPRET: the interpreter builds no GPU code")
-    target = GPUTarget("cuda", args.arch, 32)
-    for name in args.dtype or ["float16"]:
-        dtype = getattr(torch, name)
-        for d in args.head_dim or [40]:
-            attention_kernels(dtype, d, target, args.all_configs)
-        if not args.skip_logits:
-            patch_text_logits_kernels(dtype, target, args.all_configs)
+    if args.tf32:
+        torch.set_float32_matmul_precision("high")
+    rows = []
+    with compile_only(args.arch) as driver:
+        for name in args.dtype or ["bfloat16"]:
+            dtype = getattr(torch, name)
+            jobs = [(f"attention {name} d={d}", attention_kernels, (dtype, d))
+                    for d in args.head_dim or [64]]
+            if not args.skip_logits:
+                jobs.append((f"patch_text_logits {name}", logits_kernels, (dtype,)))
+            for title, job, job_args in jobs:
+                seen, start = len(driver.kernels), time.time()
+                job(*job_args)
+                print(f"{title}: {sum(driver.compiles.values())} compiles so far, "
+                      f"{time.time() - start:.1f}s", flush=True)
+                for kernel in driver.kernels[seen:]:
+                    row = {"what": title, "kernel": kernel.name, "config": kernel.config,
+                           "shared": kernel.shared, "registers": kernel.registers,
+                           "spill_bytes": kernel.spill_bytes, "wgmma": kernel.wgmma,
+                           "mma_sync": kernel.mma_sync, "tma": kernel.tma,
+                           "local": kernel.local_memory}
+                    rows.append(row)
+                    print(f"  {kernel.name:<20} {kernel.config:<58} smem={kernel.shared:>6} "
+                          f"regs={kernel.registers:>3} spill={kernel.spill_bytes:>4} "
+                          f"wgmma={kernel.wgmma:d} mma.sync={kernel.mma_sync:d} "
+                          f"tma={kernel.tma:d} local={kernel.local_memory:d}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
 
 

@@ -16,6 +16,10 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Correctness tests launch each config list's first entry: tuning would compile and time every
+# candidate of every (dtype, head dim, bucket) they touch, minutes on a GPU. The tuner has its
+# own tests (test_triton_tuning.py, test_triton_compile.py).
+os.environ.setdefault("ARMFAST_TRITON_AUTOTUNE", "0")
 
 from armfast.ops import _library  # noqa: E402  (after TRITON_INTERPRET is settled)
 

@@ -79,7 +79,19 @@ def test_float64_and_gradcheck():
                                     fast_mode=True)
 
 
-def test_backward_is_deterministic():
+@pytest.fixture
+def deterministic():
+    """`torch.use_deterministic_algorithms(True)` for one test (warn_only: other ops may lack a
+    deterministic version)."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
+def test_deterministic_backward_is_reproducible_and_right(deterministic):
+    """Deterministic mode sums dQ in its own kernel, in a fixed order: bit-identical reruns.
+    (The default path adds dQ with float32 atomics, whose order a GPU does not fix.)"""
     torch.manual_seed(4)
     q, k, v = make_qkv(1, 2, 70, 45, 32, device=DEVICE, strided=True)
     out, lse = _triton.BACKEND.attention.run_forward(q, k, v, 0.2, False)
@@ -88,6 +100,47 @@ def test_backward_is_deterministic():
     second = _triton.attention_backward(dout, q, k, v, out, lse, 0.2)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+    got, want, _ = _run(q, k, v, scale=0.2)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        assert_close(g, w, atol=2e-5, rtol=1e-4, name=name)
+
+
+def test_very_negative_scores_leave_no_nan_in_partial_key_tiles():
+    """Every score of a row far below zero: lse ~ -400, so exp(score - lse) of a zero-filled key
+    past N_K would overflow; those keys must be masked out of dQ, not multiplied by zero."""
+    torch.manual_seed(5)
+    q, k, v = make_qkv(1, 1, 40, 45, 16, device=DEVICE)
+    k = k.abs() + 1.0
+    q = -20.0 * (q.abs() + 1.0)  # q.k <= -320 on every pair: scores of -80 and below
+    got, want, _ = _run(q, k, v)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        assert torch.isfinite(g).all(), name
+        assert_close(g, w, atol=1e-4, rtol=1e-4, name=name)
+
+
+@pytest.mark.parametrize("heads_last", [False, True])
+def test_tma_forward_matches_float64(heads_last):
+    """The TMA forward (a candidate on Hopper for large inputs) run by the interpreter, on
+    [B, H, N, d] tensors and on [B, N, H, d] ones viewed as such, Nq != Nk, partial tiles."""
+    from armfast.kernels import attention as kernels
+    from armfast.kernels._tuning import Launch
+    torch.manual_seed(9)
+    B, H, Nq, Nk, d = 2, 3, 45, 70, 32
+
+    def make(n):
+        t = torch.randn(B, n, H, d).transpose(1, 2) if heads_last else torch.randn(B, H, n, d)
+        return t.to(DEVICE)
+    q, k, v = make(Nq), make(Nk), make(Nk)
+    out = make(Nq)
+    assert _triton._tma_ready(q, k, v, out)
+    assert not _triton._tma_ready(q[..., ::2], k[..., ::2], v[..., ::2], out[..., ::2])
+    launch = Launch(kernels._configs([(32, 32, 4, 2)], VARIANT="tma")[0],
+                    _triton.attention_constexprs(q, "ieee"))
+    lse = torch.empty(B, H, Nq, device=DEVICE)
+    _triton._launch_fwd(q, k, v, out, lse, 0.3, launch)
+    s = (q.double() @ k.double().transpose(-2, -1)) * 0.3
+    assert_close(out, torch.softmax(s, -1) @ v.double(), atol=2e-5, rtol=1e-4, name="out")
+    assert_close(lse, torch.logsumexp(s, -1), atol=1e-5, rtol=1e-5, name="lse")
 
 
 def test_opcheck():

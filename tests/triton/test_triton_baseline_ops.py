@@ -111,4 +111,9 @@ def test_kernels_compile_for_hopper():
                              "--head-dim", "64"], capture_output=True, text=True, timeout=600,
                             env={**os.environ, "TRITON_INTERPRET": "0"})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    assert result.stdout.count("self_corr_fwd ") >= 6 and "masked_affinity_fwd " in result.stdout
+    rows = [line.split() for line in result.stdout.splitlines() if line.startswith("  ")]
+    kernels = {row[0] for row in rows}
+    assert kernels == {"self_corr_fwd", "masked_affinity_fwd"}, result.stdout[-2000:]
+    # every config of the three self-correlation variants and of the affinity kernel, on tensor cores
+    assert len(rows) >= 3 * 4 + 5 and all("mma.sync=1" in line or "wgmma=1" in line
+                                           for line in result.stdout.splitlines() if line.startswith("  "))

@@ -1,9 +1,10 @@
 """Launch grids within CUDA's limits (2**31 - 1 programs on axis 0, 65535 on axes 1 and 2) and
 offsets past 2**31 elements.
 
-The grid checks swap the kernels for recorders, so they run the wrappers' real grid arithmetic
-on batches far too big for the interpreter (it runs about 40 attention programs a second) and
-cost nothing. Running such shapes, and tensors of more than 2**31 elements, needs a GPU.
+Every kernel runs on a flat axis-0 grid and decodes (batch * head, tile) itself. The grid checks
+swap the kernels for recorders, so they run the wrappers' real grid arithmetic on batches far too
+big for the interpreter (it runs about 40 attention programs a second) and cost nothing. Running
+such shapes, and tensors of more than 2**31 elements, needs a GPU.
 """
 from __future__ import annotations
 
@@ -17,44 +18,34 @@ from conftest import assert_close, attention_f64
 
 # CLIP ViT-B's last block on 5462 crops: B * H = 65544 passes axis 1's limit of 65535.
 CROPS, HEADS = 5462, 12
-# The smallest tile any config (GPU or interpreter) uses: the most programs per axis.
-SMALLEST_TILES = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_R": 32, "BLOCK_C": 32, "BLOCK_E": 32}
+ATTENTION_KERNELS = ("attn_fwd", "attn_bwd_preprocess", "attn_bwd", "attn_bwd_dq")
+LOGITS_KERNELS = ("ptl_fwd", "row_norm", "ptl_bwd_gcos", "ptl_bwd_dx", "ptl_bwd_dtext")
 
 
 class _Recorder:
-    """Stands in for a kernel: keeps the grid each launch asks for and launches nothing."""
+    """Stands in for a kernel: keeps the grid, keywords and arguments of each launch, launches
+    nothing."""
 
-    def __init__(self, name: str, grids: dict):
-        self.name, self.grids = name, grids
+    def __init__(self, name: str, launches: dict):
+        self.name, self.launches = name, launches
 
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.grids[self.name] = grid({**SMALLEST_TILES, **kwargs}) if callable(grid) else grid
-        return launch
+    def run(self, *args, grid, warmup, **kwargs):
+        self.launches[self.name] = (grid, kwargs, args)
 
 
 @pytest.fixture
-def grids(monkeypatch):
-    """Routes every launch of the wrappers to a recorder; yields {kernel name: grid}."""
-    from armfast.kernels import _common, attention as attn_module, patch_text_logits as ptl_module
+def launches(monkeypatch):
+    """Routes every launch of the wrappers to a recorder; yields {kernel name: (grid, kwargs)}."""
+    real = _triton._kernels()
     recorded = {}
 
     def recorders(module, names):
-        return SimpleNamespace(**{name: _Recorder(name, recorded) for name in names},
-                               **{name: getattr(module, name) for name in dir(module)
-                                  if name.isupper()})  # BLOCK_M_PREPROCESS and the like
-    kernels = SimpleNamespace(
-        common=_common,
-        attention=recorders(attn_module, ("attn_fwd", "attn_bwd_preprocess", "attn_bwd_dkdv",
-                                          "attn_bwd_dq")),
-        logits=recorders(ptl_module, ("ptl_fwd", "row_norm", "ptl_bwd_gcos", "ptl_bwd_dx",
-                                      "ptl_bwd_dtext")))
+        return SimpleNamespace(**{**vars(module), **{n: _Recorder(n, recorded) for n in names}})
+    kernels = SimpleNamespace(**{**vars(real),
+                                 "attention": recorders(real.attention, ATTENTION_KERNELS),
+                                 "logits": recorders(real.logits, LOGITS_KERNELS)})
     monkeypatch.setattr(_triton, "_kernels", lambda: kernels)
     return recorded
-
-
-def _within_limits(grid):
-    return all(1 <= n <= limit for n, limit in zip(grid, _triton.MAX_GRID))
 
 
 def _tiny(*shape):
@@ -62,36 +53,61 @@ def _tiny(*shape):
     return torch.zeros((1,) * len(shape)).expand(*shape)
 
 
-def test_attention_puts_batch_heads_on_axis_0(grids):
+def _programs(launch):
+    grid = launch[0]
+    assert len(grid) == 1 and 1 <= grid[0] <= _triton.MAX_PROGRAMS, grid
+    return grid[0]
+
+
+def test_attention_grids_are_flat_past_65535_heads(launches):
     B, H, N, d = CROPS, HEADS, 40, 1
     q = _tiny(B, H, N, d)
     out, lse = _triton.BACKEND.attention.run_forward(q, q, q, 0.25, False)
     _triton.attention_backward(out, q, q, q, out, lse, 0.25)
-    assert set(grids) == {"attn_fwd", "attn_bwd_preprocess", "attn_bwd_dkdv", "attn_bwd_dq"}
-    for name, grid in grids.items():
-        assert len(grid) == 2 and grid[0] == B * H > 65535, (name, grid)
-        assert _within_limits(grid), (name, grid)
+    assert set(launches) == {"attn_fwd", "attn_bwd_preprocess", "attn_bwd"}
+    for name, launch in launches.items():
+        block = launch[1]["BLOCK_N" if name == "attn_bwd" else "BLOCK_M"]
+        assert _programs(launch) == B * H * -(-N // block) > 65535, name
 
 
-def test_patch_text_logits_grids_stay_within_limits(grids):
+def test_deterministic_backward_launches_the_dq_kernel(launches, monkeypatch):
+    """`torch.use_deterministic_algorithms(True)` swaps the atomic dQ for its own kernel."""
+    q = _tiny(2, 3, 40, 8)
+    out, lse = _triton.BACKEND.attention.run_forward(q, q, q, 0.25, False)
+    _triton.attention_backward(out, q, q, q, out, lse, 0.25)
+    assert launches["attn_bwd"][1]["DQ_ATOMIC"] and launches["attn_bwd_preprocess"][1]["ZERO_DQ"]
+    assert "attn_bwd_dq" not in launches
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    _triton.attention_backward(out, q, q, q, out, lse, 0.25)
+    assert not launches["attn_bwd"][1]["DQ_ATOMIC"]
+    assert not launches["attn_bwd_preprocess"][1]["ZERO_DQ"]
+    assert _programs(launches["attn_bwd_dq"]) == 2 * 3 * 2  # 40 queries: 2 tiles of 32
+
+
+def test_patch_text_logits_grids_stay_within_limits(launches):
     # 5462 crops x 577 tokens: 3.2 million rows, ~98k row tiles; then as many text rows.
     for B, N, C in ((CROPS, 577, 3), (1, 2, CROPS * 577)):
-        grids.clear()
+        launches.clear()
         x, text, scale = _tiny(B, N, 1), _tiny(C, 1), torch.ones(())
         out = _triton.patch_text_logits_forward(x, text, scale)
         _triton.patch_text_logits_backward(out, x, text, scale)
-        assert len(grids) == 5
-        for name, grid in grids.items():
-            assert _within_limits(grid), (B, N, C, name, grid)
-        assert max(grids["ptl_fwd"]) > 65535  # the case that needs the flat grid
+        assert set(launches) == set(LOGITS_KERNELS)
+        assert all(_programs(launch) for launch in launches.values())
+        assert _programs(launches["ptl_fwd"]) > 65535  # the case that needs the flat grid
+        _, meta, args = launches["ptl_fwd"]
+        rows, per_batch, classes, _ = args[-4:]  # R, N, C, E
+        assert (rows, classes) == (B * N, C) and per_batch in (N, B * N)
+        assert _programs(launches["ptl_fwd"]) == (-(-rows // meta["BLOCK_R"])
+                                                  * -(-classes // meta["BLOCK_C"]))
 
 
 def test_grid_past_cuda_limits_names_the_tensor():
-    with pytest.raises(ValueError, match=r"attention of q \(1, 1, 2097153, 64\).*axis 1"):
-        _triton.attention_grid(1, 2**21 + 1, 32, "triton attention of q (1, 1, 2097153, 64)")
-    with pytest.raises(ValueError, match="axis 0, expected at most 2147483647"):
-        _triton.launch_grid(2**31, 1, what="a test grid")
-    assert _triton.attention_grid(CROPS * HEADS, 577, 64, "q") == (CROPS * HEADS, 10)
+    q = _tiny(2**10, 1, 2**21 + 1, 64)
+    with pytest.raises(ValueError, match=r"attention of q \(1024, 1, 2097153, 64\) needs "
+                                         r"2147484672 programs on launch grid axis 0, "
+                                         r"expected at most 2147483647"):
+        _triton.flat_grid(2**10, 2**21 + 1, 1, _triton.ATTENTION, q)
+    assert _triton.flat_grid(CROPS * HEADS, 577, 64, _triton.ATTENTION, q) == (CROPS * HEADS * 10,)
 
 
 @pytest.mark.gpu
