@@ -7,13 +7,12 @@
 //   and K run in the same pass: two score tiles, two online-softmax states, two accumulators, and
 //   each V tile copied once for both.
 // masked_affinity_forward (ProxyCLIP): a first O(n C) pass takes each feature row's inverse norm
-//   and mean(S) = |mean_i f_i / |f_i||^2 per image, and lays the normalised features and the
-//   values of all heads out as GEMM operands. Each tile of the symmetric S is computed once and
-//   serves two row blocks: S < beta mean(S) masked (never the diagonal), softmax(gamma S) online,
-//   applied to all heads at once (V seen as [n, H*d]), since the map is shared by every head.
+//   and mean(S) = |mean_i f_i / |f_i||^2 per image. One task per (batch, query tile) then walks
+//   over the key tiles: S from the normalised features, S < beta mean(S) masked (never the
+//   diagonal), softmax(gamma S) online, applied to all heads at once (V seen as [n, H*d]), since
+//   the map is shared by every head.
 //
-// No two concurrent tasks write the same rows, and every row sees its key tiles in a fixed order,
-// so results do not depend on the thread count.
+// Every task writes its own rows of the output, so results do not depend on the thread count.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -169,15 +168,6 @@ double self_correlation_flops(const SelfCorrelationShape& s, int operands) {
 }
 
 // ---- masked affinity: ProxyCLIP ----------------------------------------------------------------
-// S is symmetric, so each tile of it is computed once and serves two row blocks: tile (I, J)
-// feeds rows I (keys J) and, transposed, rows J (keys I). Every row's online-softmax state (max,
-// sum, unnormalised output over all heads) lives in buffers of O(n H d), and the tiles run in
-// rounds that pair the row blocks of an image without overlap (a round-robin schedule), so no two
-// concurrent tasks touch the same rows and the order of the updates is fixed.
-//
-// The first pass lays out, per image, the operands the tasks read in place: the normalised
-// features fn [n_pad, C] and transposed ft [C, n_pad] (zero past n), and the values of all heads
-// side by side, vv [n, hdp] (zero columns past H*d). All O(n C), like the inputs.
 
 template <typename T>
 struct AffinityProblem {
@@ -185,127 +175,125 @@ struct AffinityProblem {
   Slice<T> f;  // batch 0 of f [B, n, C]; batch b starts at f.p + b * fb
   int64_t fb;
   Strided<const T> v;
+  Strided<T> out;
+  const T* rnorm;   // [B * n] 1 / max(|f_i|, eps)
   const T* thresh;  // [B] beta * mean(S)
-  const T *fn, *ft;  // [B, n_pad, C] normalised features, and [B, C, n_pad] transposed
-  const T* vv;       // [B, n, hdp] values of every head
-  T *mrow, *lrow, *acc;  // [B, n_pad] running max and sum, [B, n_pad, hdp] unnormalised output
   T gamma;
-  int64_t hd, hdp, n_pad;  // H * d, rounded up to the widest vector; n rounded up to kBlockK
+  int64_t hd, hdp;  // H * d, and rounded up to the widest vector
 };
 
-int64_t affinity_workspace() { return 2 * kBlockQ * kBlockK; }
-
-// Rows r0 .. r0 + nr of image b take the keys k0 .. k0 + nk whose logits (-inf: masked) are in
-// tile [nr, nk] (pitch kBlockK; rows nr .. round_up(nr, R) are zero).
-template <class Isa, typename T>
-ARMFAST_INLINE void affinity_update(const AffinityProblem<T>* P, int64_t b, int64_t r0, int64_t nr, int64_t k0,
-                                    int64_t nk, T* tile) {
-  constexpr int64_t R = Isa::R, W = Isa::VBYTES / sizeof(T);
-  const int64_t hdp = P->hdp, cols = round_up(nk, W), row = b * P->n_pad + r0;
-  T* acc = P->acc + row * hdp;
-  for (int64_t i = 0; i < nr; ++i) {
-    const T alpha = online_softmax_row(tile + i * kBlockK, nk, cols, P->mrow[row + i], P->lrow[row + i]);
-    T* orow = acc + i * hdp;
-#pragma omp simd
-    for (int64_t c = 0; c < hdp; ++c) orow[c] *= alpha;
-  }
-  // Rows past nr of acc are padding (never read); in chunks that keep V's slice in L1
-  const T* vv = P->vv + (b * P->s.n + k0) * hdp;
-  for (int64_t c0 = 0; c0 < hdp; c0 += kChunk)
-    gemm<T, Isa>(round_up(nr, R), min_of(kChunk, hdp - c0), nk, tile, kBlockK, vv + c0, hdp, acc + c0, hdp, true);
+int64_t affinity_workspace(int64_t C, int64_t hdp) {
+  return kBlockQ * C + C * kBlockK + kBlockK * hdp + kBlockQ * kBlockK + kBlockQ * hdp + 2 * kBlockQ;
 }
 
-// One tile (I, J) of S of image b: rows I take keys J, and rows J keys I unless I == J.
-struct AffinityPair {
+// dst[i * ld + c] (transposed: dst[c * ld + i]) = src[n0 + i, c] * r[n0 + i] for i < n, c < C,
+// looping along the source's smaller stride.
+template <typename T, bool TRANSPOSED>
+ARMFAST_INLINE void copy_normalized(T* dst, int64_t ld, Slice<T> src, const T* r, int64_t n0,
+                                    int64_t n, int64_t C) {
+  auto put = [&](int64_t i, int64_t c) {
+    dst[TRANSPOSED ? c * ld + i : i * ld + c] = src.at(n0 + i, c) * r[n0 + i];
+  };
+  if (src.sn < src.sd) {
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t i = 0; i < n; ++i) put(i, c);
+  } else {
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t c = 0; c < C; ++c) put(i, c);
+  }
+}
+
+// One (batch, query tile) task.
+struct AffinityTile {
   template <class Isa, typename T>
-  ARMFAST_INLINE static void run(const AffinityProblem<T>* P, int64_t b, int64_t I, int64_t J, T* ws) {
+  ARMFAST_INLINE static void run(const AffinityProblem<T>* P, int64_t b, int64_t q0, T* ws) {
     constexpr int64_t R = Isa::R, W = Isa::VBYTES / sizeof(T);
     const AffinityShape& s = P->s;
-    const int64_t C = s.C, n = s.n, n_pad = P->n_pad;
-    const int64_t i0 = I * kBlockQ, j0 = J * kBlockK;
-    const int64_t ni = min_of(kBlockQ, n - i0), nj = min_of(kBlockK, n - j0);
-    T* sc = ws;                      // [BQ, BK] S_IJ, then logits
-    T* st = sc + kBlockQ * kBlockK;  // [BK, BQ] their transpose
-    const T* fn = P->fn + (b * n_pad + i0) * C;
-    const T* ft = P->ft + b * C * n_pad + j0;
-    for (int64_t c0 = 0; c0 < C; c0 += kChunk)
-      gemm<T, Isa>(round_up(ni, R), round_up(nj, W), min_of(kChunk, C - c0), fn + c0, C, ft + c0 * n_pad, n_pad,
-                   sc, kBlockK, c0 > 0);
+    const int64_t C = s.C, d = s.d, hdp = P->hdp, n = s.n;
+    const int64_t nq = min_of(kBlockQ, n - q0), rows = round_up(nq, R);
+    T* fs = ws;                       // [BQ, C]   normalised query features
+    T* ft = fs + kBlockQ * C;         // [C, BK]   normalised key features, transposed
+    T* vs = ft + C * kBlockK;         // [BK, hdp] v of every head side by side
+    T* sc = vs + kBlockK * hdp;       // [BQ, BK]  S, then probabilities
+    T* acc = sc + kBlockQ * kBlockK;  // [BQ, hdp] unnormalised output of every head
+    T* mrow = acc + kBlockQ * hdp;    // [BQ]
+    T* lrow = mrow + kBlockQ;         // [BQ]
+    const Slice<T> f{P->f.p + b * P->fb, P->f.sn, P->f.sd};
+    const T* rn = P->rnorm + b * n;
     const T thresh = P->thresh[b], gamma = P->gamma;
-    for (int64_t i = 0; i < ni; ++i) {
-      T* srow = sc + i * kBlockK;
-      const int64_t diagonal = I == J ? i : -1;  // S_ii is never masked
+    copy_normalized<T, false>(fs, C, f, rn, q0, nq, C);
+    std::fill(fs + nq * C, fs + rows * C, T(0));
+    std::fill(acc, acc + rows * hdp, T(0));
+    std::fill(mrow, mrow + rows, kNegInf<T>);
+    std::fill(lrow, lrow + rows, T(0));
+    for (int64_t j = 0; j < kBlockK; ++j) std::fill(vs + j * hdp + P->hd, vs + (j + 1) * hdp, T(0));
+    for (int64_t k0 = 0; k0 < n; k0 += kBlockK) {
+      const int64_t nk = min_of(kBlockK, n - k0), cols = round_up(nk, W);
+      copy_normalized<T, true>(ft, kBlockK, f, rn, k0, nk, C);
+      for (int64_t c = 0; c < C; ++c) std::fill(ft + c * kBlockK + nk, ft + c * kBlockK + cols, T(0));
+      for (int64_t h = 0; h < s.H; ++h) {
+        const Slice<T> vh = slice(P->v, b, h);
+        for (int64_t j = 0; j < nk; ++j)
+          for (int64_t e = 0; e < d; ++e) vs[j * hdp + h * d + e] = vh.at(k0 + j, e);
+      }
+      for (int64_t c0 = 0; c0 < C; c0 += kChunk)
+        gemm<T, Isa>(rows, cols, min_of(kChunk, C - c0), fs + c0, C, ft + c0 * kBlockK, kBlockK,
+                     sc, kBlockK, c0 > 0);
+      for (int64_t i = 0; i < nq; ++i) {
+        T* srow = sc + i * kBlockK;
+        const int64_t diagonal = q0 + i - k0;  // the key index of S_ii in this tile, if any
 #pragma omp simd
-      for (int64_t j = 0; j < nj; ++j)
-        srow[j] = srow[j] >= thresh || j == diagonal ? gamma * srow[j] : kNegInf<T>;
+        for (int64_t j = 0; j < nk; ++j)
+          srow[j] = srow[j] >= thresh || j == diagonal ? gamma * srow[j] : kNegInf<T>;
+        const T alpha = online_softmax_row(srow, nk, cols, mrow[i], lrow[i]);
+        T* orow = acc + i * hdp;
+#pragma omp simd
+        for (int64_t c = 0; c < hdp; ++c) orow[c] *= alpha;
+      }
+      // Rows nq..rows of sc are zero (zero-padded features) and add nothing.
+      for (int64_t c0 = 0; c0 < hdp; c0 += kChunk)
+        gemm<T, Isa>(rows, min_of(kChunk, hdp - c0), nk, sc, kBlockK, vs + c0, hdp, acc + c0, hdp,
+                     true);
     }
-    if (I != J) {
-      std::fill(st, st + kBlockK * kBlockQ, T(0));
-      for (int64_t i = 0; i < ni; ++i)
-        for (int64_t j = 0; j < nj; ++j) st[j * kBlockQ + i] = sc[i * kBlockK + j];
+    const Strided<T>& o = P->out;
+    for (int64_t h = 0; h < s.H; ++h) {
+      T* ob = o.data + b * o.stride[0] + h * o.stride[1];
+      for (int64_t i = 0; i < nq; ++i) {
+        const T inv = T(1) / lrow[i];  // >= 1 term: the diagonal is never masked
+        T* orow = ob + (q0 + i) * o.stride[2];
+        for (int64_t e = 0; e < d; ++e) orow[e * o.stride[3]] = acc[i * hdp + h * d + e] * inv;
+      }
     }
-    affinity_update<Isa>(P, b, i0, ni, j0, nj, sc);
-    if (I != J) affinity_update<Isa>(P, b, j0, nj, i0, ni, st);
   }
 };
 
-// Round-robin pairing of `blocks` row blocks (the circle method): in round r < rounds(blocks) - 1
-// pair k joins two blocks, each pair of distinct blocks meets exactly once, and no block is in
-// two pairs of a round; the last round takes each block with itself. Returns false for a pair
-// with the odd count's empty slot.
-inline int64_t affinity_rounds(int64_t blocks) { return (blocks + 1) / 2 * 2; }
-inline bool affinity_pair(int64_t blocks, int64_t round, int64_t k, int64_t* I, int64_t* J) {
-  const int64_t even = affinity_rounds(blocks), m = even - 1;
-  if (round == m) {  // the diagonal tiles
-    *I = *J = k;
-    return k < blocks;
-  }
-  if (k >= even / 2) return false;
-  if (k == 0) {
-    *I = round, *J = m;
-  } else {
-    *I = (round + k) % m, *J = (round - k + m) % m;
-  }
-  return *I < blocks && *J < blocks;
-}
-
-// The O(n C) first pass: thresh[b] = beta * mean(S) with mean(S) = |mean_i f_bi / |f_bi||^2 (the
-// mean of all n x n cosines; |f| clamped at eps as F.normalize), accumulated in double; and the
-// operands fn, ft, vv of AffinityProblem.
+// The O(n C) first pass: rnorm[b*n + i] = 1 / max(|f_bi|, eps) and thresh[b] = beta * mean(S),
+// mean(S) = |mean_i f_bi rnorm_bi|^2 (the mean of all n x n cosines), accumulated in double.
 template <typename T>
-void affinity_first_pass(const AffinityProblem<T>& P, double beta, std::vector<T>* thresh, std::vector<T>* fn,
-                         std::vector<T>* ft, std::vector<T>* vv, int threads) {
+void affinity_first_pass(const AffinityProblem<T>& P, double beta, std::vector<T>* rnorm,
+                         std::vector<T>* thresh, int threads) {
   const AffinityShape& s = P.s;
-  const int64_t rows = s.B * s.n, chunks = (s.C + kChunk - 1) / kChunk, n_pad = P.n_pad, hdp = P.hdp;
+  const int64_t rows = s.B * s.n, chunks = (s.C + kChunk - 1) / kChunk;
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
   for (int64_t r = 0; r < rows; ++r) {
-    const int64_t b = r / s.n, i = r % s.n;
-    const T* row = P.f.p + b * P.fb + i * P.f.sn;
+    const T* row = P.f.p + (r / s.n) * P.fb + (r % s.n) * P.f.sn;
     double sum = 0;
     for (int64_t c = 0; c < s.C; ++c) sum += static_cast<double>(row[c * P.f.sd]) * row[c * P.f.sd];
-    const T rn = static_cast<T>(1.0 / std::max(std::sqrt(sum), kNormEps));
-    T* col = ft->data() + b * s.C * n_pad + i;
-    T* nrow = fn->data() + (b * n_pad + i) * s.C;
-    for (int64_t c = 0; c < s.C; ++c) nrow[c] = col[c * n_pad] = row[c * P.f.sd] * rn;
-    T* vrow = vv->data() + r * hdp;
-    for (int64_t h = 0; h < s.H; ++h) {
-      const Slice<T> vh = slice(P.v, b, h);
-      for (int64_t e = 0; e < s.d; ++e) vrow[h * s.d + e] = vh.at(i, e);
-    }
-    std::fill(vrow + P.hd, vrow + hdp, T(0));
+    (*rnorm)[r] = static_cast<T>(1.0 / std::max(std::sqrt(sum), kNormEps));
   }
   // |sum_i f_i r_i|^2 per (batch, chunk of features), then summed per batch in a fixed order.
   std::vector<double> partial(static_cast<size_t>(s.B * chunks));
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
   for (int64_t t = 0; t < s.B * chunks; ++t) {
     const int64_t b = t / chunks, c0 = (t % chunks) * kChunk, nc = std::min(kChunk, s.C - c0);
-    double sq = 0;
-    for (int64_t c = 0; c < nc; ++c) {
-      const T* col = ft->data() + b * s.C * n_pad + (c0 + c) * n_pad;
-      double mean = 0;
-      for (int64_t i = 0; i < s.n; ++i) mean += col[i];  // zero past n
-      sq += mean * mean;
+    double mean[kChunk] = {};
+    for (int64_t i = 0; i < s.n; ++i) {
+      const T* row = P.f.p + b * P.fb + i * P.f.sn;
+      const double r = (*rnorm)[b * s.n + i];
+      for (int64_t c = 0; c < nc; ++c) mean[c] += r * row[(c0 + c) * P.f.sd];
     }
+    double sq = 0;
+    for (int64_t c = 0; c < nc; ++c) sq += mean[c] * mean[c];
     partial[t] = sq;
   }
   for (int64_t b = 0; b < s.B; ++b) {
@@ -356,50 +344,19 @@ void masked_affinity_forward(const AffinityShape& s, Strided<const T> f, Strided
   P.s = s;
   P.f = {f.data, f.stride[1], f.stride[2]};
   P.fb = f.stride[0];
-  P.v = v;
+  P.v = v, P.out = out;
   P.gamma = static_cast<T>(gamma);
   P.hd = s.H * s.d;
   P.hdp = round_up(P.hd, kMaxLanes<T>);
-  P.n_pad = round_up(s.n, kBlockK);
   const double flops = 2.0 * static_cast<double>(s.B) * static_cast<double>(s.n) *
                        static_cast<double>(s.n) * static_cast<double>(s.C + P.hd);
   const int nthreads = threads_for(threads, flops);
-  const size_t rows = static_cast<size_t>(s.B * P.n_pad);
-  std::vector<T> thresh(static_cast<size_t>(s.B)), fn(rows * s.C, T(0)), ft(rows * s.C, T(0));
-  std::vector<T> vv(static_cast<size_t>(s.B * s.n * P.hdp)), acc(rows * P.hdp, T(0)), lrow(rows, T(0));
-  std::vector<T> mrow(rows, kNegInf<T>);
-  affinity_first_pass(P, beta, &thresh, &fn, &ft, &vv, nthreads);
-  P.thresh = thresh.data(), P.fn = fn.data(), P.ft = ft.data(), P.vv = vv.data();
-  P.mrow = mrow.data(), P.lrow = lrow.data(), P.acc = acc.data();
-
-  auto pair = isa_kernel<AffinityPair, const AffinityProblem<T>*, int64_t, int64_t, int64_t, T*>();
-  const int64_t blocks = (s.n + kBlockQ - 1) / kBlockQ, rounds = affinity_rounds(blocks);
-  const int64_t per_round = rounds / 2 > blocks ? rounds / 2 : blocks;  // pairs, or the diagonal tiles
-  const int64_t ws_stride = round_up(affinity_workspace(), 64);
-  std::vector<T> ws(static_cast<size_t>(ws_stride * nthreads));
-#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
-  {
-    T* w = ws.data() + ws_stride * omp_get_thread_num();
-    for (int64_t round = 0; round < rounds; ++round) {
-#pragma omp for schedule(dynamic)  // ends with a barrier: a round's rows are done before the next
-      for (int64_t t = 0; t < s.B * per_round; ++t) {
-        int64_t I, J;
-        if (affinity_pair(blocks, round, t % per_round, &I, &J)) pair(&P, t / per_round, I, J, w);
-      }
-    }
-  }
-  // out = acc / l, every head's columns of acc to its own [n, d] slice
-  const int64_t B = s.B, n = s.n, H = s.H, d = s.d, hdp = P.hdp, n_pad = P.n_pad;
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
-  for (int64_t r = 0; r < B * n; ++r) {
-    const int64_t b = r / n, i = r % n;
-    const T* arow = acc.data() + (b * n_pad + i) * hdp;
-    const T inv = T(1) / lrow[b * n_pad + i];  // the diagonal is never masked: l >= 1
-    for (int64_t h = 0; h < H; ++h) {
-      T* orow = out.data + b * out.stride[0] + h * out.stride[1] + i * out.stride[2];
-      for (int64_t e = 0; e < d; ++e) orow[e * out.stride[3]] = arow[h * d + e] * inv;
-    }
-  }
+  std::vector<T> rnorm(static_cast<size_t>(s.B * s.n)), thresh(static_cast<size_t>(s.B));
+  affinity_first_pass(P, beta, &rnorm, &thresh, nthreads);
+  P.rnorm = rnorm.data();
+  P.thresh = thresh.data();
+  auto tile = isa_kernel<AffinityTile, const AffinityProblem<T>*, int64_t, int64_t, T*>();
+  run_tiles(tile, P, s.B, s.n, kBlockQ, affinity_workspace(s.C, P.hdp), nthreads);
 }
 
 #define ARMFAST_INSTANTIATE(T)                                                                     \
