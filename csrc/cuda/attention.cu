@@ -14,7 +14,6 @@
 #include "kernels.h"
 
 namespace armfast::cuda {
-namespace {
 
 DeviceLimits device_limits(int index) {
   DeviceLimits dev{index, max_shared_memory_per_block(index), false, multiprocessor_count(index)};
@@ -32,8 +31,6 @@ DeviceLimits device_limits(int index) {
   }
   return dev;
 }
-
-}  // namespace
 
 int64_t attention_backward_workspace(const AttentionShape& s, bool atomic_dq) {
   return backward_workspace_size(s, atomic_dq);

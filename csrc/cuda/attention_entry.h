@@ -25,6 +25,9 @@ struct DeviceLimits {
 
 constexpr const char* kSmemEnv = "ARMFAST_CUDA_MAX_SHARED_MEMORY";
 
+// The limits of cuda:index, with the kSmemEnv cap (read on every call); in attention.cu.
+DeviceLimits device_limits(int index);
+
 // The ValueError of a call whose kernel cannot run with the shared memory the device allows.
 [[noreturn]] inline void too_little_smem(const char* what, const char* dtype, int d, size_t need,
                                          const DeviceLimits& dev) {

@@ -17,9 +17,9 @@ struct CudaLauncher {
   const DeviceLimits& dev;
   cudaStream_t stream;
 
-  template <typename Kernel>
+  template <typename Kernel, class Params>
   void operator()(Kernel kernel, const std::string& name, int64_t blocks, int threads, size_t smem,
-                  const flash::AttnParams& p) const {
+                  const Params& p) const {
     if (blocks == 0) return;  // an empty batch or sequence: nothing to write
     if (blocks > 0x7fffffffLL) throw std::invalid_argument(name + ": too many blocks (" + std::to_string(blocks) + ")");
     allow_dynamic_shared_memory(reinterpret_cast<const void*>(kernel), dev.index, smem, name);

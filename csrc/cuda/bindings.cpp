@@ -6,7 +6,9 @@
 
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "armfast/tensor_arg.h"
@@ -149,6 +151,60 @@ void patch_text_logits_backward(const std::string& dtype, const PyTensor& dout, 
                                  dsa.data<float>(), wa.data<float>(), allow_tf32, device, stream);
 }
 
+// x, v, out [B,H,N,d]; x2: SCLIP's second operand or None; grid: NACLIP's (h, w, class_token,
+// sigma) or None.
+void self_correlation_forward(const std::string& dtype, const PyTensor& x, const std::optional<PyTensor>& x2,
+                              const PyTensor& v, const PyTensor& out, double scale,
+                              const std::optional<std::tuple<int64_t, int64_t, bool, double>>& grid,
+                              bool allow_tf32, int device, std::uintptr_t stream) {
+  const cu::DType dt = parse_dtype(dtype);
+  const TensorArg xa = tensor_arg("x", x, {-1, -1, -1, -1});
+  const std::vector<int64_t> shape = xa.sizes;
+  const std::optional<TensorArg> x2a = x2 ? std::optional<TensorArg>(tensor_arg("x2", *x2, shape)) : std::nullopt;
+  const TensorArg va = tensor_arg("v", v, shape);
+  const TensorArg oa = tensor_arg("out", out, shape);
+  check_head_dim(shape[3]);
+  check_scale(scale);
+  check_device(device);
+  const cu::SelfCorrelationShape s{shape[0], shape[1], shape[2], shape[3]};
+  std::optional<cu::GridBias> bias;
+  if (grid) {
+    if (x2) throw std::invalid_argument("grid: the Gaussian bias takes one operand, got x2 too");
+    const auto [h, w, class_token, sigma] = *grid;
+    if (h < 1 || w < 1 || h * w + (class_token ? 1 : 0) != s.N)
+      throw std::invalid_argument("grid (" + std::to_string(h) + ", " + std::to_string(w) + ") does not match N=" +
+                                  std::to_string(s.N) + " tokens");
+    if (!std::isfinite(sigma) || sigma <= 0)
+      throw std::invalid_argument("sigma must be finite and > 0, got " + std::to_string(sigma));
+    bias = cu::GridBias{h, w, class_token, sigma};
+  }
+  const cu::Strided none{nullptr, {0, 0, 0, 0}};
+  py::gil_scoped_release release;
+  cu::self_correlation_forward(dt, s, strided(xa), x2a ? strided(*x2a) : none, strided(va), strided(oa),
+                               static_cast<float>(scale), bias ? &*bias : nullptr, allow_tf32, device, stream);
+}
+
+void masked_affinity_forward(const std::string& dtype, const PyTensor& f, const PyTensor& rnorm,
+                             const PyTensor& thresh, const PyTensor& v, const PyTensor& out, double gamma,
+                             bool allow_tf32, int device, std::uintptr_t stream) {
+  const cu::DType dt = parse_dtype(dtype);
+  const TensorArg fa = tensor_arg("f", f, {-1, -1, -1});
+  const int64_t B = fa.size(0), n = fa.size(1), C = fa.size(2);
+  const TensorArg ra = tensor_arg("rnorm", rnorm, {B, n});
+  const TensorArg ta = tensor_arg("thresh", thresh, {B});
+  require_contiguous("rnorm", ra);
+  require_contiguous("thresh", ta);
+  const TensorArg va = tensor_arg("v", v, {B, -1, n, -1});
+  const int64_t H = va.size(1), d = va.size(3);
+  const TensorArg oa = tensor_arg("out", out, {B, H, n, d});
+  if (!std::isfinite(gamma) || gamma <= 0)
+    throw std::invalid_argument("gamma must be finite and > 0, got " + std::to_string(gamma));
+  check_device(device);
+  py::gil_scoped_release release;
+  cu::masked_affinity_forward(dt, {B, n, C, H, d}, strided(fa), ra.data<const float>(), ta.data<const float>(),
+                              strided(va), strided(oa), static_cast<float>(gamma), allow_tf32, device, stream);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C_cuda, m) {
@@ -196,4 +252,15 @@ PYBIND11_MODULE(_C_cuda, m) {
         py::arg("dtext"), py::arg("dlogit_scale"), py::arg("workspace"), py::arg("allow_tf32"),
         py::arg("device"), py::arg("stream"),
         ("Writes dx, dtext and dlogit_scale (float32 [1])." + tensors).c_str());
+  m.def("self_correlation_forward", &self_correlation_forward, py::arg("dtype"), py::arg("x"), py::arg("x2"),
+        py::arg("v"), py::arg("out"), py::arg("scale"), py::arg("grid"), py::arg("allow_tf32"), py::arg("device"),
+        py::arg("stream"),
+        ("out [B,H,N,d] = softmax(scale x x^T + G) v, G of grid=(h, w, class_token, sigma) or none; with x2, "
+         "(softmax(scale x x^T) + softmax(scale x2 x2^T)) v. float32 needs allow_tf32." + tensors).c_str());
+  m.def("masked_affinity_forward", &masked_affinity_forward, py::arg("dtype"), py::arg("f"), py::arg("rnorm"),
+        py::arg("thresh"), py::arg("v"), py::arg("out"), py::arg("gamma"), py::arg("allow_tf32"),
+        py::arg("device"), py::arg("stream"),
+        ("out [B,H,n,d] = softmax(gamma S, S < thresh masked off the diagonal) v, S the cosines of the rows "
+         "of f [B,n,C]; rnorm [B,n] and thresh [B]: float32 from the first pass. float32 needs allow_tf32." +
+         tensors).c_str());
 }

@@ -5,6 +5,8 @@
 
 #include <cstdint>
 
+#include "armfast/baseline_shapes.h"
+
 namespace armfast::cuda {
 
 enum class DType { float16, bfloat16, float32 };
@@ -55,6 +57,27 @@ void patch_text_logits_backward(DType dtype, const LogitsShape& s, Strided dout,
                                 Strided text, const float* logit_scale, Strided dx, Strided dtext,
                                 float* dlogit_scale, float* workspace, bool allow_tf32,
                                 int device, std::uintptr_t stream);
+
+// ---- the baseline attentions (baseline_attention.cu), forward only ------------------------------
+
+using armfast::AffinityShape;  // armfast/baseline_shapes.h
+using armfast::GridBias;
+using armfast::SelfCorrelationShape;
+
+// x, v, out [B,H,N,d] (d = 32, 64 or 128): out = softmax(scale x x^T + G) v, G from `bias`
+// (nullptr: none); with a second operand (x2.data != nullptr, bias nullptr), SCLIP's
+// out = (softmax(scale x x^T) + softmax(scale x2 x2^T)) v. Tensor cores: float16, bfloat16, and
+// float32 on TF32 only when `allow_tf32` (else std::invalid_argument).
+void self_correlation_forward(DType dtype, const SelfCorrelationShape& s, Strided x, Strided x2, Strided v,
+                              Strided out, float scale, const GridBias* bias, bool allow_tf32, int device,
+                              std::uintptr_t stream);
+
+// ProxyCLIP: out[b, h] = softmax(gamma S, S < thresh[b] masked off the diagonal) v[b, h], S the
+// cosines of the rows of f[b]; rnorm [B, n] = 1 / max(|f_i|, eps) and thresh [B] = beta mean(S)
+// (float32 on the device, contiguous) come from a first pass. dtypes as self_correlation_forward.
+void masked_affinity_forward(DType dtype, const AffinityShape& s, Strided f, const float* rnorm,
+                             const float* thresh, Strided v, Strided out, float gamma, bool allow_tf32,
+                             int device, std::uintptr_t stream);
 
 // Number of CUDA devices; throws std::runtime_error when the driver cannot be used.
 int cuda_device_count();

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <string>
 
+#include "baseline_fwd.cuh"
 #include "flash_dispatch.h"
 #include "logits_gemm.cuh"
 
@@ -22,9 +23,9 @@ std::string g_error;  // returned to Python; empty on success
 struct EmuLauncher {
   const armfast::cuda::DeviceLimits& dev;
   std::string log;  // "name blocks threads smem;" per launch, for the tests to inspect
-  template <class Kernel>
+  template <class Kernel, class Params>
   void operator()(Kernel kernel, const std::string& name, int64_t blocks, int threads, size_t smem,
-                  const flash::AttnParams& p) {
+                  const Params& p) {
     if (!g_error.empty() || blocks == 0) return;
     if (smem > dev.smem) {
       g_error = name + ": launched with " + std::to_string(smem) + " bytes of shared memory, more than the " +
@@ -218,6 +219,43 @@ const char* emu_logits_gemm(int dtype, int a_mk, int b_nk, int64_t M, int64_t N,
       else if (b_nk) run(F{}, Tr{});
       else run(F{}, F{});
     });
+  });
+}
+
+// The baseline attentions (baseline_fwd.cuh) through the same host code as armfast._C_cuda.
+// shape = {B, H, N, d}; x2 null: one operand; grid_h = 0: no Gaussian bias.
+const char* emu_self_correlation_forward(int dtype, const int64_t* shape, void* x, const int64_t* sx, void* x2,
+                                         const int64_t* sx2, void* v, const int64_t* sv, void* out,
+                                         const int64_t* so, float scale, int64_t grid_h, int64_t grid_w,
+                                         int class_token, double sigma, int64_t smem, int sms) {
+  return guarded([&] {
+    const armfast::cuda::SelfCorrelationShape s{shape[0], shape[1], shape[2], shape[3]};
+    const armfast::cuda::GridBias bias{grid_h, grid_w, class_token != 0, sigma};
+    const armfast::cuda::DeviceLimits dev{0, static_cast<size_t>(smem), false, sms};
+    EmuLauncher launch{dev, {}};
+    with_dtype(dtype, [&](auto tag) {
+      armfast::cuda::baseline::self_correlation<decltype(tag)>(
+          s, strided(x, sx, 4), x2 ? strided(x2, sx2, 4) : Strided{nullptr, {0, 0, 0, 0}}, strided(v, sv, 4),
+          strided(out, so, 4), scale, grid_h > 0 ? &bias : nullptr, dev, launch);
+    });
+    g_log = launch.log;
+  });
+}
+
+// shape = {B, n, C, H, d}; rnorm [B, n], thresh [B] float32 contiguous.
+const char* emu_masked_affinity_forward(int dtype, const int64_t* shape, void* f, const int64_t* sf,
+                                        const float* rnorm, const float* thresh, void* v, const int64_t* sv,
+                                        void* out, const int64_t* so, float gamma, int64_t smem, int sms) {
+  return guarded([&] {
+    const armfast::cuda::AffinityShape s{shape[0], shape[1], shape[2], shape[3], shape[4]};
+    const armfast::cuda::DeviceLimits dev{0, static_cast<size_t>(smem), false, sms};
+    EmuLauncher launch{dev, {}};
+    with_dtype(dtype, [&](auto tag) {
+      armfast::cuda::baseline::masked_affinity<decltype(tag)>(s, strided(f, sf, 3), rnorm, thresh,
+                                                              strided(v, sv, 4), strided(out, so, 4), gamma, dev,
+                                                              launch);
+    });
+    g_log = launch.log;
   });
 }
 
