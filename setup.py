@@ -8,9 +8,17 @@ CUDA stream handle, so a build made in an isolated environment loads under any t
 
 Environment:
   ARMFAST_NO_CUDA=1               skip the CUDA module even when nvcc is present
-  ARMFAST_CUDA_ARCH_LIST="8.0;9.0" CUDA targets (e.g. "8.0;9.0a;9.0+PTX"), default "8.0;9.0"
+  ARMFAST_CUDA_ARCH_LIST          CUDA targets, e.g. "8.0;9.0a;9.0+PTX"; default "8.0;9.0+PTX":
+                                  SASS for sm_80 (also runs on sm_86/sm_87/sm_89: A10, RTX 30xx,
+                                  L4, RTX 40xx) and sm_90 (H100/H200), plus compute_90 PTX that the
+                                  driver compiles for newer GPUs (Blackwell). Every kernel is
+                                  compiled once per entry, so the list sets the build time.
   CUDA_HOME / CUDA_PATH           where to look for nvcc before PATH and /usr/local/cuda
   ARMFAST_NVCC_THREADS            parallel nvcc jobs (default: number of CPUs)
+
+Sources: csrc/cuda/NAME.cu is compiled for every target; NAME.sm<XY><suffix>.cu (e.g.
+hopper.sm90a.cu) only for the targets of that exact architecture, with their own flags, and
+defines ARMFAST_HAS_SM<XY><SUFFIX> (e.g. ARMFAST_HAS_SM90A) for the other sources when built.
 """
 import os
 import re
@@ -24,7 +32,7 @@ from setuptools import find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
-DEFAULT_CUDA_ARCHS = "8.0;9.0"
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
 
 def read_version() -> str:
@@ -51,22 +59,47 @@ def find_cuda_home():
     return None
 
 
-def gencode_flags(arch_list: str) -> list:
-    """"8.0;9.0a;9.0+PTX" -> nvcc -gencode flags (same syntax as TORCH_CUDA_ARCH_LIST)."""
-    flags = []
+def cuda_targets(arch_list: str) -> list:
+    """"8.0;9.0a;9.0+PTX" -> [("80", False), ("90a", False), ("90", True)]: (sm, with PTX)
+    (the syntax of TORCH_CUDA_ARCH_LIST)."""
+    targets = []
     for item in filter(None, re.split(r"[;,\s]+", arch_list.strip())):
         ptx = item.endswith("+PTX")
         m = re.fullmatch(r"(\d+)\.(\d+)([af]?)", item[:-4] if ptx else item)
         if m is None:
             raise SystemExit(f"ARMFAST_CUDA_ARCH_LIST: cannot parse {item!r}; expected entries "
                              f"like 8.0, 9.0a or 9.0+PTX separated by ';'")
-        sm = f"{m[1]}{m[2]}{m[3]}"
+        targets.append((f"{m[1]}{m[2]}{m[3]}", ptx))
+    if not targets:
+        raise SystemExit("ARMFAST_CUDA_ARCH_LIST is empty")
+    return targets
+
+
+def gencode_flags(targets: list) -> list:
+    flags = []
+    for sm, ptx in targets:
         flags.append(f"-gencode=arch=compute_{sm},code=sm_{sm}")
         if ptx:
             flags.append(f"-gencode=arch=compute_{sm},code=compute_{sm}")
-    if not flags:
-        raise SystemExit("ARMFAST_CUDA_ARCH_LIST is empty")
     return flags
+
+
+def source_arch(path: str):
+    """"hopper.sm90a.cu" -> "90a" (compiled only for that target); "attention.cu" -> None."""
+    m = re.fullmatch(r".+\.sm(\d+[af]?)\.cu", Path(path).name)
+    return m[1] if m else None
+
+
+def cuda_sources(sources: list, targets: list) -> list:
+    """(source, targets it is compiled for), leaving out per-architecture sources whose
+    architecture is not in the target list."""
+    plan = []
+    for src in sources:
+        arch = source_arch(src)
+        chosen = targets if arch is None else [t for t in targets if t[0] == arch]
+        if chosen:
+            plan.append((src, chosen))
+    return plan
 
 
 class BuildExt(build_ext):
@@ -83,14 +116,18 @@ class BuildExt(build_ext):
         nvcc = str(ext.cuda_home / "bin" / "nvcc")
         out_dir = Path(self.build_temp) / "cuda"
         out_dir.mkdir(parents=True, exist_ok=True)
+        targets = cuda_targets(ext.cuda_archs)
+        plan = cuda_sources(sources, targets)
+        built = sorted({source_arch(src).upper() for src, _ in plan if source_arch(src)})
         includes = [f"-I{d}" for d in ext.include_dirs]
-        flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo",
+        flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", "-DNDEBUG",
                  "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden",
-                 *gencode_flags(ext.cuda_archs)]
+                 *[f"-DARMFAST_HAS_SM{arch}" for arch in built]]
 
-        def compile_one(src):
-            obj = out_dir / (Path(src).stem + ".o")
-            cmd = [nvcc, "-c", src, "-o", str(obj), *includes, *flags]
+        def compile_one(job):
+            src, src_targets = job
+            obj = out_dir / (Path(src).name.removesuffix(".cu") + ".o")
+            cmd = [nvcc, "-c", src, "-o", str(obj), *includes, *flags, *gencode_flags(src_targets)]
             print(" ".join(cmd), flush=True)
             subprocess.run(cmd, check=True)
             return str(obj)
@@ -98,7 +135,7 @@ class BuildExt(build_ext):
         jobs = int(os.environ.get("ARMFAST_NVCC_THREADS", os.cpu_count() or 1))
         try:
             with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-                return list(pool.map(compile_one, sources))
+                return list(pool.map(compile_one, plan))
         except subprocess.CalledProcessError as exc:
             raise SystemExit(
                 f"nvcc failed on {exc.cmd[2]}. Set ARMFAST_NO_CUDA=1 to build the CPU backend only, "
@@ -133,7 +170,7 @@ def extensions():
         cuda = Pybind11Extension(
             "armfast._C_cuda",
             sources,
-            depends=project_files("csrc/cuda", "*.cu", "*.h") + shared_headers,
+            depends=project_files("csrc/cuda", "*.cu", "*.cuh", "*.h") + shared_headers,
             include_dirs=include + [str(cuda_home / "include")],
             library_dirs=[str(cuda_home / "lib64")],
             libraries=["cudart_static", "rt", "pthread", "dl"],

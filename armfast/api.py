@@ -91,6 +91,11 @@ def segment(image, classes, baseline: str = "sclip", arm=None, *,
         raise TypeError(f"segment() got unknown keyword arguments {unknown}; protocol fields: "
                         f"{', '.join(PROTOCOL_KEYS)}; segmentor: "
                         f"{', '.join(SEGMENTOR_KEYS)}")
+    if isinstance(classes, (list, tuple)):  # a name in two classes: the second never wins
+        from .clip.text import normalize_classes
+        from .data.classnames import check_unique
+
+        check_unique(normalize_classes(classes), "classes")
     arm = load_arm(arm)  # before loading CLIP: a wrong path fails fast
     if clip is None:
         model = get_clip(backbone or DEFAULT_BACKBONE, pretrained, device)

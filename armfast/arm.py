@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from dataclasses import asdict, dataclass, fields
 from typing import Sequence
 
@@ -149,6 +150,33 @@ class ARM(
         for residual_out in (self.cross_attn.out, self.self_attn.out, self.mlp.fc2):
             nn.init.zeros_(residual_out.weight)
             nn.init.zeros_(residual_out.bias)
+
+    # ---- files (armfast.arm_folder): a local folder is read and checked by armfast, without
+    # Hugging Face's loader (which prints, and fills missing tensors at random); Hub ids go
+    # through the mixin, strictly, and are checked the same way
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "ARM":
+        from .arm_folder import check_state, load_arm_folder
+
+        if os.path.isdir(pretrained_model_name_or_path):
+            return load_arm_folder(pretrained_model_name_or_path, kwargs.get("map_location", "cpu"))
+        kwargs.setdefault("strict", True)
+        arm = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        state = arm.state_dict()
+        check_state(state, state, f"ARM {pretrained_model_name_or_path}")
+        return arm
+
+    def _save_pretrained(self, save_directory) -> None:
+        from .arm_folder import save_arm_folder
+
+        save_arm_folder(self, save_directory)
+
+    def generate_model_card(self, *args, **kwargs):
+        from huggingface_hub import ModelCard
+
+        from .arm_folder import model_card
+
+        return ModelCard(model_card(self))
 
     def fuse(self, shallow: Sequence[Tensor]) -> Tensor:
         """S = sum_l softmax(alpha)_l * LN_l(H_l)."""

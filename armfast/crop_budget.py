@@ -5,8 +5,8 @@ takes memory in proportion to its crops, so the batch is cut to what a budget al
 budget is the caller's (``max_memory``: bytes or ``"4GiB"``), else half the free memory of a
 GPU, else a fixed 2 GiB on CPU. The estimate is the working set of one crop in the largest
 block (the residual stream, LayerNorm output, q/k/v, the MLP's hidden layer and GELU output),
-the shallow tokens ARM keeps, explicit softmax matrices where a baseline or backend writes them
-out, ARM's own block and the crop's logits; a test checks it against measured peaks.
+the shallow tokens ARM keeps, explicit softmax matrices where the backend writes them out,
+ARM's own block and the crop's logits; a test checks it against measured peaks.
 """
 from __future__ import annotations
 
@@ -67,8 +67,8 @@ def crop_bytes(*, tokens: int, width: int, heads: int, queries: int, patches: in
     tokens: CLIP tokens of the crop (patches + class token); width: ViT width; heads: CLIP
     heads; queries: text embeddings scored; patches: tokens of the deep features (the VFM's
     for proxyclip); shallow_layers: how many layers ARM keeps (0 without ARM);
-    explicit_softmax: a ``[heads, T, T]`` score matrix is written out (NACLIP, ProxyCLIP, the
-    reference backend); arm_heads: ARM's heads when ARM runs; elem_size: bytes per activation.
+    explicit_softmax: a ``[heads, T, T]`` score matrix is written out (the reference backend);
+    arm_heads: ARM's heads when ARM runs; elem_size: bytes per activation.
     """
     f32 = 4
     # x, LN(x) in float32; q, k, v, up to three attention outputs, out_proj, MLP 4W + GELU 4W

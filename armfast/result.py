@@ -67,14 +67,20 @@ class SegmentationResult:
         order = sorted(range(self.num_classes), key=lambda i: -frac[i])
         return {self.class_names[i]: frac[i] for i in order if frac[i] > 0}
 
+    @property
+    def background_index(self) -> Optional[int]:
+        """The background class, when the background rule gives one (else None)."""
+        return self.background.index if self.background.enabled else None
+
     def label_image(self):
         """The label map as a PIL palette image (see the module docstring)."""
         from .visualize import label_image
 
-        return label_image(self.labels.numpy(), self.num_classes)
+        return label_image(self.labels.numpy(), self.num_classes, self.palette)
 
     def overlay(self):
-        """The photo under the colour map with a legend (a PIL RGB image)."""
+        """The photo under the colour map with a legend (a PIL RGB image): see
+        `armfast.visualize.overlay`."""
         from PIL import Image
 
         from .visualize import overlay
@@ -82,7 +88,8 @@ class SegmentationResult:
         if self.image is None:
             raise ValueError("this result holds no image to overlay (image=None)")
         photo = Image.fromarray(self.image.permute(1, 2, 0).numpy())
-        return overlay(photo, self.labels.numpy(), self.class_names)
+        return overlay(photo, self.labels.numpy(), self.class_names, self.palette,
+                       self.background_index)
 
     def save(self, path, kind: Optional[str] = None) -> Path:
         """Writes the labels or the overlay to `path` (see the module docstring for how the

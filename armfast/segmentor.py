@@ -21,7 +21,9 @@ backbone (`armfast.eval.presets.default_preset`), the ones the benchmark path st
 """
 from __future__ import annotations
 
+import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Sequence, Union
@@ -34,7 +36,8 @@ from . import crop_budget, ops
 from . import precision as precision_lib
 from .background import Background, parse_background
 from .clip import model as clip_model_lib
-from .clip.text import TextEmbeddings, encode_classes, encode_names
+from .clip.text import TextEmbeddings, encode_classes, encode_names, normalize_classes
+from .data.classnames import describe_duplicates, duplicate_names
 from .graphs import GraphedCall
 from .windows import WindowStream, slide_boxes
 
@@ -53,23 +56,29 @@ def _pair(name: str, v) -> Optional[tuple[int, int]]:
 
 
 def to_image_tensor(image) -> Tensor:
-    """A PIL image, an ``HxW[x3]`` array, a ``[3, H, W]`` tensor (uint8, or floats in [0, 1])
-    or a path -> float32 ``[3, H, W]`` in [0, 1]."""
+    """A PIL image, an ``HxW[x3|x4]`` array, a ``[3, H, W]`` tensor (uint8, or floats in
+    [0, 1]) or a path -> float32 ``[3, H, W]`` in [0, 1]. Files and PIL images reach the model
+    as a viewer shows them (`armfast.data.images.to_rgb`)."""
     import numpy as np
 
-    if isinstance(image, (str, os.PathLike)):
-        from PIL import Image
+    from .data.images import BACKGROUND, open_rgb, to_rgb
 
-        with Image.open(image) as im:
-            image = im.convert("RGB")
-    if hasattr(image, "convert") and hasattr(image, "size"):  # PIL image
-        image = np.asarray(image.convert("RGB"))
+    if isinstance(image, (str, os.PathLike)):
+        image = open_rgb(image)
+    if hasattr(image, "convert") and hasattr(image, "size"):  # PIL image: as a viewer shows it
+        image = np.asarray(to_rgb(image))
     if isinstance(image, np.ndarray):
         if image.ndim == 2:
             image = image[..., None].repeat(3, axis=-1)
         if image.ndim != 3 or image.shape[-1] not in (3, 4):
-            raise ValueError(f"image array must be HxW or HxWx3, got shape {image.shape}")
-        image = torch.from_numpy(np.array(image[..., :3], copy=True)).permute(2, 0, 1)
+            raise ValueError(f"image array must be HxW, HxWx3 or HxWx4, got shape {image.shape}")
+        if image.shape[-1] == 4:  # RGBA: composited on the background a viewer shows
+            if image.dtype != np.uint8:
+                raise TypeError(f"an RGBA image array must be uint8, got {image.dtype}")
+            alpha = image[..., 3:].astype(np.float32) / 255.0
+            bg = np.asarray(BACKGROUND, dtype=np.float32)
+            image = np.rint(image[..., :3] * alpha + bg * (1.0 - alpha)).astype(np.uint8)
+        image = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)
     if not isinstance(image, Tensor):
         raise TypeError(f"image must be a PIL image, a numpy array, a tensor or a path, got "
                         f"{type(image).__name__}")
@@ -139,18 +148,28 @@ class Preparer:
         return Prepared((x - mean) / std, (int(H), int(W)), meta)
 
 
-def load_arm(arm):
-    """An `armfast.ARM` from an instance or a local directory written by ``save_pretrained``."""
+def load_arm(arm, what: str = "arm"):
+    """An `armfast.ARM` from an instance or a local folder written by ``save_pretrained`` (every
+    file checked, see `armfast.arm_folder`); errors name `what` (e.g. ``--arm``)."""
     from .arm import ARM
 
     if arm is None or isinstance(arm, ARM):
         return arm
     if isinstance(arm, (str, os.PathLike)):
         path = Path(arm)
+        if path.is_file():
+            kind = ("a training checkpoint; the trained ARM is the folder OUT/arm"
+                    if path.parent.name == "checkpoints" else "a file")
+            raise ValueError(f"{what}: {path} is {kind}; give the ARM folder (model.safetensors "
+                             f"and config.json, written by ARM.save_pretrained or armfast train)")
         if not path.is_dir():
-            raise FileNotFoundError(f"arm: no ARM checkpoint directory at {str(path)!r}")
-        return ARM.from_pretrained(str(path))
-    raise TypeError(f"arm must be an ARM, a checkpoint directory or None, got {type(arm).__name__}")
+            raise FileNotFoundError(f"{what}: no ARM folder at {str(path)!r}")
+        try:
+            return ARM.from_pretrained(str(path))
+        except (ValueError, FileNotFoundError) as exc:
+            raise type(exc)(f"{what}: {exc}") from exc
+    raise TypeError(f"{what} must be an ARM, a checkpoint directory or None, got "
+                    f"{type(arm).__name__}")
 
 
 class Segmentor:
@@ -268,11 +287,15 @@ class Segmentor:
         self.stride = _pair("stride", values["stride"]) if self.crop is not None else None
         if self.crop is not None and self.stride is None:
             raise ValueError("stride must be set when crop is")
+        if self.crop is not None and any(s > c for s, c in zip(self.stride, self.crop)):
+            raise ValueError(f"stride {values['stride']!r} is larger than crop {values['crop']!r}: "
+                             f"the pixels between the sliding windows would never be covered "
+                             f"(stride <= crop)")
         self.logit_scale = float(values["logit_scale"])
         self._protocol_prob_thd = float(values["prob_thd"])
         self.area_thd = None if values["area_thd"] is None else float(values["area_thd"])
-        if self.logit_scale <= 0:
-            raise ValueError(f"logit_scale must be > 0, got {self.logit_scale}")
+        if not math.isfinite(self.logit_scale) or self.logit_scale <= 0:
+            raise ValueError(f"logit_scale must be a finite number > 0, got {self.logit_scale}")
         if self.area_thd is not None and not 0.0 <= self.area_thd < 1.0:
             raise ValueError(f"area_thd must be in [0, 1) or None, got {self.area_thd}")
 
@@ -314,6 +337,10 @@ class Segmentor:
                                  f"got {tuple(index.shape)} {index.dtype}")
             names = None
         else:
+            found = duplicate_names(normalize_classes(classes))
+            if found:  # the later class would lose every pixel to the first
+                warnings.warn(f"classes: {describe_duplicates(normalize_classes(classes), found)}",
+                              stacklevel=3)
             emb = encode_classes(self.clip, classes, templates)
             text, index, names = emb.embeddings, emb.class_index, list(emb.names)
         index = index.to(device=self.device, dtype=torch.int64)
@@ -431,7 +458,7 @@ class Segmentor:
             queries=len(self.text), patches=deep[0] * deep[1],
             embed_dim=clip_model_lib.output_dim(self.visual),
             shallow_layers=len(self.shallow_layers),
-            explicit_softmax=self.baseline in ("naclip", "proxyclip") or self.backend == "reference",
+            explicit_softmax=self.backend == "reference",  # the fused ops keep no T x T map
             arm_heads=self.arm.config.num_heads if self.arm is not None else None,
             elem_size=2 if self.autocast_dtype is not None else weight.element_size())
 
@@ -540,7 +567,8 @@ class Segmentor:
         labels = self.postprocess(probs)
         return SegmentationResult(
             labels=labels.cpu(), probs=probs.float().cpu(), class_names=list(self.class_names),
-            palette=palette(self.num_classes), background=self.background,
+            palette=palette(self.num_classes, self.background.index if self.background.enabled
+                            else None), background=self.background,
             image=(pixels * 255).round().clamp(0, 255).to(torch.uint8).cpu(), config=self.config())
 
     def config(self) -> dict:

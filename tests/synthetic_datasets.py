@@ -148,3 +148,20 @@ def write_tiny_clip_dir(path: Path, seed: int = 0) -> str:
     state = {k: v.contiguous() for k, v in tiny_clip(seed).state_dict().items()}
     save_file(state, str(path / "open_clip_model.safetensors"))
     return f"local-dir:{path}"
+
+
+def write_eval_setup(root: Path, n_cityscapes: int = 2) -> str:
+    """Cityscapes and VOC21 val sets under ``root/data``, a tiny CLIP folder ``root/clip`` and
+    an untrained ARM for it in ``root/arm`` (it returns the baseline's features exactly);
+    returns the CLIP's model name."""
+    import torch
+
+    from armfast import ARM, ARMConfig
+
+    write_dataset("cityscapes", root / "data", n=n_cityscapes, size=(40, 48), splits=("val",))
+    write_dataset("voc21", root / "data", n=2, size=(40, 48), splits=("val",))
+    model = write_tiny_clip_dir(root / "clip")
+    torch.manual_seed(0)
+    ARM(ARMConfig(shallow_layers=TINY_SHALLOW, width=64, embed_dim=32, **TINY_ARM)).save_pretrained(
+        root / "arm")
+    return model

@@ -68,8 +68,13 @@ def test_load_clip_alias_builds_quickgelu(monkeypatch):
         return torch.nn.Linear(1, 1)  # stands in for the model: no download
 
     monkeypatch.setattr(open_clip, "create_model", fake_create_model)
+    # the tag's file is found (cache or download) before open_clip builds: no network here
+    monkeypatch.setattr("armfast.clip.weights.pretrained_file",
+                        lambda name, tag, cache_dir=None: f"/cache/{name}-{tag}.safetensors")
     model = aclip.load_clip("ViT-L/14@336px", "openai")
     assert seen["name"] == "ViT-L-14-336" and seen["force_quick_gelu"] is True
+    assert seen["pretrained"] == "/cache/ViT-L-14-336-openai.safetensors"
+    assert seen["force_preprocess_cfg"]["mean"] == aclip.OPENAI_MEAN  # the tag's preprocessing
     assert model.armfast_name == "ViT-L-14-336"
     aclip.load_clip("ViT-B/32", "laion2b_s34b_b79k")
     assert seen["name"] == "ViT-B-32" and seen["force_quick_gelu"] is False

@@ -8,8 +8,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import armfast.clip as aclip
+from armfast import ops as aclip_ops
 from armfast.clip import baselines
 from clip_models import tiny_tower, vit_b16
 
@@ -205,11 +207,6 @@ def test_proxyclip_formula():
         torch.testing.assert_close(shallow[0], x0, rtol=1e-10, atol=1e-10)
 
 
-def test_proxy_attention_keeps_diagonal_for_constant_features():
-    P = baselines.proxy_attention(torch.ones(1, 4, 2, 2, dtype=torch.float64))
-    torch.testing.assert_close(P[0], torch.eye(4, dtype=torch.float64))
-
-
 def test_vfm_from_timm_checkpoint(tmp_path):
     timm = pytest.importorskip("timm")
     from safetensors.torch import save_file
@@ -226,3 +223,80 @@ def test_vfm_from_timm_checkpoint(tmp_path):
     assert a.shape == (1, 192, 2, 3)
     torch.testing.assert_close(a, b)
     assert aclip.load_vfm(path, arch="vit_tiny_patch16_224") is loaded  # loaded once
+
+
+# --- the fused backends in the last block ------------------------------------------------------
+
+FUSED = [pytest.param(b, marks=pytest.mark.skipif(
+    aclip_ops.backend_status("cpu")[b] is not None, reason=f"{b} backend unavailable"))
+    for b in ("cpu",)]
+FUSED_BASELINES = ("sclip", "clearclip", "naclip", "proxyclip")
+
+
+def last_block_input(tower, images, backend, vfm=None):
+    """The last block's input of `tower` on `images`, from open_clip's own blocks."""
+    x, grid = aclip.embed(tower, images)
+    for block in tower.transformer.resblocks[:-1]:
+        x = block(x)
+    return baselines.LastBlockInput(x=x, grid=grid, images=images, image_mean=aclip.OPENAI_MEAN,
+                                    image_std=aclip.OPENAI_STD, backend=backend,
+                                    vfm=None if vfm is None else aclip.as_vfm(vfm))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name", FUSED_BASELINES)
+def test_fused_backend_features_equal_the_reference(name, dtype, backend):
+    torch.manual_seed(3)
+    tower, dino = tiny_tower(72, seed=3).to(dtype), FakeDino(patch=4).to(dtype)
+    images = torch.randn(2, 3, 72, 56, dtype=dtype)  # CLIP grid 9x7, VFM grid 18x14
+    with torch.no_grad():
+        _, ref = aclip.extract(tower, images, baseline=name, shallow_layers=(0,), vfm=dino,
+                               backend="reference")
+        _, got = aclip.extract(tower, images, baseline=name, shallow_layers=(0,), vfm=dino,
+                               backend=backend)
+    tol = dict(atol=1e-10, rtol=1e-10) if dtype == torch.float64 else dict(atol=2e-4, rtol=1e-4)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, ref, **tol)
+
+
+class LargestTensors(TorchDispatchMode):
+    """Records the shape of every tensor any op returns while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.shapes.append(tuple(t.shape))
+        return out
+
+    @property
+    def largest(self) -> int:
+        return max(math.prod(s) for s in self.shapes)
+
+
+@pytest.mark.parametrize("backend", ["reference", *FUSED])
+@pytest.mark.parametrize("name", FUSED_BASELINES)
+def test_no_token_by_token_tensor_in_the_last_block(name, backend):
+    """A 224 px crop of a narrow tower (28 x 28 patches, width 64): with a fused backend no op of
+    the last block creates a tensor of T x T elements or more (T tokens: 785 on CLIP's grid,
+    3136 on the VFM's for proxyclip), while every legitimate one is far smaller (the MLP's
+    [785, 256]). The reference backend, which does build the T x T scores, shows the check bites."""
+    torch.manual_seed(4)
+    tower, dino = tiny_tower(224, seed=4), FakeDino(patch=4)
+    images = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        inp = last_block_input(tower, images, backend, dino if name == "proxyclip" else None)
+        with LargestTensors() as seen:
+            tokens, grid = baselines.run_baseline(name, tower.transformer.resblocks[-1], inp)
+    T = grid[0] * grid[1] + (name != "proxyclip")
+    assert tokens.shape[1] == grid[0] * grid[1] and T in (785, 3136)
+    square = [s for s in seen.shapes if len(s) >= 2 and s[-2:] == (T, T)]
+    if backend == "reference":
+        assert square and seen.largest >= T * T
+    else:
+        assert not square and seen.largest < T * T / 2, (seen.largest, T)

@@ -15,7 +15,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from armfast.bench import cases, memory, report, timer, workloads
-from armfast.bench.cases import Case, make_cases
+from armfast.bench.cases import BASELINE_OPS, Case, make_cases
 from armfast.bench.runner import Result, run, select_backends
 from armfast.cli import main
 
@@ -141,6 +141,34 @@ def test_arm_flops_match_the_executed_matmuls():
     for case in make_cases(["arm"], "tiny"):
         fn = workloads.build(case, "cpu").fn("reference")
         assert counted_flops(fn) == case.flops, case.mode
+
+
+def test_baseline_attention_flops_match_the_executed_matmuls():
+    # the reference backend writes each baseline attention out as matmuls
+    cases = make_cases(BASELINE_OPS, "tiny")
+    assert {c.op for c in cases} == set(BASELINE_OPS) and all(c.mode == "forward" for c in cases)
+    for case in cases:
+        fn = workloads.build(case, "cpu").fn("reference")
+        assert counted_flops(fn) == case.flops, case.op
+
+
+def test_baseline_attention_cases_cover_the_crops():
+    full = make_cases(BASELINE_OPS, "full")
+    sclip = {(c.shape["B"], c.shape["N"]) for c in full if c.op == "self_correlation_sum"}
+    assert sclip == {(B, N) for B in (1, 16) for N in (197, 442, 785)}
+    naclip = [c.shape for c in full if c.op == "gaussian_self_correlation"]
+    assert all(s["h"] * s["w"] + 1 == s["N"] for s in naclip)
+    proxy = {(c.shape["B"], c.shape["n"]) for c in full if c.op == "masked_affinity_attention"}
+    assert proxy == {(B, n) for B in (1, 16) for n in (784, 1764, 3136)}  # the DINO /8 grid
+    with pytest.raises(ValueError, match="inference only"):
+        Case("self_correlation", "train", ())
+
+
+def test_baseline_attention_workloads_check_every_backend():
+    for case in make_cases(BASELINE_OPS, "tiny"):
+        workload = workloads.build(case, "cpu")
+        for backend in ("sdpa", "cpu"):
+            assert workload.check(backend) < 1e-5, (case.op, backend)
 
 
 @pytest.mark.slow

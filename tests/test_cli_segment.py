@@ -44,9 +44,9 @@ def test_segment_end_to_end_with_errors(tmp_path, capsys):
 @pytest.mark.parametrize("extra, message", [
     (["--classes", " , "], "class list is empty"),
     (["--classes", "cat", "--clip-weights", "/nonexistent/clip.safetensors"],
-     "no CLIP weights file at '/nonexistent/clip.safetensors'"),
+     "--clip-weights: no file at /nonexistent/clip.safetensors"),
     (["--class-file", "/nonexistent/names.txt"], "names.txt"),
-    (["--classes", "cat", "--arm", "/nonexistent/arm"], "no ARM checkpoint"),
+    (["--classes", "cat", "--arm", "/nonexistent/arm"], "no ARM folder"),
 ])
 def test_segment_setup_errors_are_one_line(tmp_path, capsys, extra, message):
     argv = ["segment", _png(tmp_path / "a.png"), "-o", str(tmp_path / "out"), *extra]
@@ -59,6 +59,10 @@ def test_segment_setup_errors_are_one_line(tmp_path, capsys, extra, message):
 
 def test_segment_parser():
     args = build_parser().parse_args(["segment", "x.png", "--classes", "a,b", "-o", "out"])
-    assert args.baseline == "sclip" and args.pretrained == "openai" and args.clip_model == "ViT-B-16"
+    assert args.baseline == "sclip" and args.pretrained is None and args.model == "ViT-B-16"
+    # --pretrained is not given: openai weights, the default of segment, train and eval alike
+    from armfast.cli._clip_args import DEFAULT_TAG
+
+    assert DEFAULT_TAG == "openai"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["segment", "x.png", "-o", "out"])  # classes are required

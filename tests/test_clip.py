@@ -42,8 +42,10 @@ def test_load_clip_openai_tag_builds_quickgelu(monkeypatch):
         return torch.nn.Linear(1, 1)  # stands in for the model: no download here
 
     monkeypatch.setattr(open_clip, "create_model", fake_create_model)
+    monkeypatch.setattr("armfast.clip.weights.pretrained_file",  # the tag's file, no download
+                        lambda name, tag, cache_dir=None: f"/cache/{name}-{tag}.bin")
     aclip.load_clip("ViT-B-16", "openai")
-    assert seen["pretrained"] == "openai" and seen["force_quick_gelu"] is True
+    assert seen["pretrained"] == "/cache/ViT-B-16-openai.bin" and seen["force_quick_gelu"] is True
     aclip.load_clip("ViT-B-16", "laion2b_s34b_b88k")
     assert seen["force_quick_gelu"] is False
 
@@ -196,16 +198,21 @@ def test_extract_attention_goes_through_ops(monkeypatch):
     import armfast.ops
 
     calls = []
-    real = armfast.ops.attention
 
-    def counting(q, k, v, **kw):
-        calls.append(q.shape)
-        return real(q, k, v, **kw)
+    def counting(name):
+        real = getattr(armfast.ops, name)
 
-    monkeypatch.setattr(armfast.ops, "attention", counting)
+        def call(*args, **kw):
+            calls.append(name)
+            return real(*args, **kw)
+        return call
+
+    for name in ("attention", "self_correlation_sum"):
+        monkeypatch.setattr(armfast.ops, name, counting(name))
     with torch.no_grad():
         aclip.extract(tiny_tower(32), torch.randn(1, 3, 32, 32), baseline="sclip", shallow_layers=())
-    assert len(calls) == 2 + 2  # two plain blocks, then sclip's two softmaxes
+    # two plain blocks, then sclip's last block: both softmaxes in one fused op
+    assert calls == ["attention", "attention", "self_correlation_sum"]
 
 
 @pytest.mark.parametrize("images, match", [

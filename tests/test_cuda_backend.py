@@ -1,8 +1,12 @@
 """The `cuda` backend (CUDA kernels of armfast._C_cuda) against independent float64 math.
 
 Half-precision results are held to the accuracy of the same math done by PyTorch in that dtype:
-the kernel's error against float64 may be at most a few times PyTorch's own.
+the kernel's error against float64 may be at most a few times PyTorch's own. float32 runs the
+exact kernels unless a test allows TF32 (`tf32` fixture). The backward accumulates dQ with
+atomics by default; `deterministic` runs it with torch.use_deterministic_algorithms(True).
 """
+import warnings
+
 import pytest
 import torch
 
@@ -18,6 +22,7 @@ pytestmark = pytest.mark.gpu
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DTYPE_IDS = {"ids": lambda dtype: str(dtype).removeprefix("torch.")}
 FLOOR = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}  # absolute error always allowed
+TF32_FLOOR = 5e-3  # relative to the largest value: ~10 units of TF32 rounding (2^-11)
 
 
 @pytest.fixture(autouse=True)
@@ -35,20 +40,51 @@ def poisoned(monkeypatch):
     monkeypatch.setattr(_library, "POISON_ALLOCATIONS", True)
 
 
+@pytest.fixture
+def deterministic():
+    """Bitwise-reproducible backward kernels (no atomics), as torch selects them. warn_only: the
+    float64 truth's own cuBLAS calls may not be deterministic, and need not be."""
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        yield
+    torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
+@pytest.fixture
+def tf32(monkeypatch):
+    """float32 may run on TF32 tensor cores (torch.backends.cuda.matmul.allow_tf32)."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+
+
 def assert_close_to_truth(got, truth, peer, name, factor=3.0):
-    """|got - truth| <= factor * |peer - truth| + floor, with peer the same math in got's dtype."""
+    """|got - truth| <= factor * |peer - truth| + floor, with peer the same math in got's dtype
+    (the floor of TF32, whose rounding PyTorch's exact float32 peer lacks, scales with the values)."""
     assert got.dtype == peer.dtype and got.shape == truth.shape, name
     assert torch.isfinite(got).all(), f"{name}: non-finite values"
     err = (got.double() - truth).abs().max().item()
     peer_err = (peer.double() - truth).abs().max().item()
-    assert err <= factor * peer_err + FLOOR[got.dtype], f"{name}: error {err:.3g}, PyTorch in {got.dtype}: {peer_err:.3g}"
+    floor = FLOOR[got.dtype]
+    if got.dtype == torch.float32 and not exact_float32(got.dtype):
+        floor = TF32_FLOOR * max(1.0, truth.abs().max().item())
+    assert err <= factor * peer_err + floor, f"{name}: error {err:.3g}, PyTorch in {got.dtype}: {peer_err:.3g}"
+
+
+def exact_float32(dtype):
+    return dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
 
 
 def attention_peer(q, k, v, scale=None):
-    """PyTorch in the inputs' dtype (softmax in float32, as the kernels do)."""
+    """PyTorch in the inputs' dtype (softmax in float32, as the kernels do), exact float32 matmuls."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    s = torch.matmul(q, k.transpose(-2, -1)).float() * scale
-    return torch.matmul(torch.softmax(s, dim=-1).to(q.dtype), v)
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        s = torch.matmul(q, k.transpose(-2, -1)).float() * scale
+        return torch.matmul(torch.softmax(s, dim=-1).to(q.dtype), v)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 def cuda_qkv(B, H, nq, nk, d, dtype, *, strided=False, seed=0):
@@ -74,7 +110,7 @@ def check_attention(q, k, v, *, scale=None, seed=0):
 # ---- attention --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES, **DTYPE_IDS)
-@pytest.mark.parametrize("n", AWKWARD_N)
+@pytest.mark.parametrize("n", AWKWARD_N + (1025,))
 @pytest.mark.parametrize("strided", [False, True])
 def test_attention_matches_float64(dtype, n, strided, poisoned):
     check_attention(*cuda_qkv(2, 3, n, n, 64, dtype, strided=strided, seed=n), seed=n)
@@ -84,6 +120,38 @@ def test_attention_matches_float64(dtype, n, strided, poisoned):
 @pytest.mark.parametrize("d", [32, 64, 128])
 def test_attention_head_dims(dtype, d, poisoned):
     check_attention(*cuda_qkv(1, 2, 100, 77, d, dtype, strided=True, seed=d), seed=d)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, **DTYPE_IDS)
+@pytest.mark.parametrize("d", [32, 64, 128])
+def test_attention_deterministic_kernels(dtype, d, deterministic, poisoned):
+    check_attention(*cuda_qkv(2, 2, 197, 130, d, dtype, strided=True, seed=d), seed=d)
+
+
+@pytest.mark.parametrize("d", [32, 64, 128])
+@pytest.mark.parametrize("n", [7, 785])
+@pytest.mark.parametrize("det", [False, True], ids=["atomic_dq", "deterministic"])
+def test_attention_float32_on_tf32_tensor_cores(d, n, det, tf32, poisoned, request):
+    if det:
+        request.getfixturevalue("deterministic")
+    check_attention(*cuda_qkv(1, 2, n, n, d, torch.float32, strided=True, seed=n), seed=n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], **DTYPE_IDS)
+def test_attention_writes_through_the_strides_of_out(dtype):
+    # The op layer passes out as a [B, H, Nq, d] view of a [B, Nq, H, d] buffer (merging heads is a view).
+    q, k, v = (t.detach() for t in cuda_qkv(2, 3, 197, 150, 64, dtype, strided=True))
+    buf = torch.full((2, 197, 3, 64), float("nan"), dtype=dtype, device="cuda")
+    _extension.cuda_attention_forward(q, k, v, 0.125, buf.transpose(1, 2))
+    assert torch.isfinite(buf).all()
+    assert_close_to_truth(buf.transpose(1, 2), attention_f64(q, k, v, 0.125), attention_peer(q, k, v, 0.125), "out")
+    out, _ = CUDA_BACKEND.attention.run_forward(q, k, v, 0.125, True)  # the op layer's heads-last output
+    assert out.shape == (2, 197, 3, 64) and torch.equal(out, buf)
+
+
+def test_attention_batch_one_vit_b16():
+    # ViT-B/16 at batch 1 (8 heads, 785 tokens): B*H*ceil(785/128) < SMs, so the 64-row tiles run.
+    check_attention(*cuda_qkv(1, 8, 785, 785, 64, torch.bfloat16, seed=8), seed=8)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, **DTYPE_IDS)
@@ -111,7 +179,7 @@ def test_attention_expanded_grad():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, **DTYPE_IDS)
-def test_attention_backward_is_deterministic(dtype):
+def test_attention_backward_is_deterministic(dtype, deterministic):
     q, k, v = cuda_qkv(2, 4, 197, 197, 64, dtype)
     dout = torch.randn(2, 4, 197, 64, device="cuda", dtype=dtype)
     runs = []
@@ -158,9 +226,9 @@ def test_attention_fits_99_kib_of_shared_memory(dtype, d, monkeypatch, poisoned)
 
 def test_attention_too_little_shared_memory_is_a_clear_error(monkeypatch):
     q, k, v = make_qkv(1, 1, 8, 8, 128, device="cuda", dtype=torch.float16)
-    monkeypatch.setenv("ARMFAST_CUDA_MAX_SHARED_MEMORY", "60000")
+    monkeypatch.setenv("ARMFAST_CUDA_MAX_SHARED_MEMORY", "40000")
     with pytest.raises(ValueError, match=r"forward kernel for float16 with head dim 128 needs \d+ bytes "
-                                         r"of shared memory per block, but cuda:\d+ allows 60000 "
+                                         r"of shared memory per block, but cuda:\d+ allows 40000 "
                                          r"\(the cap set by ARMFAST_CUDA_MAX_SHARED_MEMORY\); use "
                                          r"backend='triton' or backend='sdpa'"):
         _extension.CUDA_BACKEND.attention.run_forward(q, k, v, 0.125, False)
@@ -211,11 +279,11 @@ def check_logits(x, text, scale, seed=0):
     # dlogit_scale sums B*N*C products: compare relative to its size
     assert grads[2].dtype == scale.dtype and grads[2].shape == scale.shape
     torch.testing.assert_close(grads[2].double(), truth_grads[2].double(),
-                               rtol=1e-4 if x.dtype == torch.float32 else 2e-2, atol=1e-3)
+                               rtol=1e-4 if exact_float32(x.dtype) else 2e-2, atol=1e-3)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, **DTYPE_IDS)
-@pytest.mark.parametrize("n", [1, 7, 197])
+@pytest.mark.parametrize("n", [1, 7, 197, 1500])  # 2 * 1500 rows: dtext's reduction is split
 def test_patch_text_logits_matches_float64(dtype, n, poisoned):
     g = torch.Generator().manual_seed(n)
     x = torch.randn(2, n, 96, generator=g).to("cuda", dtype).requires_grad_()
@@ -250,12 +318,21 @@ def test_patch_text_logits_zero_rows_follow_the_eps_clamp():
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
-def test_patch_text_logits_backward_is_deterministic():
+@pytest.mark.parametrize("n", [1, 7, 197])
+def test_patch_text_logits_float32_on_tf32_tensor_cores(n, tf32, poisoned):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(2, n, 96, generator=g).to("cuda").requires_grad_()
+    text = torch.randn(71, 96, generator=g).to("cuda").requires_grad_()
+    check_logits(x, text, torch.tensor(40.0, device="cuda", requires_grad=True), seed=n)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, **DTYPE_IDS)
+def test_patch_text_logits_backward_is_deterministic(dtype):
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(4, 197, 64, generator=g).to("cuda").requires_grad_()
-    text = torch.randn(21, 64, generator=g).to("cuda").requires_grad_()
+    x = torch.randn(4, 785, 64, generator=g).to("cuda", dtype).requires_grad_()
+    text = torch.randn(21, 64, generator=g).to("cuda", dtype).requires_grad_()
     scale = torch.tensor(10.0, device="cuda", requires_grad=True)
-    dout = torch.randn(4, 197, 21, device="cuda")
+    dout = torch.randn(4, 785, 21, device="cuda", dtype=dtype)
     runs = []
     for _ in range(3):
         out = ops.patch_text_logits(x, text, logit_scale=scale, backend="cuda")

@@ -5,13 +5,12 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
-from armfast import ARM, ARMConfig
 from armfast.cli import main
 from armfast.data import build_dataset, load_class_names
 from armfast.eval import get_protocol
-from synthetic_datasets import TINY_ARM, TINY_SHALLOW, write_dataset, write_tiny_clip_dir
+from cli_helpers import no_clip, one_error  # noqa: F401  (no_clip is a fixture)
+from synthetic_datasets import write_eval_setup
 from test_metric import numpy_iou
 
 SMALL = ["--short-side", "40", "--crop", "32", "--stride", "16", "--workers", "0", "--no-progress"]
@@ -20,13 +19,7 @@ SMALL = ["--short-side", "40", "--crop", "32", "--stride", "16", "--workers", "0
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
-    write_dataset("cityscapes", root / "data", n=3, size=(40, 48), splits=("val",))
-    write_dataset("voc21", root / "data", n=2, size=(40, 48), splits=("val",))
-    model = write_tiny_clip_dir(root / "clip")
-    torch.manual_seed(0)
-    arm = ARM(ARMConfig(shallow_layers=TINY_SHALLOW, width=64, embed_dim=32, **TINY_ARM))
-    arm.save_pretrained(root / "arm")  # untrained: returns the baseline's features exactly
-    return root, model
+    return root, write_eval_setup(root, n_cityscapes=3)
 
 
 def test_results_table_across_datasets_and_baselines(setup, capsys):
@@ -40,6 +33,7 @@ def test_results_table_across_datasets_and_baselines(setup, capsys):
     assert "armfast eval configuration" in text and "mIoU (%)" in text
     assert "prob_thd 0.1, area_thd 0.1" in text  # SCLIP's VOC21 protocol, printed
     payload = json.loads(out.read_text())
+    assert payload["complete"] is True and "error" not in payload
     results = payload["results"]
     assert [(r["dataset"], r["method"]) for r in results] == [
         (d, m) for d in ("cityscapes", "voc21") for m in ("sclip", "sclip+arm", "naclip", "naclip+arm")]
@@ -80,13 +74,13 @@ def test_miou_matches_an_independent_computation(setup, capsys):
     assert got["miou"] == pytest.approx(np.nanmean(ref))
 
 
-def test_eval_errors(setup):
+def test_eval_errors(setup, capsys, no_clip):
     root, model = setup
-    with pytest.raises(ValueError, match="unknown dataset 'nope'"):
-        main(["eval", "--dataset", "nope", "--root", str(root)])
-    with pytest.raises(ValueError, match="no protocol for baseline 'nope'"):
-        main(["eval", "--dataset", "voc21", "--root", str(root), "--baseline", "nope"])
-    with pytest.raises(ValueError, match="no root given for dataset 'voc21'"):
-        main(["eval", "--dataset", "cityscapes,voc21", "--root", f"cityscapes={root}"])
-    with pytest.raises(FileNotFoundError, match="ade20k: cannot find the dataset"):
-        main(["eval", "--dataset", "ade20k", "--root", str(root / "data"), "--model", model] + SMALL)
+    assert "--dataset: unknown dataset 'nope'" in one_error(
+        capsys, ["eval", "--dataset", "nope", "--root", root])
+    assert "--baseline: no protocol for baseline 'nope'" in one_error(
+        capsys, ["eval", "--dataset", "voc21", "--root", root, "--baseline", "nope"])
+    assert "--root: no root given for dataset 'voc21'" in one_error(
+        capsys, ["eval", "--dataset", "cityscapes,voc21", "--root", f"cityscapes={root}"])
+    assert "ade20k: cannot find the dataset" in one_error(
+        capsys, ["eval", "--dataset", "ade20k", "--root", root / "data", "--model", model] + SMALL)

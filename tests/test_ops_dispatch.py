@@ -9,7 +9,7 @@ import torch
 
 from armfast import ops
 from armfast.cli import main
-from armfast.ops import _auto, _library, _registry
+from armfast.ops import _auto, _registry
 
 from conftest import attention_f64, make_qkv
 
@@ -264,10 +264,11 @@ def test_write_table_replaces_only_what_was_measured(tmp_path):
 
 def test_bench_tune_writes_the_table_and_backends_shows_it(table, monkeypatch, capsys):
     monkeypatch.setenv("ARMFAST_BENCH_SHAPES", "host")
-    assert main(["bench", "--tune", "--no-ceilings", "--modes", "forward", "--write-table"]) == 0
+    assert main(["bench", "--tune", "--no-ceilings", "--modes", "forward", "--write-table",
+                 "--ops", "attention,patch_text_logits,self_correlation_sum"]) == 0
     data = json.loads(table.read_text())
     ops_written = {e["op"] for e in data["entries"]}
-    assert ops_written == {"attention", "patch_text_logits"}
+    assert ops_written == {"attention", "patch_text_logits", "self_correlation_sum"}
     assert all(e["device"] == "cpu" and e["mode"] == "forward" for e in data["entries"])
     assert data["measurements"][0]["command"].startswith("armfast bench --tune")
     capsys.readouterr()

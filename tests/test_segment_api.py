@@ -202,7 +202,7 @@ def test_segment_argument_errors(image, tmp_path):
     with pytest.raises(ValueError, match="backbone 'ViT-L-14' does not match the given clip"):
         armfast.segment(image, ["cat"], clip=_b16(),
                         backbone="ViT-L-14")
-    with pytest.raises(FileNotFoundError, match="no ARM checkpoint"):
+    with pytest.raises(FileNotFoundError, match="no ARM folder"):
         run(image, ["cat"], arm=tmp_path / "missing")
     with pytest.raises(ValueError, match="give the threshold once"):
         run(image, ["cat"], background="thd:0.2", prob_thd=0.3)

@@ -106,7 +106,7 @@ def test_arm_from_directory_and_trainable_crop_logits(text, tmp_path):
     logits.sum().backward()
     assert seg.arm.logit_scale.grad is not None and seg.arm.cross_attn.out.weight.grad is not None
     assert not any(p.grad is not None for p in vit_b16().parameters())
-    with pytest.raises(FileNotFoundError, match="no ARM checkpoint"):
+    with pytest.raises(FileNotFoundError, match="no ARM folder"):
         make(text, arm=str(tmp_path / "missing"))
 
 

@@ -85,7 +85,7 @@ def test_resume_reaches_the_same_weights(coco_root, tmp_path):
 
 def test_resume_refuses_changed_run(coco_root, tmp_path):
     run(config(coco_root, tmp_path / "r", steps=2, ckpt_every=2))
-    with pytest.raises(ValueError, match="batch_size: 2 -> 4"):
+    with pytest.raises(ValueError, match="--batch-size 2 -> 4"):
         run(config(coco_root, tmp_path / "r", steps=4, batch_size=4, resume="latest"))
 
 
@@ -186,11 +186,11 @@ def test_loss_helpers():
 
 
 def test_config_errors(tmp_path):
-    with pytest.raises(ValueError, match="unknown baselines"):
+    with pytest.raises(ValueError, match="--baselines: unknown nope"):
         TrainConfig(data_root="x", out="y", baselines="sclip,nope")
     with pytest.raises(ValueError, match="proxyclip needs a vision foundation model"):
         TrainConfig(data_root="x", out="y", baselines="proxyclip")
-    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+    with pytest.raises(ValueError, match="--batch-size must be a positive integer"):
         TrainConfig(data_root="x", out="y", batch_size=0)
     assert TrainConfig(data_root="x", out="y", baselines="SCLIP, naclip").baselines == ("sclip", "naclip")
 

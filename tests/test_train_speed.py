@@ -15,7 +15,7 @@ def test_throughput_line_and_log(tmp_path, capsys):
     g = torch.Generator().manual_seed(0)
     text = torch.nn.functional.normalize(torch.randn(171, 32, generator=g), dim=-1)
     cfg = TrainConfig(data_root=str(tmp_path / "coco"), out=str(tmp_path / "run"), steps=3,
-                      batch_size=2, crop=32, base_short=40, shallow_layers=TINY_SHALLOW,
+                      batch_size=2, warmup=1, crop=32, base_short=40, shallow_layers=TINY_SHALLOW,
                       workers=0, val_every=0, log_every=2, ckpt_every=3, progress=False,
                       precision="fp32")
     train(cfg, model=tiny_clip(), arm_config=TINY_ARM, text_embeddings=text)

@@ -17,9 +17,17 @@ inputs. FLOP and byte counts follow the design contract (ARM_DESIGN.md, section 
   layers, 2.5x for attention, 1x for the logits, whose text side gets no gradient).
   LayerNorm, softmax and element-wise work is not counted.
 - clip: matmul FLOPs of the ViT forward (patch embedding, every block, the output projection
-  of the patch tokens) with the baseline's last block (SCLIP: two attention products, q-q and
-  k-k; ClearCLIP/NACLIP: no MLP; MaskCLIP: the value path only), plus the logits, plus the ARM
-  forward in the ``+arm`` variant. No byte floor is given for arm and clip.
+  of the patch tokens) with the baseline's last block (SCLIP: the q-q and k-k scores and one
+  product of their summed softmaxes with v; ClearCLIP/NACLIP: no MLP; MaskCLIP: the value path
+  only), plus the logits, plus the ARM forward in the ``+arm`` variant. No byte floor is given
+  for arm and clip.
+- the baseline attentions (forward only, as the baselines run frozen), per head: ``4 N^2 d``
+  for self_correlation and gaussian_self_correlation (one attention; NACLIP's bias is
+  element-wise), ``6 N^2 d`` for self_correlation_sum (two score products, one value product);
+  masked_affinity_attention ``2 n^2 C`` per image for the affinities plus ``2 n^2 d`` per head
+  (`armfast.ops._auto` holds these key functions). Memory floor: read the inputs, write the
+  output (x, v, out: ``3 N d`` per head; SCLIP ``4 N d``; ProxyCLIP ``n C`` per image plus
+  ``2 n d`` per head).
 """
 from __future__ import annotations
 
@@ -28,14 +36,19 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 
-OPS = ("attention", "patch_text_logits", "arm", "clip")
+from ..ops._auto import OP_KEYS
+
+BASELINE_OPS = ("self_correlation", "self_correlation_sum", "gaussian_self_correlation",
+                "masked_affinity_attention")
+OPS = ("attention", "patch_text_logits", "arm", "clip", *BASELINE_OPS)
+FORWARD_ONLY = ("clip", *BASELINE_OPS)  # inference only: no "train" cases
 MODES = ("forward", "train")
 # full: the design's shapes; quick: one or two small shapes per op; tiny: toy shapes for tests;
 # host: the smallest real calls, where the time is all host overhead (validation, dispatch,
 # launch), compared with SDPA's; tune: host + full, what `armfast bench --tune` measures to
 # write the auto table
 PRESETS = ("full", "quick", "tiny", "host", "tune")
-TABLE_OPS = ("attention", "patch_text_logits")  # the ops the auto table holds
+TABLE_OPS = ("attention", "patch_text_logits", *BASELINE_OPS)  # the ops the auto table holds
 
 # ViT-B/16 at the crop sizes of the inference protocol: 224/336/448 -> 196/441/784 patch tokens.
 PATCH_SIZE = 16
@@ -43,6 +56,7 @@ CROPS = (224, 336, 448)
 BATCHES = (1, 16)
 HEAD_DIM = 64
 ARM_HEADS, CLIP_HEADS = 8, 12
+VFM_PATCH, VFM_WIDTH = 8, 768  # ProxyCLIP's DINO ViT-B/8: its grid is twice CLIP's
 NUM_CLASSES = 171  # COCO-Stuff-164k, ARM's training set
 CLIP_WIDTH, CLIP_LAYERS, CLIP_EMBED = 768, 12, 512  # ViT-B/16
 CLIP_MODEL = "ViT-B-16"
@@ -71,8 +85,8 @@ class Case:
             raise ValueError(f"op must be one of {', '.join(OPS)}; got {self.op!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}; got {self.mode!r}")
-        if self.op == "clip" and self.mode != "forward":
-            raise ValueError("clip cases are inference only: mode must be 'forward'")
+        if self.op in FORWARD_ONLY and self.mode != "forward":
+            raise ValueError(f"{self.op} cases are inference only: mode must be 'forward'")
 
     @property
     def shape(self) -> dict[str, int]:
@@ -105,6 +119,9 @@ class Case:
             return attention_flops(s["B"], s["H"], s["Nq"], s["Nk"], s["d"], backward=train)
         if self.op == "patch_text_logits":
             return patch_text_logits_flops(s["B"], s["N"], s["C"], s["E"], backward=train)
+        if self.op in BASELINE_OPS:
+            names, key = OP_KEYS[self.op]
+            return key(*(s[n] for n in names))[1]
         if self.op == "arm":
             return arm_flops(s["B"], s["N"], width=s["W"], embed_dim=s["E"], heads=s["h"],
                              head_dim=s["d"], classes=s["C"], train=train)
@@ -120,6 +137,11 @@ class Case:
             return attention_bytes(s["B"], s["H"], s["Nq"], s["Nk"], s["d"], elem, backward=train)
         if self.op == "patch_text_logits":
             return patch_text_logits_bytes(s["B"], s["N"], s["C"], s["E"], elem, backward=train)
+        if self.op == "masked_affinity_attention":
+            return s["B"] * s["n"] * (s["C"] + 2 * s["H"] * s["d"]) * elem
+        if self.op in BASELINE_OPS:
+            tensors = 4 if self.op == "self_correlation_sum" else 3  # inputs, and the output
+            return tensors * s["B"] * s["H"] * s["N"] * s["d"] * elem
         return None
 
 
@@ -185,8 +207,8 @@ def vit_flops(B: int, crop: int, *, width: int = CLIP_WIDTH, layers: int = CLIP_
 def last_block_delta(baseline: str, T: int, width: int = CLIP_WIDTH) -> int:
     """FLOPs a baseline's last block does beyond a standard block, on T tokens."""
     W = width
-    if baseline == "sclip":  # softmax(qq^T) v + softmax(kk^T) v: two attention products
-        return 4 * T * T * W
+    if baseline == "sclip":  # (softmax(qq^T) + softmax(kk^T)) v: one more score product
+        return 2 * T * T * W
     if baseline in ("clearclip", "naclip"):  # the residual and the MLP are dropped
         return -2 * T * W * 2 * MLP_RATIO * W
     if baseline == "maskclip":  # out_proj(v): no q, k projections, no attention
@@ -237,8 +259,35 @@ def _batch_crops(preset: str) -> Iterator[tuple[int, int]]:
         yield 1, 224
 
 
+def _baseline_shapes(op: str, preset: str) -> Iterator[dict]:
+    """CLIP's last block (12 heads of 64, class token and h x w patches) at the crops; for
+    ProxyCLIP the VFM's patches (twice CLIP's grid) with its 768 features."""
+    def shape(B: int, H: int, side: int, d: int, C: int = VFM_WIDTH) -> dict:
+        if op == "masked_affinity_attention":
+            return dict(B=B, n=side * side, C=C, H=H, d=d)
+        grid = dict(h=side, w=side) if op == "gaussian_self_correlation" else {}
+        return dict(B=B, H=H, N=side * side + 1, **grid, d=d)
+
+    vfm_side = PATCH_SIZE // VFM_PATCH if op == "masked_affinity_attention" else 1
+    if preset in ("host", "tune"):
+        yield shape(1, 1, 2, 32, C=32)
+        if preset == "host":
+            return
+        preset = "full"
+    if preset == "tiny":
+        yield shape(1, 2, 4, HEAD_DIM, C=32)
+    elif preset == "quick":
+        for crop in (224, 448):
+            yield shape(1, CLIP_HEADS, crop // PATCH_SIZE * vfm_side, HEAD_DIM)
+    else:
+        for B, crop in _batch_crops(preset):
+            yield shape(B, CLIP_HEADS, crop // PATCH_SIZE * vfm_side, HEAD_DIM)
+
+
 def _shapes(op: str, preset: str) -> Iterator[dict]:
-    if op == "attention":
+    if op in BASELINE_OPS:
+        yield from _baseline_shapes(op, preset)
+    elif op == "attention":
         yield from _attention_shapes(preset)
     elif op == "patch_text_logits":
         if preset in ("host", "tune"):
@@ -282,7 +331,7 @@ def make_cases(ops: Iterable[str] = OPS, preset: str = "full", *, dtype: torch.d
     cases = []
     for op in ops:
         for mode in modes:
-            if op == "clip" and mode != "forward":
+            if op in FORWARD_ONLY and mode != "forward":
                 continue
             for shape in _shapes(op, preset):
                 dims = tuple(shape.items())

@@ -42,9 +42,19 @@ def _peak_cuda(fn, device: torch.device) -> int:
     return peak
 
 
+# Kineto (torch's profiler library) logs every profiler start/stop ("USDT: ... profiler_start")
+# and, without a GPU, "gpuGetDeviceCount failed" straight to the process's stderr. It reads this
+# level once, when the profiler is first used; 6 is past its highest level. A user's own
+# setting wins.
+KINETO_LOG_LEVEL = ("KINETO_LOG_LEVEL", "6")
+
+
 def _peak_cpu(fn) -> Optional[int]:
+    import os
+
     from torch.profiler import ProfilerActivity, profile
 
+    os.environ.setdefault(*KINETO_LOG_LEVEL)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()
     del result

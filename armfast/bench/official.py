@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..clip import model as clip_model
-from ..clip.baselines import gaussian_bias
+from ..clip.baselines import NACLIP_SIGMA
+from ..ops._reference import gaussian_bias
 from ..clip.blocks import run_block_module, transformer_batch_first
 
 BASELINES = ("sclip", "clearclip", "naclip")
@@ -73,7 +74,7 @@ class OfficialStyle:
             attn_weights = F.softmax(torch.bmm(q, q.transpose(1, 2)) * scale, dim=-1)
         else:  # naclip: key-key attention plus the cached Gaussian neighbourhood
             attn_weights = torch.bmm(k, k.transpose(1, 2)) * scale
-            attn_weights += gaussian_bias(*grid, device=str(x.device), dtype=x.dtype)
+            attn_weights += gaussian_bias(*grid, NACLIP_SIGMA, device=str(x.device), dtype=x.dtype)
             attn_weights = F.softmax(attn_weights, dim=-1)
         attn_output = torch.bmm(attn_weights, v)
         attn_output = attn_output.transpose(0, 1).contiguous().view(-1, bsz, embed_dim)

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..arm import ARM, ARMConfig
-from .cases import CLIP_BASELINE, CLIP_EMBED, CLIP_MODEL, Case
+from .cases import BASELINE_OPS, CLIP_BASELINE, CLIP_EMBED, CLIP_MODEL, Case
 
 # Largest accepted max|actual - expected| / max|expected|, per output; loose enough for
 # TF32 matmuls and half-precision accumulation order, far below what a wrong kernel gives.
@@ -157,6 +157,65 @@ class PatchTextLogitsWorkload(Workload):
         return forward_backward
 
 
+def affinity_features(B: int, n: int, C: int, generator: torch.Generator,
+                      device: str | torch.device = "cpu") -> tuple[Tensor, float]:
+    """(f [B, n, C] float64, beta) for ProxyCLIP's masked affinity attention: VFM-like features
+    (a shared direction plus noise, so mean(S) is well above 0) and a beta that puts the mask
+    threshold beta * mean(S) in the middle of the widest gap between the affinities. No S_ij is
+    then near the threshold, where rounding could mask it in one backend and not in another.
+    The images are one image's patches in other orders (same affinities, same threshold)."""
+    f0 = torch.randn(n, C, dtype=torch.float64, generator=generator, device=device) + 0.7 * torch.randn(
+        C, dtype=torch.float64, generator=generator, device=device)
+    f = torch.stack([f0] + [f0[torch.randperm(n, generator=generator, device=device)]
+                            for _ in range(B - 1)])
+    if n == 1:
+        return f, 1.2
+    fn = f0 / f0.norm(dim=-1, keepdim=True)
+    S = fn @ fn.t()
+    values = S[~torch.eye(n, dtype=torch.bool, device=device)].sort().values
+    middle = values[int(0.3 * len(values)):max(int(0.7 * len(values)), 2)]
+    i = int((middle[1:] - middle[:-1]).argmax())
+    return f, float((middle[i] + middle[i + 1]) / 2 / S.mean())
+
+
+def baseline_call(op: str, backend: str) -> Callable:
+    """``fn(*inputs, **params)`` of `backend`'s baseline attention `op`; sdpa is the SDPA
+    composition itself, with no armfast layer in between (as `attention_call`)."""
+    if backend == "sdpa":
+        from ..ops import _sdpa
+        fn = getattr(_sdpa, op)
+        if op == "gaussian_self_correlation":
+            return lambda x, v, *, grid, scale: fn(x, v, scale, *grid, 5.0, True)
+        if op == "masked_affinity_attention":
+            return lambda f, v, *, beta: fn(f, v, beta, 3.0)
+        return lambda *ts, scale: fn(*ts, scale)
+    return functools.partial(getattr(ops, op), backend=backend)
+
+
+class BaselineAttentionWorkload(Workload):
+    """One of the baseline attentions (forward only) on CLIP-like inputs: q, k, v [B, H, N, d]
+    (NACLIP: on an h x w grid after a class token), or ProxyCLIP's features and values."""
+
+    def __init__(self, case, device, seed=0):
+        super().__init__(case, device, seed)
+        s = case.shape
+        if case.op == "masked_affinity_attention":
+            f, beta = affinity_features(s["B"], s["n"], s["C"], torch.Generator().manual_seed(seed))
+            self.inputs = (f.to(device=device, dtype=case.dtype),
+                           self.randn(s["B"], s["H"], s["n"], s["d"]))
+            self.params = {"beta": beta}
+            return
+        count = 3 if case.op == "self_correlation_sum" else 2
+        self.inputs = tuple(self.randn(s["B"], s["H"], s["N"], s["d"]) for _ in range(count))
+        self.params = {"scale": s["d"] ** -0.5}
+        if case.op == "gaussian_self_correlation":
+            self.params["grid"] = (s["h"], s["w"])
+
+    def fn(self, backend):
+        call, inputs, params = baseline_call(self.case.op, backend), self.inputs, self.params
+        return lambda: call(*inputs, **params)
+
+
 def randomize_residual_outputs(arm: ARM, generator: torch.Generator) -> ARM:
     """ARM's residual output layers start at zero, which would make its output equal to the
     deep features and every gradient through attention zero: a check would then compare
@@ -287,7 +346,8 @@ class ClipWorkload(Workload):
 
 
 _WORKLOADS = {"attention": AttentionWorkload, "patch_text_logits": PatchTextLogitsWorkload,
-              "arm": ArmWorkload, "clip": ClipWorkload}
+              "arm": ArmWorkload, "clip": ClipWorkload,
+              **{op: BaselineAttentionWorkload for op in BASELINE_OPS}}
 
 
 def build(case: Case, device: str | torch.device, seed: int = 0) -> Workload:

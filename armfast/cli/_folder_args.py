@@ -38,5 +38,22 @@ def folder_dataset(args, *, images=None, masks=None, limit=None, strict=True):
     if missing:
         raise ValueError(f"--dataset {FOLDER} needs {', '.join(missing)} (a folder of images, a "
                          f"folder of masks and a class-name file)")
+    check_folder_paths(images=images, masks=masks, class_file=args.class_file)
     return FolderDataset(images, masks, args.class_file, reduce_zero_label=args.reduce_zero_label,
                          has_background=args.has_background, limit=limit, strict=strict)
+
+
+def check_folder_paths(**paths) -> None:
+    """Each given ``--images``/``--masks``-like folder exists, and ``class_file`` is a file;
+    the error names the flag."""
+    from pathlib import Path
+
+    for name, value in paths.items():
+        if value is None:
+            continue
+        path, flag = Path(value).expanduser(), "--" + name.replace("_", "-")
+        if name == "class_file":
+            if not path.is_file():
+                raise FileNotFoundError(f"{flag}: no file at {path}")
+        elif not path.is_dir():
+            raise FileNotFoundError(f"{flag}: {path} is not a folder")

@@ -9,6 +9,10 @@ file), printed in full before the run, with the paper's mIoU beside the measured
 --arm each baseline runs with and without it. ``--dataset folder --images DIR --masks DIR
 --class-file F`` evaluates your own data. Runs under torchrun too: images are sharded and the
 confusion matrices summed.
+
+Datasets, baselines, backend, ARM, protocol values and the --json folder are checked before
+CLIP is loaded. The --json file is rewritten after every result (``"complete": false`` until
+the end), so a run that fails part-way keeps the rows it finished, with the error.
 """
 from __future__ import annotations
 
@@ -16,10 +20,10 @@ import argparse
 import json
 import math
 import sys
-import warnings
 from dataclasses import replace
 from pathlib import Path
 
+from ._clip_args import DEFAULT_TAG, add_clip_arguments, clip_weights, quick_gelu
 from ._folder_args import FOLDER, add_folder_arguments, folder_dataset
 from ._speed_args import add_speed_arguments, speed_options
 
@@ -44,10 +48,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "usual sub-folders) or NAME=DIR for one; repeatable")
     p.add_argument("--baseline", type=_csv, default=["sclip"], help="comma list (default sclip)")
     p.add_argument("--arm", metavar="DIR", help="ARM save_pretrained directory: also evaluate with it")
-    w = p.add_mutually_exclusive_group()
-    w.add_argument("--clip-weights", metavar="PATH", help="CLIP weights file")
-    w.add_argument("--pretrained", metavar="TAG", help="open_clip pretrained tag, e.g. openai")
-    p.add_argument("--model", default="ViT-B-16", help="open_clip model name (default %(default)s)")
+    add_clip_arguments(p)
     p.add_argument("--vfm", metavar="PATH", help="ProxyCLIP's vision foundation model checkpoint")
     p.add_argument("--split", default="val", choices=("train", "val"))
     p.add_argument("--limit", type=int, default=None, help="first N images of each dataset")
@@ -80,7 +81,10 @@ def resolve_roots(entries: list[str], datasets: list[str]) -> dict[str, str]:
     for entry in entries:
         name, sep, path = entry.partition("=")
         if sep and not Path(entry).exists():
-            named[get_dataset_class(name).name] = path
+            try:
+                named[get_dataset_class(name).name] = path
+            except ValueError as exc:
+                raise ValueError(f"--root {entry}: {exc}") from exc
         else:
             common = entry
     roots = {}
@@ -138,133 +142,193 @@ def print_table(results: list[dict], datasets: list[str]) -> None:
         print(f"{m:<{width}}  {row}{avg}")
 
 
-def run(args) -> int:
-    from ..clip import encode_classes, load_clip
-    from ..clip.model import backbone_of
-    from ..data import build_dataset, get_dataset_class
-    from ..eval.presets import DEFAULT_BACKBONE, get_preset, warn_preset
-    from ..eval.protocols import base_protocol
-    from ..eval.runner import evaluate, throughput_line
-    from ..segmentor import load_arm
-    from ..train.distributed import cleanup, init_distributed
+def _dataset_names(names: list[str]) -> list[str]:
+    from ..data import get_dataset_class
 
-    datasets = [d.lower() if d.lower() == FOLDER else get_dataset_class(d).name for d in args.dataset]
-    baselines = [b.lower() for b in args.baseline]
+    out = []
+    for d in names:
+        try:
+            out.append(FOLDER if d.lower() == FOLDER else get_dataset_class(d).name)
+        except ValueError as exc:
+            raise ValueError(f"--dataset: {exc}") from exc
+    return out
+
+
+def _baseline_names(names: list[str]) -> list[str]:
+    from ..eval.protocols import base_protocol
+
+    for b in names:
+        try:
+            base_protocol(b)
+        except ValueError as exc:
+            raise ValueError(f"--baseline: {exc}") from exc
+    return [b.lower() for b in names]
+
+
+def _presets(args, datasets, baselines, backbone, folder, tag):
+    """(dataset, baseline) -> the preset it runs under, the overrides applied."""
+    from ..eval.presets import get_preset
+
     overrides = dict(short_side=args.short_side, crop=args.crop, stride=args.stride,
                      logit_scale=args.logit_scale, prob_thd=args.prob_thd)
-    for b in baselines:  # fail on a bad name before loading anything
-        base_protocol(b)
+
+    def preset_for(b: str, d: str):
+        if d != FOLDER:
+            return get_preset(b, d, backbone, pretrained=tag, background=args.background,
+                              **overrides)
+        preset = get_preset(b, None, backbone, pretrained=tag, background=args.background,
+                            **overrides)
+        rule = preset.background  # the masks fix the classes: the rule targets class 0
+        if rule.adds_class:
+            rule = rule.at(rule.index, None)
+        return replace(preset, name=f"{b}/{FOLDER}/{backbone}", background=rule,
+                       classnames=folder.classnames)
+
+    return {(d, b): preset_for(b, d) for d in datasets for b in baselines}
+
+
+def _print_configuration(args, info, presets, datasets, baselines, roots, folder, arm, speed):
+    from ..clip.text import resolve_templates
+    from ..precision import autocast_dtype, describe
+
+    print("armfast eval configuration:")
+    weights = (args.clip_weights or args.pretrained or
+               ("the model folder's" if ":" in args.model else DEFAULT_TAG))
+    print(f"  model {args.model}, weights {weights}, device "
+          f"{info.device}, processes {info.world_size}, backend {args.backend}, "
+          f"{describe(autocast_dtype(speed['precision'], info.device))}, data workers "
+          f"{args.workers}")
+    backbone = next(iter(presets.values())).backbone
+    print(f"  backbone presets {backbone}; text: each name in {len(resolve_templates(args.templates))} "
+          f"template(s) ({args.templates}), averaged")
+    if arm is not None:
+        print(f"  ARM {args.arm}: tau {float(arm.logit_scale.detach().exp()):.2f}, "
+              f"{arm.config.to_dict()}")
+    for d in datasets:
+        where = (f"images {folder.root}, masks {folder.mask_root}, {folder.num_classes} "
+                 f"classes from {folder.classnames}" if d == FOLDER
+                 else f"root {roots[d]}, split {args.split}")
+        print(f"  {d}: {where}" + (f", first {args.limit} images" if args.limit else ""))
+        for b in baselines:
+            pr = presets[(d, b)]
+            p = pr.protocol
+            crops = f"crop {p.crop}, stride {p.stride}" if p.crop else "whole image"
+            print(f"    {b:<10} preset {pr.name}: short {p.short_side or 'unchanged'}, "
+                  f"{crops}, logit_scale {p.logit_scale:g}"
+                  f"{' (ARM: its tau)' if arm else ''}, prob_thd {p.prob_thd:g}"
+                  + (f", area_thd {p.area_thd:g}" if p.area_thd is not None else ""))
+            paper = (f"{pr.expected_miou:.1f}" if pr.expected_miou is not None
+                     else "n/a (no published number for this setting)")
+            print(f"    {'':<10} background {pr.background.describe()}; classes "
+                  f"{pr.classnames}; paper mIoU {paper}")
+            print(f"    {'':<10} source: {pr.protocol.source}")
+
+
+def run(args) -> int:
+    from .._files import atomic_write_text, ensure_writable_file
+    from ..clip import encode_classes, load_clip
+    from ..data import build_dataset
+    from ..eval.presets import DEFAULT_BACKBONE, warn_preset
+    from ..eval.runner import evaluate, throughput_line
+    from ..preflight import check_arm_fits, check_backend, clip_geometry, resolve_device
+    from ..segmentor import load_arm
+    from ..train.distributed import cleanup, init_distributed
+    from . import error_message
+
+    # everything that can be checked without CLIP: a mistake fails here, in seconds
+    datasets = _dataset_names(args.dataset)
+    baselines = _baseline_names(args.baseline)
     roots = resolve_roots(args.root, datasets)
     folder = folder_dataset(args, limit=args.limit) if FOLDER in datasets else None
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be a positive integer, got {args.limit}")
+    if args.workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {args.workers}")
+    check_backend(args.backend, resolve_device(args.device))
+    geometry = clip_geometry(args.model)
+    arm = load_arm(args.arm, "--arm") if args.arm else None
+    if arm is not None:
+        check_arm_fits(arm.config, geometry)
+    out = ensure_writable_file(args.json, "--json") if args.json else None
+    tag = None if args.clip_weights else (args.pretrained or (None if ":" in args.model else DEFAULT_TAG))
+    spec = geometry.backbone if geometry is not None else None
+    backbone = spec.name if spec else DEFAULT_BACKBONE  # unregistered CLIPs run as ViT-B/16
+    presets = _presets(args, datasets, baselines, backbone, folder, tag)
+    built = {}
+    for d in datasets:
+        try:
+            built[d] = folder if d == FOLDER else build_dataset(d, roots[d], args.split,
+                                                                limit=args.limit)
+        except (OSError, ValueError) as exc:
+            raise type(exc)(f"--root {roots[d]}: {exc}") from exc
+    pretrained = clip_weights(args)
 
     speed = speed_options(args)  # also sets ARMFAST_TEXT_CACHE for every encoding of the run
     info = init_distributed(args.device)
     main = info.is_main
+    variants = [None, arm] if arm is not None else [None]
+    results: list[dict] = []
+
+    def write_json(*, complete: bool = False, error: str | None = None) -> None:
+        if not (main and out):
+            return
+        payload = {"config": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+                   "world_size": info.world_size, "complete": complete, "results": results}
+        if error is not None:
+            payload["error"] = error
+        atomic_write_text(out, json.dumps(payload, indent=2, default=str) + "\n")
+
     try:
-        pretrained = args.clip_weights or args.pretrained
-        if pretrained is None and ":" not in args.model and main:
-            warnings.warn("no CLIP weights given (--pretrained/--clip-weights): CLIP is randomly "
-                          "initialised and the numbers are meaningless", stacklevel=1)
-        model = load_clip(args.model, pretrained, device=info.device)
-        arm = load_arm(args.arm) if args.arm else None
-        variants = [None, arm] if arm is not None else [None]
-        from ..precision import autocast_dtype, describe
-
-        compute = describe(autocast_dtype(speed["precision"], info.device))
-        spec = backbone_of(model)  # an unregistered CLIP runs (and is labelled) as ViT-B/16
-        backbone = spec.name if spec else DEFAULT_BACKBONE
-        tag = args.pretrained if args.clip_weights is None else None
-
-        def preset_for(b: str, d: str):
-            if d != FOLDER:
-                return get_preset(b, d, backbone, pretrained=tag, background=args.background,
-                                  **overrides)
-            preset = get_preset(b, None, backbone, pretrained=tag, background=args.background,
-                                **overrides)
-            rule = preset.background  # the masks fix the classes: the rule targets class 0
-            if rule.adds_class:
-                rule = rule.at(rule.index, None)
-            return replace(preset, name=f"{b}/{FOLDER}/{backbone}", background=rule,
-                           classnames=folder.classnames)
-
-        presets = {(d, b): preset_for(b, d) for d in datasets for b in baselines}
+        model = load_clip(args.model, pretrained, device=info.device, quick_gelu=quick_gelu(args))
         if main:
-            print("armfast eval configuration:")
-            weights = pretrained or ("the model folder's" if ":" in args.model else "random")
-            print(f"  model {args.model}, weights {weights}, device "
-                  f"{info.device}, processes {info.world_size}, backend {args.backend}, "
-                  f"{compute}, data workers {args.workers}")
-            print(f"  backbone presets {backbone}; text: each name in the 80 OpenAI ImageNet "
-                  f"templates, averaged")
-            if arm is not None:
-                print(f"  ARM {args.arm}: tau {float(arm.logit_scale.detach().exp()):.2f}, "
-                      f"{arm.config.to_dict()}")
-            for d in datasets:
-                where = (f"images {folder.root}, masks {folder.mask_root}, {folder.num_classes} "
-                         f"classes from {folder.classnames}" if d == FOLDER
-                         else f"root {roots[d]}, split {args.split}")
-                print(f"  {d}: {where}" + (f", first {args.limit} images" if args.limit else ""))
-                for b in baselines:
-                    pr = presets[(d, b)]
-                    p = pr.protocol
-                    crops = f"crop {p.crop}, stride {p.stride}" if p.crop else "whole image"
-                    print(f"    {b:<10} preset {pr.name}: short {p.short_side or 'unchanged'}, "
-                          f"{crops}, logit_scale {p.logit_scale:g}"
-                          f"{' (ARM: its tau)' if arm else ''}, prob_thd {p.prob_thd:g}"
-                          + (f", area_thd {p.area_thd:g}" if p.area_thd is not None else ""))
-                    paper = (f"{pr.expected_miou:.1f}" if pr.expected_miou is not None
-                             else "n/a (no published number for this setting)")
-                    print(f"    {'':<10} background {pr.background.describe()}; classes "
-                          f"{pr.classnames}; paper mIoU {paper}")
-                    print(f"    {'':<10} source: {pr.protocol.source}")
+            _print_configuration(args, info, presets, datasets, baselines, roots, folder, arm, speed)
             for (d, b), pr in presets.items():
                 warn_preset(pr, has_background=folder.has_background if d == FOLDER else None)
-
-        results = []
         for d in datasets:
-            dataset = folder if d == FOLDER else build_dataset(d, roots[d], args.split,
-                                                               limit=args.limit)
             texts = {}  # foreground classes are the same for every baseline's preset
             for b in baselines:
                 preset = presets[(d, b)]
                 classes = preset.classes()
                 key = json.dumps(classes)
                 if key not in texts:
-                    texts[key] = encode_classes(model, classes)
+                    texts[key] = encode_classes(model, classes, args.templates,
+                                                progress=main and not args.no_progress)
                 for a in variants:
                     method = b + ("+arm" if a is not None else "")
-                    r = evaluate(model, dataset, baseline=b, protocol=preset.protocol, arm=a,
+                    r = evaluate(model, built[d], baseline=b, protocol=preset.protocol, arm=a,
                                  text_embeddings=texts[key], background=preset.background,
                                  vfm=args.vfm, backend=args.backend,
                                  rank=info.rank, world_size=info.world_size,
                                  workers=args.workers, progress=not args.no_progress,
-                                 desc=f"{d}/{method}", **speed)
+                                 desc=f"{d}/{method}", templates=args.templates, **speed)
                     r.update(dataset=d, baseline=b, arm=a is not None, method=method,
                              protocol=preset.protocol.to_dict(), preset=preset.to_dict(),
                              expected_miou=preset.expected_miou)
                     results.append(r)
+                    write_json()  # a later failure keeps the rows finished so far
                     if main:
                         paper = ("" if preset.expected_miou is None else
                                  f"  paper{' (no ARM)' if a is not None else ''} "
                                  f"{preset.expected_miou:.1f}")
                         print(f"{d:<15} {method:<16} mIoU {_fmt(r['miou'])}{paper}  "
                               f"({throughput_line(r)})")
-        if main:
-            show = args.per_class == "yes" or (args.per_class == "auto" and len(results) == 1)
-            if show:
-                for r in results:
-                    print_per_class(r)
+    except Exception as exc:
+        write_json(error=error_message(exc))
+        if main and results:
             print_table(results, datasets)
-            if args.json:
-                payload = {"config": {k: v for k, v in vars(args).items() if not k.startswith("_")},
-                           "world_size": info.world_size, "results": results}
-                out = Path(args.json)
-                out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-                print(f"\nresults written to {out}")
-        sys.stdout.flush()
-        return 0
+            print(f"\n{len(results)} result(s) finished before the error"
+                  + (f", written to {out}" if out else ""))
+        raise
     finally:
+        sys.stdout.flush()
         cleanup(info)
+    if main:
+        show = args.per_class == "yes" or (args.per_class == "auto" and len(results) == 1)
+        if show:
+            for r in results:
+                print_per_class(r)
+        print_table(results, datasets)
+        if out:
+            write_json(complete=True)
+            print(f"\nresults written to {out}")
+    return 0

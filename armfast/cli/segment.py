@@ -1,12 +1,15 @@
 """`armfast segment`: open-vocabulary segmentation of image files.
 
 For each IMAGE, OUTDIR receives ``<stem>.png`` (the label map, a palette PNG whose pixel values
-are class indices) and ``<stem>_overlay.png`` (the photo under the colour map, with a legend).
+are class indices) and ``<stem>_overlay.png`` (the photo under the colour map, with a legend);
+stems get a ``_2``, ``_3`` suffix where two images would write the same file. Images are read
+as a viewer shows them (EXIF orientation, transparency on white, 16-bit).
 The defaults are the baseline's preset for the backbone (armfast.eval.presets), the values the
 benchmarks run with; the effective configuration is printed first. A background rule
 (--background) adds a class "background" as class 0, before the named classes.
-A problem with one image is reported on one line and the others are still processed; the exit
-status is 1 if any image failed, 2 if nothing could start (no classes, missing weights, ...).
+Every flag and file is checked before CLIP is loaded. A problem with one image is reported on
+one line and the others are still processed; the exit status is 1 if any image failed, 2 if
+nothing could start (no classes, missing weights, ...).
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ._clip_args import add_clip_arguments, clip_weights, quick_gelu
 from ._speed_args import add_speed_arguments, speed_options
 
 PROG = "armfast segment"
@@ -32,14 +36,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--baseline", default="sclip",
                    help="vanilla, maskclip, sclip, clearclip, naclip or proxyclip (default: sclip)")
     p.add_argument("--arm", metavar="DIR", help="ARM checkpoint directory (ARM.save_pretrained)")
-    p.add_argument("--clip-model", default="ViT-B-16",
-                   help="open_clip model: ViT-B-16 (default), ViT-B-32, ViT-L-14, ViT-L-14-336, ...")
-    weights = p.add_mutually_exclusive_group()
-    weights.add_argument("--clip-weights", metavar="PATH", help="local CLIP checkpoint (safetensors)")
-    weights.add_argument("--pretrained", default="openai", metavar="TAG",
-                         help="open_clip weights tag (default: openai); 'none' = random weights")
-    p.add_argument("--quick-gelu", action="store_true",
-                   help="build with QuickGELU (needed for OpenAI weights given by --clip-weights)")
+    add_clip_arguments(p)
     p.add_argument("--vfm", metavar="PATH", help="proxyclip: VFM checkpoint (e.g. DINO ViT-B/8)")
     p.add_argument("--vfm-arch", default=None, metavar="NAME",
                    help="proxyclip: timm architecture of --vfm (default: vit_base_patch8_224.dino)")
@@ -55,8 +52,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "(pixels these words win are background); both: words:sky,wall+thd:0.2")
     p.add_argument("--prob-thd", type=float,
                    help="short for --background thd:P (with a words rule: its threshold)")
-    p.add_argument("--templates", choices=("openai", "simple"), default="openai",
-                   help="prompt templates: the 80 OpenAI ImageNet ones, or 'a photo of a {}.'")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--backend", default="auto", help="armfast.ops backend (default: auto)")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output directory")
@@ -64,46 +59,46 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def _error(message: str, write=None) -> None:
-    line = f"{PROG}: error: {message}"
-    if write is None:
-        print(line, file=sys.stderr)
-    else:
-        write(line, file=sys.stderr)
+def _error(message: str, write=print) -> None:
+    write(f"{PROG}: error: {message}", file=sys.stderr)
 
 
 def _classes(args):
     from ..clip import parse_class_list, read_class_file
 
     if args.class_file is not None:
-        return read_class_file(args.class_file)
-    return parse_class_list(args.classes)
+        return read_class_file(args.class_file, "--class-file")
+    return parse_class_list(args.classes, "--classes")
 
 
-def _segmentor(args, classes):
-    import torch
-
-    from ..backbones import canonical_name
+def _segmentor(args, classes, out_dir: Path):
+    """Checks every flag and file first (nothing loaded yet), then loads CLIP."""
+    from .._files import ensure_writable_dir
     from ..clip import load_clip, load_vfm
     from ..clip.vfm import DEFAULT_VFM_ARCH
     from ..eval.presets import DEFAULT_BACKBONE, get_preset, warn_preset
+    from ..preflight import check_arm_fits, check_backend, clip_geometry, resolve_device
     from ..segmentor import Segmentor, load_arm
 
     speed = speed_options(args)
-    # before the CLIP build, so that a wrong flag or path fails fast; an unregistered model
-    # gets ViT-B/16's preset (the protocols are the same for every backbone)
-    preset = get_preset(args.baseline, None, canonical_name(args.clip_model) or DEFAULT_BACKBONE,
+    device = resolve_device(args.device)
+    check_backend(args.backend, device)
+    geometry = clip_geometry(args.model)
+    spec = geometry.backbone if geometry is not None else None
+    # an unregistered model gets ViT-B/16's preset (the protocols are the same for every backbone)
+    preset = get_preset(args.baseline, None, spec.name if spec else DEFAULT_BACKBONE,
                         background=args.background, short_side=args.short_side, crop=args.crop,
                         stride=args.stride, logit_scale=args.logit_scale, prob_thd=args.prob_thd)
-    arm = load_arm(args.arm)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.clip_weights is not None:
-        pretrained = args.clip_weights
-    else:
-        pretrained = None if args.pretrained.lower() == "none" else args.pretrained
-        if ":" in args.clip_model and pretrained == "openai":  # the default; the folder has weights
-            pretrained = None
-    clip = load_clip(args.clip_model, pretrained, device, quick_gelu=True if args.quick_gelu else None)
+    if preset.baseline == "proxyclip" and not args.vfm:
+        raise ValueError("--baseline proxyclip needs --vfm FILE (a DINO ViT-B/8 checkpoint)")
+    if args.vfm and not Path(args.vfm).is_file():
+        raise FileNotFoundError(f"--vfm: no file at {args.vfm}")
+    arm = load_arm(args.arm, "--arm")
+    if arm is not None:
+        check_arm_fits(arm.config, geometry)
+    ensure_writable_dir(out_dir, "--output")
+    pretrained = clip_weights(args)
+    clip = load_clip(args.model, pretrained, device, quick_gelu=quick_gelu(args))
     vfm = load_vfm(args.vfm, args.vfm_arch or DEFAULT_VFM_ARCH) if args.vfm else None
     warn_preset(preset)
     segmentor = Segmentor(clip, classes, baseline=args.baseline, arm=arm, vfm=vfm,
@@ -115,45 +110,48 @@ def _segmentor(args, classes):
     return segmentor
 
 
-def _output_stems(images: list[str]) -> list[str]:
-    """File stems, made unique (``a/x.jpg`` and ``b/x.jpg`` -> ``x``, ``x_2``)."""
-    seen: dict[str, int] = {}
+OUTPUTS = ("{}.png", "{}_overlay.png")  # what each image writes, by stem
+
+
+def output_stems(images: list[str]) -> list[str]:
+    """A stem per image such that no two images write the same file: ``a/x.jpg`` and
+    ``b/x.jpg`` give ``x`` and ``x_2``; ``photo.jpg`` and ``photo_overlay.jpg`` give
+    ``photo`` and ``photo_overlay_2`` (``photo_overlay.png`` is the first one's overlay).
+    Names compare case-insensitively (macOS and Windows file systems)."""
+    taken: set[str] = set()
     stems = []
     for image in images:
-        stem = Path(image).stem or "image"
-        seen[stem] = seen.get(stem, 0) + 1
-        stems.append(stem if seen[stem] == 1 else f"{stem}_{seen[stem]}")
+        base = Path(image).stem or "image"
+        stem, k = base, 1
+        while any(o.format(stem).lower() in taken for o in OUTPUTS):
+            k += 1
+            stem = f"{base}_{k}"
+        taken.update(o.format(stem).lower() for o in OUTPUTS)
+        stems.append(stem)
     return stems
 
 
 def run(args) -> int:
     from tqdm import tqdm
 
-    try:
-        classes = _classes(args)
-        segmentor = _segmentor(args, classes)
-        out_dir = Path(args.output)
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except (OSError, ValueError, TypeError, RuntimeError, ImportError) as exc:
-        _error(str(exc))
-        return 2
+    from ..data.images import open_rgb
 
-    from PIL import Image, UnidentifiedImageError
-
+    out_dir = Path(args.output)
+    segmentor = _segmentor(args, _classes(args), out_dir)
     failed = 0
     for path, stem in zip(tqdm(args.images, desc="segment", unit="img", file=sys.stderr),
-                          _output_stems(args.images)):
+                          output_stems(args.images)):
         try:
-            with Image.open(path) as im:
-                image = im.convert("RGB")
-        except (OSError, UnidentifiedImageError) as exc:
+            image = open_rgb(path)
+        except (OSError, ValueError) as exc:
             _error(f"{path}: cannot read image ({exc})", tqdm.write)
             failed += 1
             continue
         try:
             result = segmentor.segment(image)
-            result.save(out_dir / f"{stem}.png")
-            result.save(out_dir / f"{stem}_overlay.png", kind="overlay")
+            labels, overlay = (OUTPUTS[0].format(stem), OUTPUTS[1].format(stem))
+            result.save(out_dir / labels)
+            result.save(out_dir / overlay, kind="overlay")
         except (OSError, ValueError, RuntimeError) as exc:
             _error(f"{path}: {exc}", tqdm.write)
             failed += 1

@@ -1,7 +1,8 @@
 """`armfast train`: train an ARM on COCO-Stuff-164k (or another registered dataset).
 
 Runs under torchrun for several GPUs/processes:
-    torchrun --nproc_per_node=8 -m armfast.cli train --data-root data/coco_stuff164k --out runs/arm
+    torchrun --nproc_per_node=8 --no-python armfast train --data-root data/coco_stuff164k \\
+        --out runs/arm --pretrained openai
 
 Your own data, no config file:
     armfast train --dataset folder --images imgs --masks masks --class-file classes.txt --out runs/x
@@ -9,8 +10,10 @@ Your own data, no config file:
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from ._folder_args import FOLDER, add_folder_arguments
+from ._clip_args import add_clip_arguments, clip_weights, quick_gelu
+from ._folder_args import FOLDER, add_folder_arguments, check_folder_paths
 
 
 def _layers(text: str) -> tuple[int, ...]:
@@ -34,10 +37,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         f"(--images, --masks, --class-file; --val-images, --val-masks to validate)")
     p.add_argument("--baselines", default=",".join(d.baselines),
                    help="comma list; one is drawn per batch (default %(default)s)")
-    w = p.add_mutually_exclusive_group()
-    w.add_argument("--clip-weights", metavar="PATH", help="CLIP weights file")
-    w.add_argument("--pretrained", metavar="TAG", help="open_clip pretrained tag, e.g. openai")
-    p.add_argument("--model", default=d.model, help="open_clip model name (default %(default)s)")
+    add_clip_arguments(p)
     p.add_argument("--shallow-layers", type=_layers, default=None,
                    help="comma list of 0-based blocks fused by ARM (default: depth/3, depth/2, 2*depth/3)")
     p.add_argument("--steps", type=int, default=d.steps)
@@ -76,27 +76,41 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="auto (default): bf16 autocast on CUDA, float32 on CPU; fp32: float32 everywhere")
     p.add_argument("--no-amp", action="store_true", help="same as --precision fp32")
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a bar")
+    p.add_argument("--no-label-check", action="store_true",
+                   help="skip reading every training mask for out-of-range labels before step 1")
     add_folder_arguments(p)
     add_folder_arguments(p, prefix="val-")
     return p
 
 
 def config_from_args(args):
+    """The TrainConfig of the command line, after the checks that need nothing loaded: the
+    data paths exist, the backend runs on the device, the CLIP weights can be had."""
+    from ..preflight import check_backend, resolve_device
     from ..train.config import TrainConfig
 
     dataset = args.dataset.lower()
-    if dataset != FOLDER and args.data_root is None:
-        raise ValueError(f"--data-root is required for dataset {args.dataset!r} (or use --dataset "
-                         f"{FOLDER} with --images, --masks and --class-file)")
+    if dataset != FOLDER:
+        if args.data_root is None:
+            raise ValueError(f"--data-root is required for --dataset {args.dataset} (or use "
+                             f"--dataset {FOLDER} with --images, --masks and --class-file)")
+        if not Path(args.data_root).expanduser().is_dir():
+            raise FileNotFoundError(f"--data-root: {args.data_root} is not a folder")
     if dataset == FOLDER and args.has_background:
         raise ValueError("--has-background is for evaluation; training uses every class of the "
                          "class file as it is")
-    return TrainConfig(
+    check_folder_paths(images=args.images, masks=args.masks, val_images=args.val_images,
+                       val_masks=args.val_masks, class_file=args.class_file)
+    if args.resume not in (None, "latest") and not Path(args.resume).is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint file at {args.resume} (without a "
+                                f"value, --resume takes the newest in OUT/checkpoints)")
+    check_backend(args.backend, resolve_device(args.device))
+    cfg = TrainConfig(
         data_root=args.data_root or "", out=args.out, dataset=dataset, baselines=args.baselines,
         images=args.images, masks=args.masks, class_file=args.class_file,
         val_images=args.val_images, val_masks=args.val_masks,
         reduce_zero_label=args.reduce_zero_label,
-        model=args.model, pretrained=args.clip_weights or args.pretrained,
+        model=args.model, quick_gelu=quick_gelu(args), templates=args.templates,
         shallow_layers=args.shallow_layers, steps=args.steps, batch_size=args.batch_size,
         accum=args.accum, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
         min_lr_ratio=args.min_lr_ratio, grad_clip=args.grad_clip, crop=args.crop,
@@ -109,8 +123,10 @@ def config_from_args(args):
                       if v is not None} or None,
         resume=args.resume,
         stop_at=args.stop_at, backend=args.backend, device=args.device, amp=not args.no_amp,
-        precision=args.precision,
-        progress=not args.no_progress)
+        precision=args.precision, progress=not args.no_progress,
+        check_labels=not args.no_label_check)
+    cfg.pretrained = clip_weights(args, warn=False)  # the trainer warns about random weights
+    return cfg
 
 
 def run(args) -> int:

@@ -27,14 +27,15 @@ lives on the VFM's patch grid only.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .blocks import (attend, attention_branch, block_forward, merge_heads, mlp_residual, qkv,
+from .. import ops
+from ..ops._reference import gaussian_bias  # noqa: F401  (NACLIP's G as a tensor, for inspection)
+from .blocks import (attention_branch, block_forward, merge_heads, mlp_residual, qkv,
                      require_standard_block, value)
 from .vfm import VisionFoundationModel
 
@@ -88,11 +89,6 @@ def get_baseline(name: str) -> Baseline:
     return BASELINES[key]
 
 
-def _acc_dtype(t: Tensor) -> torch.dtype:
-    """float32 for half inputs, float64 stays float64: explicit softmaxes are computed there."""
-    return torch.promote_types(t.dtype, torch.float32)
-
-
 @register_baseline("vanilla", any_block=True)
 def vanilla(block: nn.Module, inp: LastBlockInput):
     """The unchanged block."""
@@ -110,9 +106,9 @@ def maskclip(block: nn.Module, inp: LastBlockInput):
 @register_baseline("sclip")
 def sclip(block: nn.Module, inp: LastBlockInput):
     """SCLIP's correlative self-attention: ``softmax(s QQ^T) V + softmax(s KK^T) V`` (rows of
-    the summed map add up to 2); residual and FFN kept."""
+    the summed map add up to 2), one fused op; residual and FFN kept."""
     q, k, v = qkv(block.attn, block.ln_1(inp.x))
-    o = attend(q, q, v, inp.backend) + attend(k, k, v, inp.backend)
+    o = ops.self_correlation_sum(q, k, v, backend=inp.backend, layout="bnhd").flatten(2)
     return mlp_residual(block, inp.x + attention_branch(block, o))[:, 1:], inp.grid
 
 
@@ -120,76 +116,45 @@ def sclip(block: nn.Module, inp: LastBlockInput):
 def clearclip(block: nn.Module, inp: LastBlockInput):
     """ClearCLIP: query-query attention ``softmax(s QQ^T) V``; residual and FFN dropped."""
     q, _, v = qkv(block.attn, block.ln_1(inp.x))
-    return attention_branch(block, attend(q, q, v, inp.backend))[:, 1:], inp.grid
-
-
-@lru_cache(maxsize=32)
-def gaussian_bias(h: int, w: int, sigma: float = NACLIP_SIGMA, device: str = "cpu",
-                  dtype: torch.dtype = torch.float32) -> Tensor:
-    """NACLIP's neighbourhood term G ``[1 + h*w, 1 + h*w]``: ``exp(-d^2 / (2 sigma^2))`` with d
-    the distance between two patches on the grid (in patches), 0 on the class row and column."""
-    r, c = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64),
-                          indexing="ij")
-    pos = torch.stack((r.flatten(), c.flatten()), dim=1)
-    d2 = (pos[:, None, :] - pos[None, :, :]).pow(2).sum(-1)
-    g = torch.zeros(h * w + 1, h * w + 1, dtype=torch.float64)
-    g[1:, 1:] = torch.exp(-d2 / (2 * sigma ** 2))
-    return g.to(device=device, dtype=dtype)
+    o = ops.self_correlation(q, v, backend=inp.backend, layout="bnhd").flatten(2)
+    return attention_branch(block, o)[:, 1:], inp.grid
 
 
 @register_baseline("naclip")
 def naclip(block: nn.Module, inp: LastBlockInput, sigma: float = NACLIP_SIGMA):
-    """NACLIP: key-key attention plus a Gaussian neighbourhood bias, ``softmax(s KK^T + G) V``;
-    residual and FFN dropped (its 'reduced' architecture)."""
-    q, k, v = qkv(block.attn, block.ln_1(inp.x))
-    # ops.attention takes no additive bias, and G (a Gaussian of grid distance) has no exact
-    # low-rank q.k form, so this one softmax is written out. It is one block of one crop batch
-    # (N <= ~800 at 448 px), small next to the 11 fused blocks before it.
-    acc = _acc_dtype(k)
-    ka = k.to(acc)
-    bias = gaussian_bias(*inp.grid, float(sigma), str(k.device), acc)
-    scores = ka @ ka.transpose(-2, -1) * k.shape[-1] ** -0.5 + bias
-    o = (scores.softmax(-1) @ v.to(acc)).to(v.dtype)
-    return attention_branch(block, merge_heads(o))[:, 1:], inp.grid
-
-
-def proxy_attention(features: Tensor, beta: float = PROXYCLIP_BETA,
-                    gamma: float = PROXYCLIP_GAMMA) -> Tensor:
-    """ProxyCLIP's attention map ``[B, n, n]`` from VFM patch features ``[B, C, h, w]``:
-    ``S = cos(f_i, f_j)``, ``A = gamma (S - beta mean(S))``, entries below 0 masked, softmax.
-
-    mean(S) is taken per image (ProxyCLIP runs one crop at a time, where its whole-tensor
-    mean is the same). The diagonal is never masked: ``S_ii = 1`` keeps it positive unless
-    mean(S) >= 1/beta, where ProxyCLIP's rows would be all -inf and give NaN.
-    """
-    f = F.normalize(features.flatten(2).to(_acc_dtype(features)), dim=1)  # [B, C, n]
-    s = f.transpose(1, 2) @ f
-    a = gamma * (s - beta * s.mean(dim=(1, 2), keepdim=True))
-    eye = torch.eye(a.shape[-1], dtype=torch.bool, device=a.device)
-    return a.masked_fill((a < 0) & ~eye, float("-inf")).softmax(-1)
+    """NACLIP: key-key attention plus a Gaussian neighbourhood bias, ``softmax(s KK^T + G) V``
+    (G from the grid, 0 on the class token; `armfast.ops.gaussian_self_correlation`); residual
+    and FFN dropped (its 'reduced' architecture)."""
+    _, k, v = qkv(block.attn, block.ln_1(inp.x))
+    o = ops.gaussian_self_correlation(k, v, grid=inp.grid, sigma=float(sigma), backend=inp.backend,
+                                      layout="bnhd").flatten(2)
+    return attention_branch(block, o)[:, 1:], inp.grid
 
 
 @register_baseline("proxyclip", needs_vfm=True)
 def proxyclip(block: nn.Module, inp: LastBlockInput, beta: float = PROXYCLIP_BETA,
               gamma: float = PROXYCLIP_GAMMA):
-    """ProxyCLIP: the VFM's patch affinities (`proxy_attention`) applied to CLIP's values,
-    resampled bilinearly from CLIP's grid to the VFM's; residual and FFN dropped. The output
-    lives on the VFM grid."""
+    """ProxyCLIP: the VFM's masked patch affinities (`armfast.ops.masked_affinity_attention`:
+    ``softmax(gamma (S - beta mean(S)))``, S the cosines of the VFM's patch features, negatives
+    masked but the diagonal kept, mean(S) per image as ProxyCLIP runs one crop at a time) applied
+    to CLIP's values resampled bilinearly from CLIP's grid to the VFM's; residual and FFN dropped.
+    The output lives on the VFM grid."""
     if inp.vfm is None:
         raise ValueError("baseline 'proxyclip' needs vfm= (a DINO-style ViT, a "
                          "VisionFoundationModel, or a checkpoint path)")
     feats = inp.vfm(inp.images, clip_mean=inp.image_mean, clip_std=inp.image_std)
     grid = tuple(feats.shape[-2:])
-    # The map is a masked softmax of VFM affinities, not softmax(q k^T) of any q, k with V's
-    # head dim, so ops.attention cannot take it; it is one [n, n] map shared by every head.
-    attn = proxy_attention(feats, beta, gamma)
+    dtype = inp.x.dtype
     v = value(block.attn, block.ln_1(inp.x))[:, :, 1:]  # [B, heads, h*w, d], no class token
     B, H, _, d = v.shape
     v = v.reshape(B * H, *inp.grid, d).permute(0, 3, 1, 2)
-    v = F.interpolate(v.to(attn.dtype), size=grid, mode="bilinear", align_corners=False)
-    v = v.flatten(2).transpose(1, 2).reshape(B, H, -1, d)
-    o = (attn.unsqueeze(1) @ v).to(inp.x.dtype)
-    return attention_branch(block, merge_heads(o)), grid
+    v = F.interpolate(v.to(torch.promote_types(dtype, torch.float32)), size=grid, mode="bilinear",
+                      align_corners=False)
+    v = v.flatten(2).transpose(1, 2).reshape(B, H, -1, d).to(dtype)
+    f = feats.flatten(2).transpose(1, 2).to(dtype)  # [B, n, C], a view for float32 features
+    o = ops.masked_affinity_attention(f, v, beta=beta, gamma=gamma, backend=inp.backend,
+                                      layout="bnhd").flatten(2)
+    return attention_branch(block, o), grid
 
 
 def run_baseline(name: str, block: nn.Module, inp: LastBlockInput):

@@ -8,6 +8,8 @@ can be replaced by a training-free baseline (`armfast.clip.baselines`).
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from pathlib import Path
 from typing import Sequence
@@ -40,6 +42,26 @@ def _tag_needs_quick_gelu(name: str, tag: str) -> bool:
     return bool(get_pretrained_cfg(name, tag).get("quick_gelu", False))
 
 
+class _OpenClipNotices(logging.Filter):
+    """Drops open_clip's log records under ERROR (its root-logger "Model initialized randomly"
+    when random weights are what was asked for)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or "open_clip" not in record.pathname
+
+
+@contextlib.contextmanager
+def _quiet_open_clip(active: bool):
+    root = logging.getLogger()
+    quiet = _OpenClipNotices()
+    if active:
+        root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
+
+
 def load_clip(name: str = "ViT-B-16", pretrained: str | os.PathLike | None = None,
               device: str | torch.device = "cpu", *, quick_gelu: bool | None = None) -> nn.Module:
     """An open_clip CLIP model (with ``.visual``), frozen and in eval mode.
@@ -64,11 +86,17 @@ def load_clip(name: str = "ViT-B-16", pretrained: str | os.PathLike | None = Non
     name = ALIASES.get(name, name)
     if ":" not in name and name not in open_clip.list_models():  # 'local-dir:'/'hf-hub:' pass
         raise ValueError(f"name must be an open_clip model (open_clip.list_models()), got {name!r}")
+    preprocess = {}
     if pretrained is not None:
         if isinstance(pretrained, str) and _is_known_tag(name, pretrained):
+            from .weights import pretrained_file, preprocess_fields, tag_config
+
             if quick_gelu is None:
                 quick_gelu = _tag_needs_quick_gelu(name, pretrained)
-            pretrained = pretrained.lower()
+            # the tag's file, from a cache or downloaded here: offline, this fails in seconds
+            # saying how to run offline, where open_clip would retry the Hub for ~50 s
+            preprocess = preprocess_fields(tag_config(name, pretrained.lower()))
+            pretrained = pretrained_file(name, pretrained.lower())
         else:
             path = Path(pretrained)
             if not path.is_file():
@@ -77,8 +105,10 @@ def load_clip(name: str = "ViT-B-16", pretrained: str | os.PathLike | None = Non
                     f"pretrained: no CLIP weights file at {str(path)!r}, and not an open_clip tag "
                     f"for {name} (tags: {known})")
             pretrained = str(path)
-    model = open_clip.create_model(name, pretrained=pretrained, device=device,
-                                   force_quick_gelu=bool(quick_gelu))
+    with _quiet_open_clip(pretrained is None):
+        model = open_clip.create_model(name, pretrained=pretrained, device=device,
+                                       force_quick_gelu=bool(quick_gelu),
+                                       force_preprocess_cfg=preprocess or None)
     model.eval().requires_grad_(False)  # CLIP stays frozen everywhere in armfast
     model.armfast_name = name  # read by the text side to pick the tokenizer
     return model
@@ -128,18 +158,14 @@ def default_shallow_layers(model: nn.Module) -> tuple[int, ...]:
     return tuple(dict.fromkeys(min(i, max(depth - 2, 0)) for i in layers))
 
 
-def check_arm_matches(config, model: nn.Module) -> None:
-    """Raises ValueError, naming both backbones, when an ARM (its `ARMConfig`) was built for
-    another CLIP than `model`: another registered backbone, width, output dim, or shallow
-    layers past the model's depth."""
-    visual = vision_tower(model)
-    width, embed_dim = visual.conv1.out_channels, output_dim(visual)
-    depth = len(visual.transformer.resblocks)
-    clip_spec = backbone_of(model)
+def arm_mismatch(config, *, backbone: str | None, width: int, embed_dim: int, depth: int,
+                 clip_label: str) -> str | None:
+    """Why an ARM (its `ARMConfig`) cannot run on a CLIP of this geometry (another registered
+    backbone, width, output dim, or shallow layers past the depth); None when it fits."""
     arm_name = canonical_name(config.backbone)
     problems = []
-    if clip_spec is not None and arm_name is not None and clip_spec.name != arm_name:
-        problems.append(f"backbone {arm_name} != {clip_spec.name}")
+    if backbone is not None and arm_name is not None and backbone != arm_name:
+        problems.append(f"backbone {arm_name} != {backbone}")
     if config.width != width:
         problems.append(f"width {config.width} != {width}")
     if config.embed_dim != embed_dim:
@@ -147,14 +173,25 @@ def check_arm_matches(config, model: nn.Module) -> None:
     if max(config.shallow_layers) >= depth - 1 or min(config.shallow_layers) < 0:
         problems.append(f"shallow layers {tuple(config.shallow_layers)} are not blocks 0..{depth - 2} "
                         f"of a {depth}-block tower")
-    if problems:
-        clip_label = backbone_label(model)
-        raise ValueError(
-            f"arm was trained for backbone {config.backbone} (width {config.width}, embed dim "
+    if not problems:
+        return None
+    return (f"arm was trained for backbone {config.backbone} (width {config.width}, embed dim "
             f"{config.embed_dim}, shallow layers {tuple(config.shallow_layers)}) but is plugged "
             f"into {clip_label} (width {width}, embed dim {embed_dim}, {depth} blocks): "
             f"{'; '.join(problems)}. Load the CLIP the ARM was trained with, or train an ARM for "
             f"{clip_label}.")
+
+
+def check_arm_matches(config, model: nn.Module) -> None:
+    """Raises ValueError, naming both backbones, when an ARM (its `ARMConfig`) was built for
+    another CLIP than `model` (see `arm_mismatch`)."""
+    visual = vision_tower(model)
+    spec = backbone_of(model)
+    problem = arm_mismatch(config, backbone=spec.name if spec else None,
+                           width=visual.conv1.out_channels, embed_dim=output_dim(visual),
+                           depth=len(visual.transformer.resblocks), clip_label=backbone_label(model))
+    if problem:
+        raise ValueError(problem)
 
 
 # ----------------------------------------------------------------------------- vision tower

@@ -80,22 +80,26 @@ def normalize_classes(classes: ClassSpec) -> list[list[str]]:
     return out
 
 
-def parse_class_list(spec: str) -> list[list[str]]:
+def parse_class_list(spec: str, what: str = "class list") -> list[list[str]]:
     """A command-line class list: classes separated by ``,``, synonyms of one class by ``|``
-    (``"cat,person|people,sky"``)."""
+    (``"cat,person|people,sky"``); a name may appear once."""
+    from ..data.classnames import check_unique
+
     if not isinstance(spec, str):
-        raise TypeError(f"class list must be a string, got {type(spec).__name__}")
+        raise TypeError(f"{what} must be a string, got {type(spec).__name__}")
     names = [c for c in (part.strip() for part in spec.split(",")) if c]
     if not names:
-        raise ValueError(f"class list is empty: {spec!r}")
-    return normalize_classes([[s for s in c.split("|")] for c in names])
+        raise ValueError(f"{what}: class list is empty: {spec!r}")
+    classes = normalize_classes([[s for s in c.split("|")] for c in names])
+    check_unique(classes, what)
+    return classes
 
 
-def read_class_file(path) -> list[list[str]]:
+def read_class_file(path, what: str = "class-name file") -> list[list[str]]:
     """Synonym lists from a class-name file (or a dataset name such as ``voc21``)."""
     from ..data.classnames import load_class_names
 
-    return load_class_names(path)
+    return load_class_names(path, what)
 
 
 def flatten_classes(classes: ClassSpec) -> tuple[list[str], Tensor]:
@@ -189,11 +193,11 @@ def _write_cache(path: Path, entries: dict[str, Tensor]) -> None:
 
 
 def encode_names(model: nn.Module, names: Sequence[str], templates="openai", *, tokenizer=None,
-                 batch_size: int = 256, cache_dir=None) -> Tensor:
+                 batch_size: int = 256, progress: bool = False, cache_dir=None) -> Tensor:
     """``[len(names), E]`` float32 unit embeddings, template-averaged (see module docstring).
-
-    cache_dir: a directory for the on-disk cache (default ``$ARMFAST_TEXT_CACHE``; None and no
-    variable: memory only). Not used with a custom ``tokenizer``, which the key cannot name."""
+    ``progress``: a bar on stderr (80 templates x 171 names take minutes on a CPU).
+    ``cache_dir``: a directory for the on-disk cache (default ``$ARMFAST_TEXT_CACHE``; None and
+    no variable: memory only). Not used with a custom ``tokenizer``, which the key cannot name."""
     templates = resolve_templates(templates)
     if not hasattr(model, "encode_text"):
         raise TypeError(f"model must be an open_clip CLIP with encode_text, got {type(model).__name__}")
@@ -218,6 +222,14 @@ def encode_names(model: nn.Module, names: Sequence[str], templates="openai", *, 
             for n in [n for n in todo if n in stored]:
                 cache[(key, n)] = stored[n].to(device=device, dtype=torch.float32)
             todo = [n for n in todo if n not in stored]
+        bar = None
+        if progress and todo:
+            import sys
+
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(todo), desc="encode class names", unit="name",
+                       dynamic_ncols=True, file=sys.stderr, leave=False)
         for start in range(0, len(todo), per_batch):
             chunk = todo[start:start + per_batch]
             tokens = tokenizer([t.replace("{}", n) for n in chunk for t in templates]).to(device)
@@ -225,16 +237,21 @@ def encode_names(model: nn.Module, names: Sequence[str], templates="openai", *, 
             emb = F.normalize(emb.unflatten(0, (len(chunk), len(templates))).mean(1), dim=-1)
             for n, e in zip(chunk, emb):
                 cache[(key, n)] = e
+            if bar is not None:
+                bar.update(len(chunk))
+        if bar is not None:
+            bar.close()
         if disk is not None and todo:
             _write_cache(disk, {n: cache[(key, n)] for n in todo})
         return torch.stack([cache[(key, n)] for n in names])
 
 
 def encode_classes(model: nn.Module, classes: ClassSpec, templates="openai", *, tokenizer=None,
-                   batch_size: int = 256, cache_dir=None) -> TextEmbeddings:
+                   batch_size: int = 256, progress: bool = False,
+                   cache_dir=None) -> TextEmbeddings:
     """Text embeddings of every synonym of ``classes`` and the synonym -> class index
-    (``cache_dir``: see `encode_names`)."""
+    (``progress``, ``cache_dir``: see `encode_names`)."""
     names, index = flatten_classes(classes)
     emb = encode_names(model, names, templates, tokenizer=tokenizer, batch_size=batch_size,
-                       cache_dir=cache_dir)
+                       progress=progress, cache_dir=cache_dir)
     return TextEmbeddings(emb, index.to(emb.device), tuple(names))

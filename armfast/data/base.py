@@ -44,15 +44,14 @@ class Sample:
 
 
 def read_image(path: Path) -> np.ndarray:
-    """RGB uint8 [H, W, 3]."""
+    """RGB uint8 [H, W, 3], as a viewer shows the file (`armfast.data.images.to_rgb`: EXIF
+    orientation, transparency, 16-bit and CMYK images)."""
+    from .images import open_rgb
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image file not found: {path}")
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:  # truncated or not an image
-        raise ValueError(f"cannot read image {path}: {exc}") from exc
+    return np.asarray(open_rgb(path), dtype=np.uint8).copy()
 
 
 def read_mask(path: Path) -> np.ndarray:
@@ -133,20 +132,32 @@ class SegDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def read_labels(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(raw mask values, train ids) of sample `index`, not checked: the mask alone, which
+        is what a scan of the labels reads."""
+        raw = read_mask(self.samples[index].mask)
+        return raw, self._lut[raw]
+
+    def invalid_values(self, raw: np.ndarray, labels: np.ndarray) -> list[int]:
+        """The raw values whose train ids are neither a class id nor `IGNORE_INDEX`."""
+        bad = ((labels >= self.num_classes) | (labels < 0)) & (labels != IGNORE_INDEX)
+        return sorted(set(raw[bad].tolist())) if bad.any() else []
+
+    def invalid_message(self, mask: Path, values: list[int]) -> str:
+        return (f"annotation {mask} holds values {values[:8]} that are neither a {self.name} "
+                f"class id (0..{self.num_classes - 1} after mapping) nor {IGNORE_INDEX}")
+
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """(RGB uint8 [H, W, 3], int64 train ids [H, W]) of sample `index`."""
         s = self.samples[index]
-        image, raw = read_image(s.image), read_mask(s.mask)
+        image = read_image(s.image)
+        raw, mask = self.read_labels(index)
         if image.shape[:2] != raw.shape:
             raise ValueError(f"annotation {s.mask} is {raw.shape[1]}x{raw.shape[0]} but image "
                              f"{s.image} is {image.shape[1]}x{image.shape[0]}")
-        mask = self._lut[raw]
-        bad = (mask >= self.num_classes) & (mask != IGNORE_INDEX)
-        if bad.any():
-            values = sorted(set(raw[bad].tolist()))[:8]
-            raise ValueError(f"annotation {s.mask} holds values {values} that are neither a "
-                             f"{self.name} class id (0..{self.num_classes - 1} after mapping) nor "
-                             f"{IGNORE_INDEX}")
+        values = self.invalid_values(raw, mask)
+        if values:
+            raise ValueError(self.invalid_message(s.mask, values))
         return image, mask
 
     def __getitem__(self, index: int) -> dict:

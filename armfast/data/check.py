@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
 from .base import IGNORE_INDEX, SegDataset, read_mask, unchecked_files
 
@@ -60,9 +60,10 @@ class DatasetReport:
 
 
 def _image_size(path: Path) -> tuple[int, int]:
-    """(H, W) from the header, without decoding the pixels."""
-    with Image.open(path) as im:
-        return im.height, im.width
+    """(H, W) as shown (EXIF orientation applied, as the readers do), from the header."""
+    from .images import displayed_size
+
+    return displayed_size(path)
 
 
 def _some(items, limit: int = 3) -> str:

@@ -21,7 +21,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .base import IGNORE_INDEX, Sample, SegDataset, read_image
+from .base import IGNORE_INDEX, Sample, SegDataset
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 MASK_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")
@@ -169,20 +169,14 @@ class FolderDataset(SegDataset):
         out[raw == IGNORE_INDEX] = IGNORE_INDEX
         return out
 
-    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        s = self.samples[index]
-        image, raw = read_image(s.image), read_label_map(s.mask)
-        if image.shape[:2] != raw.shape:
-            raise ValueError(f"mask {s.mask} is {raw.shape[1]}x{raw.shape[0]} but image {s.image} "
-                             f"is {image.shape[1]}x{image.shape[0]}")
-        mask = self.labels(raw)
-        bad = (mask >= self.num_classes) & (mask != IGNORE_INDEX) | (mask < 0)
-        if bad.any():
-            values = sorted(set(raw[bad].tolist()))[:8]
-            raise ValueError(f"mask {s.mask} holds values {values} that are neither a class id "
-                             f"(0..{self.num_classes - 1}, {self.classnames}) nor {IGNORE_INDEX}; "
-                             f"instance ids? run armfast check-dataset")
-        return image, mask
+    def read_labels(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        raw = read_label_map(self.samples[index].mask)
+        return raw, self.labels(raw)
+
+    def invalid_message(self, mask: Path, values: list[int]) -> str:
+        return (f"mask {mask} holds values {values[:8]} that are neither a class id "
+                f"(0..{self.num_classes - 1}, {self.classnames}) nor {IGNORE_INDEX}; instance "
+                f"ids? run armfast check-dataset")
 
     def __repr__(self) -> str:
         return (f"FolderDataset(images={str(self.root)!r}, masks={str(self.mask_root)!r}, "

@@ -11,6 +11,7 @@ evaluates them in its paper.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 
 
@@ -29,13 +30,17 @@ class Protocol:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < least:
                 kind = "a positive integer" if least else "a positive integer or 0 (off)"
-                raise ValueError(f"Protocol.{name} must be {kind}, got {v!r}")
-        if self.logit_scale <= 0:
-            raise ValueError(f"Protocol.logit_scale must be > 0, got {self.logit_scale}")
+                raise ValueError(f"{name} must be {kind}, got {v!r}")
+        if self.crop and self.stride > self.crop:
+            raise ValueError(f"stride {self.stride} is larger than crop {self.crop}: the pixels "
+                             f"between the sliding windows would never be covered (stride <= crop)")
+        if isinstance(self.logit_scale, bool) or not isinstance(self.logit_scale, (int, float)) \
+                or not math.isfinite(self.logit_scale) or self.logit_scale <= 0:
+            raise ValueError(f"logit_scale must be a finite number > 0, got {self.logit_scale!r}")
         if not 0.0 <= self.prob_thd <= 1.0:
-            raise ValueError(f"Protocol.prob_thd must be in [0, 1], got {self.prob_thd}")
+            raise ValueError(f"prob_thd must be in [0, 1], got {self.prob_thd}")
         if self.area_thd is not None and not 0.0 <= self.area_thd < 1.0:
-            raise ValueError(f"Protocol.area_thd must be in [0, 1) or None, got {self.area_thd}")
+            raise ValueError(f"area_thd must be in [0, 1) or None, got {self.area_thd}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -41,12 +41,12 @@ def evaluate(clip_model, dataset: SegDataset, *, baseline: str, protocol, arm=No
              backend: str = "auto", rank: int = 0, world_size: int = 1, workers: int = 0,
              progress: bool = True, autocast: bool = True, precision: str = "auto",
              max_memory=None, crop_batch_size=None, cuda_graphs=None,
-             desc: str | None = None) -> dict:
+             desc: str | None = None, templates="openai") -> dict:
     """mIoU of `baseline` (+ `arm`) on `dataset` under `protocol`.
 
     Text: `text_embeddings` (a `TextEmbeddings`, or a ``[S, E]`` tensor with `class_index`, or
     with ``classes`` = the synonym lists it was built from), else `classes` are encoded, else
-    the dataset's class-name file. ``background`` (an `armfast.background.Background`, e.g. a
+    the dataset's class-name file, in `templates` (background words too). ``background`` (an `armfast.background.Background`, e.g. a
     preset's) is the background rule; None keeps the protocol's ``prob_thd`` onto class 0 of
     the class list. ``precision``, ``max_memory``, ``crop_batch_size`` and ``cuda_graphs`` go
     to the `Segmentor` (``autocast=False`` is ``precision="fp32"``). Returns
@@ -67,7 +67,7 @@ def evaluate(clip_model, dataset: SegDataset, *, baseline: str, protocol, arm=No
     seg = Segmentor(clip_model, text, class_index=class_index, baseline=baseline, arm=arm, vfm=vfm,
                     protocol=protocol, background=background, backend=backend,
                     precision=from_amp(autocast, precision), max_memory=max_memory,
-                    crop_batch_size=crop_batch_size, cuda_graphs=cuda_graphs)
+                    crop_batch_size=crop_batch_size, cuda_graphs=cuda_graphs, templates=templates)
     if seg.num_classes != dataset.num_classes:
         raise ValueError(f"the class names give {seg.num_classes} classes but {dataset.name} has "
                          f"{dataset.num_classes}")

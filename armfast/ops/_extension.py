@@ -8,9 +8,18 @@ The kernels never see libtorch: the wrappers here check what the kernels rely on
 head dim), allocate the outputs and pass each tensor as ``(data_ptr, sizes, strides)`` with
 strides in elements, plus, for CUDA, the device index and torch's current stream.
 
-The CUDA attention kernels pick their tiles per call from the shared memory a block may use on
-the device (large tiles on sm_80/sm_90, smaller ones on the 99 KiB of sm_86/sm_89/sm_120);
-ARMFAST_CUDA_MAX_SHARED_MEMORY (bytes) lowers that limit, e.g. to run the small tiles anywhere.
+The CUDA attention runs on tensor cores (FlashAttention-2 style, mma.sync) for float16 and
+bfloat16, and for float32 on TF32 when torch allows TF32 matmuls
+(`torch.backends.cuda.matmul.allow_tf32`, i.e. `torch.get_float32_matmul_precision() != "highest"`);
+otherwise float32 runs on exact FP32 kernels. The backward accumulates dQ with fp32 atomics unless
+`torch.are_deterministic_algorithms_enabled()`, which selects bitwise-reproducible kernels. Tiles
+are picked per call from the GPU's shared memory and SM count; ARMFAST_CUDA_MAX_SHARED_MEMORY
+(bytes) lowers the shared-memory limit, e.g. to run the small-memory tiles on any GPU.
+
+The baseline attentions (self_correlation, self_correlation_sum, gaussian_self_correlation,
+masked_affinity_attention) are forward kernels (their gradients recompute the reference math):
+flash-style tiles on the CPU, tensor cores on CUDA for float16/bfloat16 and, when torch allows
+TF32, float32 (at precision 'highest' the cuda backend refuses float32 for them).
 """
 from __future__ import annotations
 
@@ -23,7 +32,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._library import define_attention, define_patch_text_logits, empty, lse_dtype
+from ._library import (affinity_first_pass, baseline_ops, define_attention, define_patch_text_logits,
+                       empty, lse_dtype)
+from ._reference import (GAUSSIAN_SELF_CORRELATION, MASKED_AFFINITY, SELF_CORRELATION,
+                         SELF_CORRELATION_SUM)
 from ._registry import Backend
 
 CPU_DTYPES = (torch.float32, torch.float64)
@@ -190,6 +202,32 @@ def cpu_patch_text_logits_backward(dout: Tensor, x: Tensor, text: Tensor, logit_
                                  device=logit_scale.device)
 
 
+# The baseline attentions (forward only; see `_library.ForwardOnlyOp` for the contract).
+
+def cpu_self_correlation_forward(x: Tensor, v: Tensor, scale: float, out: Tensor) -> None:
+    _module("_C").self_correlation_forward(_DTYPE_NAMES[x.dtype], _arg(x), None, _arg(v), _arg(out),
+                                           scale, None, torch.get_num_threads())
+
+
+def cpu_self_correlation_sum_forward(q: Tensor, k: Tensor, v: Tensor, scale: float,
+                                     out: Tensor) -> None:
+    _module("_C").self_correlation_forward(_DTYPE_NAMES[q.dtype], _arg(q), _arg(k), _arg(v),
+                                           _arg(out), scale, None, torch.get_num_threads())
+
+
+def cpu_gaussian_self_correlation_forward(x: Tensor, v: Tensor, scale: float, grid_h: int,
+                                          grid_w: int, sigma: float, class_token: bool,
+                                          out: Tensor) -> None:
+    _module("_C").self_correlation_forward(_DTYPE_NAMES[x.dtype], _arg(x), None, _arg(v), _arg(out),
+                                           scale, (grid_h, grid_w, class_token, sigma),
+                                           torch.get_num_threads())
+
+
+def cpu_masked_affinity_forward(f: Tensor, v: Tensor, beta: float, gamma: float, out: Tensor) -> None:
+    _module("_C").masked_affinity_forward(_DTYPE_NAMES[f.dtype], _arg(f), _arg(v), _arg(out), beta,
+                                          gamma, torch.get_num_threads())
+
+
 # ---------------------------------------------------------------------------------------------
 # cuda
 # ---------------------------------------------------------------------------------------------
@@ -200,12 +238,19 @@ def _launch(t: Tensor) -> tuple[int, int]:
     return t.device.index, torch.cuda.current_stream(t.device).cuda_stream
 
 
+def _allow_tf32(dtype: torch.dtype) -> bool:
+    """float32 may run on TF32 tensor cores: torch allows TF32 for float32 matmuls."""
+    return dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+
+
 def cuda_attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, out: Tensor) -> Tensor:
+    """Writes out ([B, H, Nq, d], any strides, e.g. a view of a [B, Nq, H, d] buffer); returns lse."""
     _check("cuda", CUDA_DTYPES, q=q, k=k, v=v)
     _check_head_dim(q.shape[-1])
     lse = empty(q.shape[:3], torch.float32, q.device)
     _module("_C_cuda").attention_forward(_DTYPE_NAMES[q.dtype], _arg(q), _arg(k), _arg(v),
-                                         _arg(out), _arg(lse), float(scale), *_launch(q))
+                                         _arg(out), _arg(lse), float(scale),
+                                         _allow_tf32(q.dtype), *_launch(q))
     return lse
 
 
@@ -214,14 +259,20 @@ def cuda_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: 
     _check("cuda", CUDA_DTYPES, q=q, k=k, v=v, dout=dout, out=out)
     _check_lse(lse, q)
     _check_head_dim(q.shape[-1])
-    B, H, Nq, _ = q.shape
-    delta = empty((B, H, Nq), torch.float32, q.device)  # workspace: rowsum(dout * out)
+    module = _module("_C_cuda")
+    B, H, Nq, d = q.shape
+    tf32 = _allow_tf32(q.dtype)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    atomic_dq = not deterministic and (q.dtype != torch.float32 or tf32)
+    workspace = empty((module.attention_backward_workspace(B, H, Nq, d, atomic_dq),),
+                      torch.float32, q.device)
     dq = empty(q.shape, q.dtype, q.device)
     dk = empty(k.shape, k.dtype, k.device)
     dv = empty(v.shape, v.dtype, v.device)
-    _module("_C_cuda").attention_backward(
+    module.attention_backward(
         _DTYPE_NAMES[q.dtype], _arg(dout), _arg(q), _arg(k), _arg(v), _arg(out), _arg(lse),
-        _arg(delta), _arg(dq), _arg(dk), _arg(dv), float(scale), *_launch(q))
+        _arg(workspace), _arg(dq), _arg(dk), _arg(dv), float(scale), tf32, deterministic,
+        *_launch(q))
     return dq, dk, dv
 
 
@@ -241,7 +292,7 @@ def cuda_patch_text_logits_forward(x: Tensor, text: Tensor, logit_scale: Tensor)
     workspace = empty((module.patch_text_logits_workspace(B * N, C, E, False),), torch.float32,
                        x.device)
     module.patch_text_logits_forward(_DTYPE_NAMES[x.dtype], _arg(x), _arg(text), _arg(scale),
-                                     _arg(out), _arg(workspace), *_launch(x))
+                                     _arg(out), _arg(workspace), _allow_tf32(x.dtype), *_launch(x))
     return out
 
 
@@ -259,8 +310,48 @@ def cuda_patch_text_logits_backward(dout: Tensor, x: Tensor, text: Tensor, logit
                        x.device)
     module.patch_text_logits_backward(
         _DTYPE_NAMES[x.dtype], _arg(dout), _arg(x), _arg(text), _arg(scale), _arg(dx), _arg(dtext),
-        _arg(dscale), _arg(workspace), *_launch(x))
+        _arg(dscale), _arg(workspace), _allow_tf32(x.dtype), *_launch(x))
     return dx, dtext, dscale.to(logit_scale.dtype).reshape(logit_scale.shape)
+
+
+# The baseline attentions, forward only, on tensor cores: float32 only as TF32.
+
+def _cuda_baseline_check(op: str, **tensors: Tensor) -> None:
+    _check("cuda", CUDA_DTYPES, **tensors)
+    if next(iter(tensors.values())).dtype == torch.float32 and not _allow_tf32(torch.float32):
+        raise TypeError(f"backend 'cuda' runs {op} in float32 on TF32 tensor cores only, which torch's "
+                        f"float32 matmul precision 'highest' forbids: use float16/bfloat16, "
+                        f"torch.set_float32_matmul_precision('high'), or backend='triton'/'sdpa'")
+
+
+def _cuda_self_correlation(op, x, x2, v, out, scale, grid) -> None:
+    _cuda_baseline_check(op, x=x, v=v)
+    _check_head_dim(x.shape[-1])
+    _module("_C_cuda").self_correlation_forward(
+        _DTYPE_NAMES[x.dtype], _arg(x), None if x2 is None else _arg(x2), _arg(v), _arg(out), float(scale),
+        grid, _allow_tf32(x.dtype), *_launch(x))
+
+
+def cuda_self_correlation_forward(x: Tensor, v: Tensor, scale: float, out: Tensor) -> None:
+    _cuda_self_correlation("self_correlation", x, None, v, out, scale, None)
+
+
+def cuda_self_correlation_sum_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, out: Tensor) -> None:
+    _cuda_self_correlation("self_correlation_sum", q, k, v, out, scale, None)
+
+
+def cuda_gaussian_self_correlation_forward(x: Tensor, v: Tensor, scale: float, grid_h: int, grid_w: int,
+                                           sigma: float, class_token: bool, out: Tensor) -> None:
+    _cuda_self_correlation("gaussian_self_correlation", x, None, v, out, scale,
+                           (grid_h, grid_w, class_token, sigma))
+
+
+def cuda_masked_affinity_forward(f: Tensor, v: Tensor, beta: float, gamma: float, out: Tensor) -> None:
+    _cuda_baseline_check("masked_affinity_attention", f=f, v=v)
+    rnorm, thresh = affinity_first_pass(f, beta)
+    _module("_C_cuda").masked_affinity_forward(
+        _DTYPE_NAMES[f.dtype], _arg(f), _arg(rnorm), _arg(thresh), _arg(v), _arg(out), float(gamma),
+        _allow_tf32(f.dtype), *_launch(f))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,7 +364,11 @@ CPU_BACKEND = Backend(
                                        device_types="cpu"),
          "patch_text_logits": define_patch_text_logits(
              "cpu", cpu_patch_text_logits_forward, cpu_patch_text_logits_backward,
-             device_types="cpu")},
+             device_types="cpu"),
+         **baseline_ops("cpu", {SELF_CORRELATION: cpu_self_correlation_forward,
+                                SELF_CORRELATION_SUM: cpu_self_correlation_sum_forward,
+                                GAUSSIAN_SELF_CORRELATION: cpu_gaussian_self_correlation_forward,
+                                MASKED_AFFINITY: cpu_masked_affinity_forward}, "cpu")},
     dtypes={"cpu": CPU_DTYPES},
     runtime_check=_cpu_runtime_check,
 )
@@ -284,7 +379,11 @@ CUDA_BACKEND = Backend(
                                        device_types="cuda"),
          "patch_text_logits": define_patch_text_logits(
              "cuda", cuda_patch_text_logits_forward, cuda_patch_text_logits_backward,
-             device_types="cuda")},
+             device_types="cuda"),
+         **baseline_ops("cuda", {SELF_CORRELATION: cuda_self_correlation_forward,
+                                 SELF_CORRELATION_SUM: cuda_self_correlation_sum_forward,
+                                 GAUSSIAN_SELF_CORRELATION: cuda_gaussian_self_correlation_forward,
+                                 MASKED_AFFINITY: cuda_masked_affinity_forward}, "cuda")},
     dtypes={"cuda": CUDA_DTYPES},
     head_dims=CUDA_HEAD_DIMS,
     runtime_check=_cuda_runtime_check,

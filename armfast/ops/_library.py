@@ -38,6 +38,8 @@ def lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+NORM_EPS = 1e-12  # as in torch.nn.functional.normalize
+
 # Tests set this to fill every buffer the fused backends allocate with NaN, so that an element a
 # kernel forgets to write shows up instead of passing as left-over memory.
 POISON_ALLOCATIONS = False
@@ -243,3 +245,132 @@ def define_patch_text_logits(backend: str, forward: Callable, backward: Callable
                              device_types: str | tuple[str, ...] | None = None) -> PatchTextLogitsImpl:
     """The patch_text_logits of `backend` from its forward and backward functions."""
     return PatchTextLogitsImpl(backend, forward, backward, device_types)
+
+
+# ---------------------------------------------------------------------------------------------
+# forward-only fused ops (the baseline attentions)
+# ---------------------------------------------------------------------------------------------
+
+class ForwardOnlyOp:
+    """An op whose fused backends implement the forward only: the baselines run frozen, so their
+    gradients (rarely wanted) recompute the reference math with torch autograd instead.
+
+    ``arguments`` spells the inputs for torch.library ("Tensor x, Tensor v, float scale"): tensors
+    first, the last of them the values v ``[B,H,N,d]``, then plain parameters; every op also takes
+    a last ``bool heads_last``. The output has v's shape, dtype and device: ``[B,H,N,d]``, or
+    ``[B,N,H,d]`` with heads_last. ``math(*tensors, *params)`` is the differentiable reference,
+    ``[B,H,N,d]``.
+
+    Contract for a backend's forward: ``forward(*tensors, *params, out)`` writes the result into
+    `out`, a [B,H,N,d] view with any strides (as for attention), and returns nothing.
+    """
+
+    def __init__(self, name: str, arguments: str, math: Callable):
+        self.name, self.arguments, self.math = name, arguments, math
+        self.tensors = sum(a.split()[0] == "Tensor" for a in arguments.split(","))
+        self.schema = f"({arguments}, bool heads_last) -> Tensor"
+        self._backward_op = None
+
+    def gradients(self, dout: Tensor, *args) -> list[Tensor]:
+        """Gradients of every tensor input: the vjp of the reference math at the inputs."""
+        n = self.tensors
+        tensors, params, heads_last = args[:n], args[n:-1], args[-1]
+        _, vjp = torch.func.vjp(lambda *ts: self.math(*ts, *params), *tensors)
+        return list(vjp(_heads_first(dout, heads_last)))
+
+    @property
+    def backward_op(self):
+        """``armfast::<op>_backward``: `gradients` as a custom op, one for every backend (the
+        recomputation is the same whichever backend ran the forward)."""
+        if self._backward_op is None:
+            self._backward_op = torch.library.custom_op(
+                f"armfast::{self.name}_backward", self.gradients, mutates_args=(),
+                schema=f"(Tensor dout, {self.arguments}, bool heads_last) -> Tensor[]")
+            n = self.tensors
+            self._backward_op.register_fake(
+                lambda dout, *args: [t.new_empty(t.shape) for t in args[:n]])
+        return self._backward_op
+
+
+class ForwardOnlyImpl:
+    """One backend's forward-only op: ``impl(*args)`` in eager mode, ``impl.compiled(*args)`` under
+    torch.compile (custom op ``armfast::<op>_<backend>``, its backward `ForwardOnlyOp.backward_op`)."""
+
+    def __init__(self, op: ForwardOnlyOp, backend: str, forward: Callable, device_types):
+        self.op, self.backend, self.forward = op, backend, forward
+        self.forward_op = _forward_only_op(self, device_types)
+
+    def run_forward(self, *args) -> Tensor:
+        out, view = attention_output(args[self.op.tensors - 1], args[self.op.tensors - 1], args[-1])
+        self.forward(*args[:-1], view)
+        return out
+
+    def __call__(self, *args) -> Tensor:
+        if needs_grad(*args[:self.op.tensors]):
+            return _ForwardOnly.apply(self, *args)
+        return self.run_forward(*args)
+
+    def compiled(self, *args) -> Tensor:
+        return self.forward_op(*args)
+
+
+class _ForwardOnly(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, impl, *args):
+        n = impl.op.tensors
+        ctx.save_for_backward(*args[:n])
+        ctx.rest, ctx.op = args[n:], impl.op
+        return impl.run_forward(*args)
+
+    @staticmethod
+    def backward(ctx, dout):
+        grads = ctx.op.gradients(dout, *ctx.saved_tensors, *ctx.rest)
+        return (None, *grads, *(None for _ in ctx.rest))
+
+
+def _forward_only_op(impl: ForwardOnlyImpl, device_types):
+    op, n = impl.op, impl.op.tensors
+    forward_op = torch.library.custom_op(
+        f"armfast::{op.name}_{impl.backend}", lambda *args: impl.run_forward(*args),
+        mutates_args=(), device_types=device_types, schema=op.schema)
+
+    @forward_op.register_fake
+    def _(*args):
+        v, heads_last = args[n - 1], args[-1]
+        B, H, N, d = v.shape
+        return v.new_empty((B, N, H, d) if heads_last else (B, H, N, d))
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:n])
+        ctx.rest = inputs[n:]
+
+    def backward_rule(ctx, dout):
+        grads = op.backward_op(dout, *ctx.saved_tensors, *ctx.rest)
+        return (*grads, *(None for _ in ctx.rest))
+
+    forward_op.register_autograd(backward_rule, setup_context=setup_context)
+    return forward_op
+
+
+def define_forward_only(op: ForwardOnlyOp, backend: str, forward: Callable,
+                        device_types: str | tuple[str, ...] | None = None) -> ForwardOnlyImpl:
+    """`op` of `backend` from its fused forward (see `ForwardOnlyOp` for the contract)."""
+    return ForwardOnlyImpl(op, backend, forward, device_types)
+
+
+def baseline_ops(backend: str, forwards: dict[ForwardOnlyOp, Callable],
+                 device_types: str | tuple[str, ...] | None = None) -> dict[str, ForwardOnlyImpl]:
+    """``Backend.ops`` entries of `backend`'s fused baseline attentions, from their forwards."""
+    return {op.name: define_forward_only(op, backend, forward, device_types)
+            for op, forward in forwards.items()}
+
+
+def affinity_first_pass(f: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+    """The O(n C) first pass of masked_affinity_attention for the GPU backends: (rnorm [B, n],
+    thresh [B]) with rnorm = 1 / max(|f_i|, eps) (as F.normalize) and thresh = beta * mean(S),
+    where mean(S) over all n x n cosines is |mean_i f_i rnorm_i|^2. float32 (float64 for float64
+    features), contiguous."""
+    acc = lse_dtype(f.dtype)
+    rnorm = 1.0 / torch.linalg.vector_norm(f, dim=-1, dtype=acc).clamp_min(NORM_EPS)
+    mean = torch.bmm(rnorm.unsqueeze(1), f.to(acc)).squeeze(1) / f.shape[1]  # [B, C]
+    return rnorm.contiguous(), (beta * mean.square().sum(-1)).contiguous()

@@ -5,15 +5,16 @@ Half-precision inputs are computed in float32, float64 in float64. It materialis
 """
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
-from ._library import define_attention, define_patch_text_logits, lse_dtype
+from ._library import (NORM_EPS, ForwardOnlyOp, define_attention, define_patch_text_logits,
+                       lse_dtype, plain)
 from ._registry import ANY_DTYPE, Backend
 
-NORM_EPS = 1e-12  # as in torch.nn.functional.normalize
 
 
 def _acc(*ts: Tensor) -> tuple[Tensor, ...]:
@@ -72,10 +73,101 @@ def patch_text_logits_backward(dout: Tensor, x: Tensor, text: Tensor, logit_scal
     return dx.to(x.dtype), dt, dscale.to(logit_scale.dtype).reshape(logit_scale.shape)
 
 
+# ---------------------------------------------------------------------------------------------
+# The baseline attentions, as their official code writes them: the scores, an explicit softmax,
+# then the product with v. Also the math the fused backends' backward recomputes (`ForwardOnlyOp`).
+# ---------------------------------------------------------------------------------------------
+
+def self_correlation_math(x: Tensor, v: Tensor, scale: float) -> Tensor:
+    """ClearCLIP: ``softmax(s X X^T) V``."""
+    xa, va = _acc(x, v)
+    p = torch.softmax(torch.matmul(xa, xa.transpose(-2, -1)) * scale, dim=-1)
+    return torch.matmul(p, va).to(v.dtype)
+
+
+def self_correlation_sum_math(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """SCLIP: ``(softmax(s Q Q^T) + softmax(s K K^T)) V`` (rows of the map sum to 2)."""
+    qa, ka, va = _acc(q, k, v)
+    p = (torch.softmax(torch.matmul(qa, qa.transpose(-2, -1)) * scale, dim=-1)
+         + torch.softmax(torch.matmul(ka, ka.transpose(-2, -1)) * scale, dim=-1))
+    return torch.matmul(p, va).to(v.dtype)
+
+
+def gaussian_bias(h: int, w: int, sigma: float, class_token: bool = True, device: str = "cpu",
+                  dtype: torch.dtype = torch.float32) -> Tensor:
+    """NACLIP's neighbourhood term G ``[T, T]`` over T = h*w (+ 1) tokens: ``exp(-d^2 / (2
+    sigma^2))`` with d the distance between two patches on the row-major grid (in patches), 0 on
+    the class token's row and column. Cached, except while compiling (it is then part of the
+    graph)."""
+    build = _gaussian_bias.__wrapped__ if torch.compiler.is_compiling() else _gaussian_bias
+    return build(h, w, sigma, class_token, device, dtype)
+
+
+@functools.lru_cache(maxsize=32)
+def _gaussian_bias(h: int, w: int, sigma: float, class_token: bool, device: str,
+                   dtype: torch.dtype) -> Tensor:
+    r, c = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64),
+                          indexing="ij")
+    pos = torch.stack((r.flatten(), c.flatten()), dim=1)
+    d2 = (pos[:, None, :] - pos[None, :, :]).pow(2).sum(-1)
+    first = int(class_token)
+    g = torch.zeros(h * w + first, h * w + first, dtype=torch.float64)
+    g[first:, first:] = torch.exp(-d2 / (2 * sigma ** 2))
+    return g.to(device=device, dtype=dtype)
+
+
+def gaussian_self_correlation_math(x: Tensor, v: Tensor, scale: float, grid_h: int, grid_w: int,
+                                   sigma: float, class_token: bool) -> Tensor:
+    """NACLIP: ``softmax(s X X^T + G) V``, G of `gaussian_bias`."""
+    xa, va = _acc(x, v)
+    bias = gaussian_bias(grid_h, grid_w, sigma, class_token, str(x.device), xa.dtype)
+    p = torch.softmax(torch.matmul(xa, xa.transpose(-2, -1)) * scale + bias, dim=-1)
+    return torch.matmul(p, va).to(v.dtype)
+
+
+def masked_affinity_math(f: Tensor, v: Tensor, beta: float, gamma: float) -> Tensor:
+    """ProxyCLIP: ``softmax(gamma (S - beta mean(S)))`` of the cosine affinities S of f
+    ``[B, n, C]``, entries below 0 masked but the diagonal kept, applied to every head of v
+    ``[B, H, n, d]``. mean(S) is per image (ProxyCLIP runs one crop at a time)."""
+    fa, va = _acc(f, v)
+    fn = torch.nn.functional.normalize(fa, dim=-1, eps=NORM_EPS)
+    s = torch.matmul(fn, fn.transpose(-2, -1))
+    a = gamma * (s - beta * s.mean(dim=(1, 2), keepdim=True))
+    eye = torch.eye(a.shape[-1], dtype=torch.bool, device=a.device)
+    p = a.masked_fill((a < 0) & ~eye, float("-inf")).softmax(-1)
+    # one product with every head's values side by side ([n, H*d]); a broadcast p @ v per head
+    # would first copy p once per head
+    B, H, n, d = v.shape
+    out = torch.matmul(p, va.transpose(1, 2).reshape(B, n, H * d))
+    return out.view(B, n, H, d).transpose(1, 2).to(v.dtype)
+
+
+SELF_CORRELATION = ForwardOnlyOp("self_correlation", "Tensor x, Tensor v, float scale",
+                                 self_correlation_math)
+SELF_CORRELATION_SUM = ForwardOnlyOp("self_correlation_sum", "Tensor q, Tensor k, Tensor v, float scale",
+                                     self_correlation_sum_math)
+GAUSSIAN_SELF_CORRELATION = ForwardOnlyOp(
+    "gaussian_self_correlation",
+    "Tensor x, Tensor v, float scale, int grid_h, int grid_w, float sigma, bool class_token",
+    gaussian_self_correlation_math)
+MASKED_AFFINITY = ForwardOnlyOp("masked_affinity_attention", "Tensor f, Tensor v, float beta, float gamma",
+                                masked_affinity_math)
+BASELINE_OPS = (SELF_CORRELATION, SELF_CORRELATION_SUM, GAUSSIAN_SELF_CORRELATION, MASKED_AFFINITY)
+
+
+def _reference_op(op: ForwardOnlyOp) -> Callable:
+    """The reference backend's op: the math itself (torch autograd), in the requested layout."""
+    def run(*args):
+        out = op.math(*args[:-1])
+        return out.transpose(1, 2) if args[-1] else out
+    return plain(run)
+
+
 BACKEND = Backend(
     name="reference",
     ops={"attention": define_attention("reference", attention_forward, attention_backward),
          "patch_text_logits": define_patch_text_logits(
-             "reference", patch_text_logits_forward, patch_text_logits_backward)},
+             "reference", patch_text_logits_forward, patch_text_logits_backward),
+         **{op.name: _reference_op(op) for op in BASELINE_OPS}},
     dtypes={device: ANY_DTYPE for device in ("cpu", "cuda", "mps", "xpu")},
 )

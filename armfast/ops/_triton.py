@@ -27,7 +27,10 @@ try:  # Hopper's TMA tensor descriptors, as Triton >= 3.4 offers them from the h
 except ImportError:
     TensorDescriptor = None
 
-from ._library import define_attention, define_patch_text_logits, empty, lse_dtype
+from ._library import (affinity_first_pass, baseline_ops, define_attention,
+                       define_patch_text_logits, empty, lse_dtype)
+from ._reference import (GAUSSIAN_SELF_CORRELATION, MASKED_AFFINITY, SELF_CORRELATION,
+                         SELF_CORRELATION_SUM)
 from ._registry import Backend
 
 MAX_HEAD_DIM = 128
@@ -44,10 +47,13 @@ TMA_MIN_ROWS = 1 << 16
 @functools.cache
 def _kernels() -> SimpleNamespace:
     """The kernel modules and their tuners, made at the first launch (see the module docstring)."""
-    from armfast.kernels import _common, _tuning, attention, patch_text_logits as logits
+    from armfast.kernels import _common, _tuning, attention, baseline_attention as baselines
+    from armfast.kernels import patch_text_logits as logits
     tuner = _tuning.Tuner
     return SimpleNamespace(
-        common=_common, tuning=_tuning, attention=attention, logits=logits,
+        common=_common, tuning=_tuning, attention=attention, logits=logits, baselines=baselines,
+        self_corr_fwd=tuner("self_corr_fwd", baselines.self_corr_fwd),
+        masked_affinity_fwd=tuner("masked_affinity_fwd", baselines.masked_affinity_fwd),
         attn_fwd=tuner("attn_fwd", attention.attn_fwd),
         attn_bwd=tuner("attn_bwd", attention.attn_bwd_preprocess, attention.attn_bwd),
         attn_bwd_dq=tuner("attn_bwd_dq", attention.attn_bwd_dq),
@@ -429,12 +435,110 @@ def patch_text_logits_backward(dout: Tensor, x: Tensor, text: Tensor, logit_scal
     return dx, dtext, dscale.to(logit_scale.dtype).reshape(logit_scale.shape)
 
 
+# ---------------------------------------------------------------------------------------------
+# the baseline attentions, forward only (see `_library.ForwardOnlyOp` for the contract); a 2-D
+# grid (batch * heads or batch * value blocks, query tiles)
+# ---------------------------------------------------------------------------------------------
+
+SELF_CORRELATION_WHAT = "triton self-correlation of x {}"
+AFFINITY_WHAT = "triton masked affinity attention of f {} and v {}"
+
+
+def _grid_2d(units: int, length: int, block: int, what: str, *tensors: Tensor) -> tuple[int, int]:
+    tiles = (length + block - 1) // block
+    if units > MAX_PROGRAMS or tiles > 65535:
+        raise ValueError(f"{what.format(*(tuple(t.shape) for t in tensors))} needs a launch grid "
+                         f"of {units} x {tiles} programs, expected at most {MAX_PROGRAMS} x 65535 "
+                         "(CUDA's limits)")
+    return units, tiles
+
+
+def _launch_self_corr(x, y, v, out, scale, bias_coef, grid_w, first, launch, warmup=False):
+    B, H, N, _ = x.shape
+    _kernels().baselines.self_corr_fwd.run(
+        x, y, v, out, scale, bias_coef, *x.stride(), *y.stride(), *v.stride(), *out.stride(),
+        H, N, grid_w, first,
+        grid=_grid_2d(B * H, N, launch["BLOCK_M"], SELF_CORRELATION_WHAT, x), warmup=warmup,
+        **launch.kwargs)
+
+
+def _self_correlation(x: Tensor, x2: Tensor | None, v: Tensor, out: Tensor, scale: float,
+                      grid: tuple[int, bool, float] | None) -> None:
+    """softmax(s x x^T [+ G]) v, or with x2 SCLIP's sum; grid = (width, class_token, sigma)."""
+    ks = _kernels()
+    B, H, N, d = x.shape
+    grid_w, class_token, sigma = grid or (1, False, 1.0)
+    bias_coef = -ks.baselines.LOG2E.value / (2.0 * sigma * sigma)
+    y = x if x2 is None else x2
+    precision = ks.common.dot_precision(x.dtype)
+    dual, bias = x2 is not None, grid is not None
+    key = (x.dtype, d, ks.tuning.bucket(N), ks.tuning.bucket(B * H, 1, 1024), precision, dual, bias,
+           x.get_device())
+    launch = ks.self_corr_fwd.best.get(key)
+    run = functools.partial(_launch_self_corr, x, y, v, out, scale, bias_coef, grid_w, int(class_token))
+    with _on_device(x):
+        if launch is None:
+            constexprs = {**attention_constexprs(x, precision), "DUAL": dual, "BIAS": bias}
+            launch = _tune(ks.self_corr_fwd, key, constexprs, ks.baselines.self_corr_configs,
+                           (_kind(x.dtype, precision),), ks.baselines.INTERPRET_SELF_CORR, x.device,
+                           run)
+        run(launch)
+
+
+def self_correlation_forward(x: Tensor, v: Tensor, scale: float, out: Tensor) -> None:
+    _self_correlation(x, None, v, out, scale, None)
+
+
+def self_correlation_sum_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, out: Tensor) -> None:
+    _self_correlation(q, k, v, out, scale, None)
+
+
+def gaussian_self_correlation_forward(x: Tensor, v: Tensor, scale: float, grid_h: int, grid_w: int,
+                                      sigma: float, class_token: bool, out: Tensor) -> None:
+    _self_correlation(x, None, v, out, scale, (grid_w, class_token, sigma))
+
+
+def _launch_affinity(f, rnorm, thresh, v, out, gamma, launch, warmup=False):
+    B, n, C = f.shape
+    H, d = v.shape[1], v.shape[3]
+    value_blocks = triton.cdiv(H * d, launch["BLOCK_DV"])
+    _kernels().baselines.masked_affinity_fwd.run(
+        f, rnorm, thresh, v, out, gamma,
+        *f.stride(), *rnorm.stride(), *v.stride(), *out.stride(), n, C, H,
+        grid=_grid_2d(B * value_blocks, n, launch["BLOCK_M"], AFFINITY_WHAT, f, v), warmup=warmup,
+        **launch.kwargs)
+
+
+def masked_affinity_forward(f: Tensor, v: Tensor, beta: float, gamma: float, out: Tensor) -> None:
+    ks = _kernels()
+    B, n, C = f.shape
+    H, d = v.shape[1], v.shape[3]
+    rnorm, thresh = affinity_first_pass(f, beta)
+    precision = ks.common.dot_precision(f.dtype)
+    key = (f.dtype, d, H, C, ks.tuning.bucket(n), ks.tuning.bucket(B, 1, 1024), precision,
+           f.get_device())
+    launch = ks.masked_affinity_fwd.best.get(key)
+    run = functools.partial(_launch_affinity, f, rnorm, thresh, v, out, gamma)
+    with _on_device(f):
+        if launch is None:
+            constexprs = {"HEAD_DIM": d, "ACC_DTYPE": ks.common.acc_dtype(f.dtype),
+                          "DOT_PRECISION": precision}
+            launch = _tune(ks.masked_affinity_fwd, key, constexprs, ks.baselines.affinity_configs,
+                           (_kind(f.dtype, precision),), ks.baselines.INTERPRET_AFFINITY, f.device,
+                           run)
+        run(launch)
+
+
 # The CPU entries run only under TRITON_INTERPRET=1; `runtime_check` says so otherwise.
 BACKEND = Backend(
     name="triton",
     ops={"attention": define_attention("triton", attention_forward, attention_backward),
          "patch_text_logits": define_patch_text_logits(
-             "triton", patch_text_logits_forward, patch_text_logits_backward)},
+             "triton", patch_text_logits_forward, patch_text_logits_backward),
+         **baseline_ops("triton", {SELF_CORRELATION: self_correlation_forward,
+                                   SELF_CORRELATION_SUM: self_correlation_sum_forward,
+                                   GAUSSIAN_SELF_CORRELATION: gaussian_self_correlation_forward,
+                                   MASKED_AFFINITY: masked_affinity_forward})},
     dtypes={"cuda": (torch.float16, torch.bfloat16, torch.float32),
             "cpu": (torch.float32, torch.float64)},
     head_dims=range(1, MAX_HEAD_DIM + 1),

@@ -52,8 +52,13 @@ def attention_args(q, k, v, scale) -> float:
     """Validates `attention` inputs; returns the softmax scale to use."""
     if not _plain_attention_inputs(q, k, v):
         _explain_attention_inputs(q, k, v)
+    return softmax_scale(scale, q.shape[-1])
+
+
+def softmax_scale(scale, d: int) -> float:
+    """The softmax scale: `scale` checked, or ``d ** -0.5`` for None."""
     if scale is None:
-        return q.shape[-1] ** -0.5
+        return d ** -0.5
     if type(scale) is float and 0 < scale < math.inf:
         return scale
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
@@ -137,3 +142,79 @@ def patch_text_logits_args(x, text, logit_scale) -> torch.Tensor:
         raise ValueError(f"logit_scale must be finite, got {logit_scale}")
     # a fill kernel, not torch.tensor's copy from host memory: no wait, and CUDA-graph capturable
     return torch.full((), float(logit_scale), dtype=torch.float32, device=x.device)
+
+
+# ---- the baseline attentions -----------------------------------------------------------------
+
+def _plain_same_shape(tensors) -> bool:
+    """The common case of the self-correlation ops, in about a microsecond: dense floating 4-D
+    tensors of one shape, dtype and device, no empty dimension."""
+    first = tensors[0]
+    if type(first) is not Tensor or first.dim() != 4 or 0 in first.shape:
+        return False
+    shape, dtype, device = first.shape, first.dtype, first.device
+    return dtype in _FLOATS and all(
+        type(t) is Tensor and t.shape == shape and t.dtype == dtype and t.device == device
+        and t.layout is _strided for t in tensors)
+
+
+def same_shape_heads(names: tuple[str, ...], tensors: tuple) -> None:
+    """Checks tensors that must all be ``[B, H, N, d]`` of one shape (q, k, v of SCLIP...)."""
+    if _plain_same_shape(tensors):
+        return
+    for name, t in zip(names, tensors):
+        check_tensor(name, t, 4, "[B, H, N, d]")
+    check_same(names, tensors)
+    for name, t in zip(names[1:], tensors[1:]):
+        if t.shape != tensors[0].shape:
+            raise ValueError(f"{name} must have the shape of {names[0]} [B, H, N, d] = "
+                             f"{tuple(tensors[0].shape)}, got {tuple(t.shape)}")
+
+
+def _positive(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
+    return float(value)
+
+
+def _finite(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return float(value)
+
+
+def grid_args(grid, sigma, class_token, tokens: int) -> tuple[int, int, float, bool]:
+    """NACLIP's grid arguments for `tokens` tokens: (h, w, sigma, class_token), checked."""
+    if not isinstance(class_token, bool):
+        raise TypeError(f"class_token must be a bool, got {type(class_token).__name__}")
+    if (not isinstance(grid, (tuple, list)) or len(grid) != 2
+            or not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in grid)):
+        raise TypeError(f"grid must be a pair of ints (h, w), got {grid!r}")
+    h, w = int(grid[0]), int(grid[1])
+    if h < 1 or w < 1:
+        raise ValueError(f"grid must be positive (h, w), got {(h, w)}")
+    if h * w + class_token != tokens:
+        cls = " plus the class token" if class_token else ""
+        raise ValueError(f"grid {(h, w)} has {h * w} patches{cls}, {h * w + class_token} tokens, "
+                         f"but x has N={tokens} tokens")
+    return h, w, _positive("sigma", sigma), class_token
+
+
+def affinity_args(f, v, beta, gamma) -> tuple[float, float]:
+    """Validates `masked_affinity_attention` inputs; returns (beta, gamma)."""
+    if not (type(f) is Tensor and type(v) is Tensor and f.dim() == 3 and v.dim() == 4
+            and f.shape[0] == v.shape[0] and f.shape[1] == v.shape[2]
+            and 0 not in f.shape and 0 not in v.shape and f.dtype in _FLOATS
+            and f.dtype == v.dtype and f.device == v.device
+            and f.layout is _strided and v.layout is _strided):
+        check_tensor("f", f, 3, "[B, n, C]")
+        check_tensor("v", v, 4, "[B, H, n, d]")
+        check_same(("f", "v"), (f, v))
+        if v.shape[0] != f.shape[0] or v.shape[2] != f.shape[1]:
+            raise ValueError(f"v must be [B, H, n, d] with f's B={f.shape[0]} and n={f.shape[1]}, "
+                             f"got {tuple(v.shape)}")
+    return _finite("beta", beta), _positive("gamma", gamma)

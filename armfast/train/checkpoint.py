@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import re
 from pathlib import Path
@@ -27,6 +26,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 from torch import Tensor
+
+from .._files import atomic_write_bytes
 
 FORMAT = "armfast-train-checkpoint"
 VERSION = 1
@@ -122,30 +123,6 @@ def _digest(tensors: dict[str, Tensor]) -> str:
 
 
 # ---- save / load --------------------------------------------------------------------------
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same directory, fsync it, rename over `path`, fsync
-    the directory: a reader sees the old file or the new one, never a partial one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:  # some platforms cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(path: str | Path, *, step: int, arm: dict[str, Tensor], optimizer: dict,
                     scheduler: dict, rng: bool = True, extra: dict | None = None) -> Path:
     """Write a checkpoint atomically. `arm`/`optimizer`/`scheduler` are state dicts."""

@@ -67,12 +67,16 @@ def barrier(info: DistInfo) -> None:
             dist.barrier()
 
 
-def all_reduce_mean(value: float, info: DistInfo) -> float:
+def all_reduce_sum(value: float, info: DistInfo) -> float:
     if not info.distributed:
         return value
     t = torch.tensor([value], dtype=torch.float64, device=info.device)
     dist.all_reduce(t)
-    return float(t.item()) / info.world_size
+    return float(t.item())
+
+
+def all_reduce_mean(value: float, info: DistInfo) -> float:
+    return all_reduce_sum(value, info) / info.world_size
 
 
 def cleanup(info: DistInfo) -> None:

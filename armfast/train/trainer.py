@@ -4,7 +4,13 @@ One optimizer step = ``accum`` micro-batches of ``batch_size`` crops per process
 is drawn per step from ``baselines`` (same on every rank); CLIP features are extracted under
 ``torch.no_grad``; only the ARM (wrapped with its logits head in DDP) receives gradients.
 Data order, augmentation and baseline choice are functions of (seed, step), so a run resumed
-from a checkpoint continues exactly as if it had never stopped.
+from a checkpoint continues exactly as if it had never stopped (its log is cut back to the
+checkpoint's step, and temporaries of a killed write are removed).
+
+Before CLIP is loaded, everything that can be wrong is checked (`Trainer._preflight`): the
+output folder, the checkpoint to resume and the settings it fixes, the crop against the patch
+size, class names, datasets, the validation protocol, and every training mask's labels
+(`armfast.train.labels`).
 """
 from __future__ import annotations
 
@@ -26,12 +32,19 @@ from torch.utils.data import DataLoader
 from ..arm import ARM, ARMConfig
 from ..data import IGNORE_INDEX, TrainAugment, build_dataset, flatten_class_names, load_class_names
 from ..precision import autocast_dtype, describe, from_amp
+from .._files import atomic_write_text, ensure_writable_dir, remove_stale_temporaries
+from ..arm_folder import save_arm_folder
 from .checkpoint import (checkpoint_name, latest_checkpoint, load_checkpoint, prune_checkpoints,
                          restore_rng_state, save_checkpoint)
-from .config import RESUME_KEYS, TrainConfig
+from .config import RESUME_KEYS, TrainConfig, flag
 from .data import AugmentedDataset, ResumableBatchSampler, baseline_for_step
-from .distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed
+from .distributed import (DistInfo, all_reduce_mean, all_reduce_sum, barrier, cleanup,
+                          init_distributed)
+from .labels import describe_failures, fingerprint, load_record, save_record, scan_labels
 from .schedule import build_scheduler, load_scheduler_state, scheduler_state
+
+
+ARM_FOLDER = "arm"  # OUT/arm: the trained ARM, what --arm takes
 
 
 class ARMHead(nn.Module):
@@ -144,23 +157,21 @@ class Trainer:
         self.amp = self.autocast_dtype is not None
         self.data_wait = 0.0  # seconds spent waiting for the loader since the last log line
 
+        # what can be wrong with the settings, the files and the labels is found here, before
+        # CLIP is loaded and before step 1
+        resume = self._preflight(model)
+
         if model is None:
-            if cfg.pretrained is None and ":" not in cfg.model and info.is_main:
-                warnings.warn("no CLIP weights given (--pretrained/--clip-weights): CLIP is randomly "
-                              "initialised, which only makes sense for tests", stacklevel=2)
-            model = load_clip(cfg.model, cfg.pretrained, device=self.device)
+            model = load_clip(cfg.model, cfg.pretrained, device=self.device,
+                              quick_gelu=cfg.quick_gelu)
         self.clip = model.to(self.device).eval().requires_grad_(False)
         self.patch = patch_size(self.clip)
         mean, std = image_stats(self.clip)
-
         if cfg.crop % self.patch[0] or cfg.crop % self.patch[1]:
-            raise ValueError(f"crop ({cfg.crop}) must be a multiple of the patch size {self.patch}")
-        self.trainset = self._dataset("train")
+            raise ValueError(f"--crop must be a multiple of the patch size {self.patch}, got {cfg.crop}")
         self.augment = TrainAugment(cfg.crop, cfg.base_short, cfg.scale_range, cfg.flip_prob,
                                     mean=mean, std=std)
-        self.valset = self._val_dataset()
 
-        self.classes = load_class_names(cfg.class_file if cfg.is_folder else cfg.dataset)
         names, query_class = flatten_class_names(self.classes)
         self.query_class = torch.tensor(query_class, dtype=torch.long, device=self.device)
         self.text = self._text_embeddings(names, text_embeddings)
@@ -173,18 +184,76 @@ class Trainer:
                                          min_ratio=cfg.min_lr_ratio)
         self.step = 0
         self.last_checkpoint: Path | None = None
-        if cfg.resume:
-            self._resume(cfg.resume)
+        if resume is not None:
+            self._restore(*resume)
         self.model = (DistributedDataParallel(self.head, device_ids=[info.local_rank]
                                               if self.device.type == "cuda" else None)
                       if info.distributed else self.head)
 
     # ---- setup helpers -------------------------------------------------------------------
+    def _preflight(self, model) -> tuple[Path, dict] | None:
+        """Output folder, checkpoint to resume (read and verified), crop, class names,
+        datasets and labels; returns (path, checkpoint) when resuming."""
+        from ..preflight import check_crop, clip_geometry
+
+        cfg, info = self.cfg, self.info
+        if info.is_main:
+            ensure_writable_dir(self.out, "--out")
+            for folder in (self.out, self.ckpt_dir, self.out / ARM_FOLDER):
+                remove_stale_temporaries(folder)  # left by a kill during an atomic write
+            if cfg.warmup > cfg.steps:
+                warnings.warn(f"--warmup {cfg.warmup} is longer than --steps {cfg.steps}: the "
+                              f"learning rate stops at {cfg.steps / cfg.warmup:.2g} x --lr and "
+                              f"never decays", stacklevel=3)
+            if model is None and cfg.pretrained is None and ":" not in cfg.model:
+                warnings.warn("no CLIP weights (--pretrained none): CLIP is randomly "
+                              "initialised, which only makes sense for tests", stacklevel=3)
+        resume = self._read_resume() if cfg.resume else None
+        if not cfg.resume and (found := latest_checkpoint(self.ckpt_dir)) is not None:
+            raise ValueError(f"--out {self.out} already holds checkpoints of a run (the latest is "
+                             f"{found.name}): continue it with --resume, or train into a new --out")
+        check_crop(cfg.crop, None if model is not None else clip_geometry(cfg.model))
+        self.classes = load_class_names(cfg.class_file if cfg.is_folder else cfg.dataset)
+        self.trainset = self._dataset("train")
+        per_step = cfg.batch_size * info.world_size
+        if len(self.trainset) < per_step:
+            raise ValueError(f"--batch-size {cfg.batch_size} x {info.world_size} process(es) needs "
+                             f"at least {per_step} training images; the training set has "
+                             f"{len(self.trainset)}")
+        self.valset = self._val_dataset()
+        if self.valset is not None:
+            self._val_protocol()  # a protocol that makes no sense fails now, not at the first check
+        if cfg.check_labels:
+            self._check_labels()
+        return resume
+
+    def _check_labels(self) -> None:
+        cfg, info = self.cfg, self.info
+        digest = fingerprint(self.trainset)
+        if load_record(self.out).get("fingerprint") == digest:
+            return  # this run (or its earlier part) read these very masks
+        start = time.perf_counter()
+        scan = scan_labels(self.trainset, workers=cfg.workers, rank=info.rank,
+                           world_size=info.world_size, progress=cfg.progress and info.is_main)
+        failures = int(all_reduce_sum(scan.failures, info))
+        if failures:
+            raise ValueError(describe_failures(self.trainset, scan, failures))
+        if info.is_main:
+            save_record(self.out, self.trainset, digest)
+            print(f"armfast train: labels of the {len(self.trainset)} training masks checked "
+                  f"({time.perf_counter() - start:.0f} s; --no-label-check skips this)", flush=True)
+
     def _text_embeddings(self, names: list[str], given: Tensor | None) -> Tensor:
         if given is None:
             from ..clip import encode_names
+            from ..clip.text import resolve_templates
 
-            given = encode_names(self.clip, names)
+            cfg, main = self.cfg, self.info.is_main
+            n_templates = len(resolve_templates(cfg.templates))
+            if main:
+                print(f"armfast train: encoding {len(names)} class names x {n_templates} "
+                      f"templates ({len(names) * n_templates} prompts)", flush=True)
+            given = encode_names(self.clip, names, cfg.templates, progress=cfg.progress and main)
         if not isinstance(given, Tensor) or given.dim() != 2 or given.shape[0] != len(names):
             got = tuple(given.shape) if isinstance(given, Tensor) else type(given).__name__
             raise ValueError(f"text_embeddings must be [{len(names)}, E] (one row per synonym of "
@@ -199,7 +268,7 @@ class Trainer:
 
         images, masks = (cfg.images, cfg.masks) if split == "train" else (cfg.val_images, cfg.val_masks)
         if images is None:
-            raise ValueError("no validation folders (val_images / val_masks) for dataset 'folder'")
+            raise ValueError("no validation folders (--val-images / --val-masks) for --dataset folder")
         return FolderDataset(images, masks, cfg.class_file, reduce_zero_label=cfg.reduce_zero_label,
                              limit=limit)
 
@@ -214,22 +283,27 @@ class Trainer:
                 warnings.warn(f"periodic validation disabled: {exc}", stacklevel=2)
             return None
 
-    def _resume(self, resume: str) -> None:
+    def _read_resume(self) -> tuple[Path, dict] | None:
+        """The checkpoint to resume from, verified, and the settings it fixes compared."""
+        resume = self.cfg.resume
         path = Path(resume)
         if resume == "latest":
             path = latest_checkpoint(self.ckpt_dir)
             if path is None:
                 if self.info.is_main:
                     print(f"armfast train: no checkpoint in {self.ckpt_dir}; starting from step 0")
-                return
+                return None
         ckpt = load_checkpoint(path)
         saved = ckpt["extra"].get("config", {})
         current = self.cfg.to_dict()
         changed = [k for k in RESUME_KEYS if k in saved and saved[k] != current[k]]
         if changed:
-            diffs = ", ".join(f"{k}: {saved[k]!r} -> {current[k]!r}" for k in changed)
+            diffs = ", ".join(f"{flag(k)} {saved[k]!r} -> {current[k]!r}" for k in changed)
             raise ValueError(f"cannot resume from {path}: the run changed {diffs}; these fix the "
                              f"data order and schedule (start a new --out to change them)")
+        return path, ckpt
+
+    def _restore(self, path: Path, ckpt: dict) -> None:
         missing, unexpected = self.arm.load_state_dict(ckpt["arm"], strict=False)
         if missing or unexpected:
             raise ValueError(f"checkpoint {path} does not fit this ARM: missing {missing}, "
@@ -241,7 +315,26 @@ class Trainer:
         self.step = int(ckpt["step"])
         self.last_checkpoint = path
         if self.info.is_main:
+            self._truncate_log(self.step)
             print(f"armfast train: resumed from {path} at step {self.step}")
+
+    def _truncate_log(self, step: int) -> None:
+        """Drop log records past `step` (written after the checkpoint, before a kill) and a
+        torn last line: the resumed run writes those steps again."""
+        log = self.out / "log.jsonl"
+        if not log.is_file():
+            return
+        lines = log.read_text().splitlines()
+        keep = []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and record.get("step", 0) <= step:
+                keep.append(line)
+        if len(keep) != len(lines):
+            atomic_write_text(log, "".join(f"{line}\n" for line in keep))
 
     # ---- the loop ------------------------------------------------------------------------
     def loader(self) -> DataLoader:
@@ -351,8 +444,10 @@ class Trainer:
         result.step = self.step
         if self.step >= cfg.steps:  # the loop's last step wrote a checkpoint (or resume found one)
             if info.is_main:
-                result.arm_dir = self.out / "arm"
-                self.arm.save_pretrained(result.arm_dir)
+                result.arm_dir = save_arm_folder(self.arm, self.out / ARM_FOLDER, training={
+                    "dataset": cfg.dataset, "steps": self.step, "baselines": ", ".join(cfg.baselines),
+                    "CLIP": f"{cfg.model}, weights {cfg.pretrained or 'random'}",
+                    "templates": cfg.templates, "run folder": str(self.out)})
                 print(f"armfast train: done at step {self.step}; ARM saved to {result.arm_dir}")
         elif info.is_main:
             print(f"armfast train: stopped at step {self.step} of {cfg.steps}; continue with --resume")
@@ -360,24 +455,29 @@ class Trainer:
         return result
 
     # ---- validation / checkpoints / logs -------------------------------------------------
-    def validate(self) -> dict:
+    def _val_protocol(self):
+        """(baseline, protocol) of the periodic validation."""
         from dataclasses import replace
 
         from ..eval.protocols import base_protocol, get_protocol
+
+        cfg = self.cfg
+        baseline = cfg.val_baseline or cfg.baselines[0]
+        if cfg.is_folder:  # no published protocol: the baseline's own defaults
+            return baseline, replace(base_protocol(baseline), **(cfg.val_protocol or {}))
+        return baseline, get_protocol(baseline, cfg.dataset, **(cfg.val_protocol or {}))
+
+    def validate(self) -> dict:
         from ..eval.runner import evaluate
 
         cfg, info = self.cfg, self.info
-        baseline = cfg.val_baseline or cfg.baselines[0]
-        if cfg.is_folder:  # no published protocol: the baseline's own defaults
-            protocol = replace(base_protocol(baseline), **(cfg.val_protocol or {}))
-        else:
-            protocol = get_protocol(baseline, cfg.dataset, **(cfg.val_protocol or {}))
+        baseline, protocol = self._val_protocol()
         self.arm.eval()
         result = evaluate(self.clip, self.valset, baseline=baseline, protocol=protocol,
                           arm=self.arm,
                           text_embeddings=self.text, classes=self.classes, backend=cfg.backend,
                           rank=info.rank, world_size=info.world_size, progress=False,
-                          precision=from_amp(cfg.amp, cfg.precision))
+                          precision=from_amp(cfg.amp, cfg.precision), templates=cfg.templates)
         self.arm.train()
         self._log({"step": self.step, "val_miou": result["miou"], "val_baseline": baseline,
                    "val_images": len(self.valset)})
@@ -412,4 +512,5 @@ class Trainer:
         print(f"  ARM {n_params / 1e6:.2f} M params {self.arm.config.to_dict()}")
         print(f"  {info.world_size} process(es) on {self.device.type}, batch {cfg.batch_size} x "
               f"accum {cfg.accum} x world {info.world_size}, {cfg.steps} steps, lr {cfg.lr}, "
-              f"{describe(self.autocast_dtype)}, backend {cfg.backend}, data workers {cfg.workers}")
+              f"{describe(self.autocast_dtype)}, backend {cfg.backend}, templates {cfg.templates}, "
+              f"data workers {cfg.workers}")

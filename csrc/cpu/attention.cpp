@@ -19,55 +19,13 @@
 #include "kernels.h"
 #include "parallel.h"
 #include "simd.h"
+#include "tiles.h"
 
 namespace armfast::cpu {
 namespace {
 
 constexpr int64_t kBlockQ = 64;  // query rows per tile (a multiple of every Isa::R)
 constexpr int64_t kBlockK = 64;  // keys per tile (a multiple of every vector width)
-
-// One (batch, head) slice [N, d] of a strided [B, H, N, d] tensor.
-template <typename T>
-struct Slice {
-  const T* p;
-  int64_t sn, sd;
-  ARMFAST_INLINE T at(int64_t n, int64_t c) const { return p[n * sn + c * sd]; }
-};
-
-template <typename T>
-Slice<T> slice(Strided<const T> t, int64_t b, int64_t h) {
-  return {t.data + b * t.stride[0] + h * t.stride[1], t.stride[2], t.stride[3]};
-}
-
-// dst[i, c] = scale * src[n0 + i, c] for i < n, 0 for n <= i < rows; columns d..ld are zeroed.
-template <typename T>
-ARMFAST_INLINE void copy_rows(T* dst, int64_t ld, Slice<T> src, int64_t n0, int64_t n, int64_t rows,
-                              int64_t d, T scale) {
-  for (int64_t i = 0; i < rows; ++i) {
-    T* out = dst + i * ld;
-    if (i < n) {
-      const T* in = src.p + (n0 + i) * src.sn;
-      if (src.sd == 1) {
-#pragma omp simd
-        for (int64_t c = 0; c < d; ++c) out[c] = in[c] * scale;
-      } else {
-        for (int64_t c = 0; c < d; ++c) out[c] = in[c * src.sd] * scale;
-      }
-    } else {
-      std::fill(out, out + d, T(0));
-    }
-    std::fill(out + d, out + ld, T(0));
-  }
-}
-
-// dst[c, i] = scale * src[n0 + i, c] for i < n, 0 for n <= i < cols.
-template <typename T>
-ARMFAST_INLINE void copy_transposed(T* dst, int64_t ld, Slice<T> src, int64_t n0, int64_t n,
-                                    int64_t cols, int64_t d, T scale) {
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t c = 0; c < d; ++c) dst[c * ld + i] = src.at(n0 + i, c) * scale;
-  for (int64_t c = 0; c < d; ++c) std::fill(dst + c * ld + n, dst + c * ld + cols, T(0));
-}
 
 template <typename T>
 struct Problem {
@@ -109,21 +67,7 @@ struct ForwardTile {
       copy_rows(vs, dp, vh, k0, nk, nk, d, T(1));
       gemm<T, Isa>(rows, cols, d, qs, d, kt, kBlockK, sc, kBlockK, false);
       for (int64_t i = 0; i < nq; ++i) {
-        T* srow = sc + i * kBlockK;
-        T m = mrow[i];
-#pragma omp simd reduction(max : m)
-        for (int64_t j = 0; j < nk; ++j) m = srow[j] > m ? srow[j] : m;
-        const T alpha = fast_exp(mrow[i] - m);  // 0 on the first tile (m_old = -inf)
-        T sum = 0;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < nk; ++j) {
-          const T p = fast_exp(srow[j] - m);
-          srow[j] = p;
-          sum += p;
-        }
-        std::fill(srow + nk, srow + cols, T(0));
-        lrow[i] = lrow[i] * alpha + sum;
-        mrow[i] = m;
+        const T alpha = online_softmax_row(sc + i * kBlockK, nk, cols, mrow[i], lrow[i]);
         T* orow = acc + i * dp;
 #pragma omp simd
         for (int64_t c = 0; c < dp; ++c) orow[c] *= alpha;
@@ -270,23 +214,6 @@ struct BackwardQTile {
   }
 };
 
-// Runs `tile(P, bh, tile_index * block, workspace)` for every (batch*head, tile) on up to
-// `threads` OpenMP threads, each with its own workspace of `ws_elems` elements.
-template <typename T>
-void run_tiles(void (*tile)(const Problem<T>*, int64_t, int64_t, T*), const Problem<T>& P,
-               int64_t n, int64_t block, int64_t ws_elems, int threads) {
-  const int64_t ntiles = (n + block - 1) / block, tasks = P.s.B * P.s.H * ntiles;
-  const int nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, tasks)));
-  const int64_t stride = round_up(ws_elems, 64);  // keeps each thread's buffer on its own lines
-  std::vector<T> ws(static_cast<size_t>(stride * nthreads));
-#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
-  {
-    T* w = ws.data() + stride * omp_get_thread_num();
-#pragma omp for schedule(dynamic)
-    for (int64_t t = 0; t < tasks; ++t) tile(&P, t / ntiles, (t % ntiles) * block, w);
-  }
-}
-
 double attention_flops(const AttentionShape& s) {
   return 4.0 * static_cast<double>(s.B * s.H) * static_cast<double>(s.Nq) *
          static_cast<double>(s.Nk) * static_cast<double>(s.d);
@@ -304,7 +231,7 @@ void attention_forward(const AttentionShape& s, Strided<const T> q, Strided<cons
   P.scale = static_cast<T>(scale);
   P.dp = round_up(s.d, kMaxLanes<T>);
   auto tile = isa_kernel<ForwardTile, const Problem<T>*, int64_t, int64_t, T*>();
-  run_tiles<T>(tile, P, s.Nq, kBlockQ, forward_workspace(s.d, P.dp),
+  run_tiles(tile, P, s.B * s.H, s.Nq, kBlockQ, forward_workspace(s.d, P.dp),
                threads_for(threads, attention_flops(s)));
 }
 
@@ -337,9 +264,9 @@ void attention_backward(const AttentionShape& s, Strided<const T> dout, Strided<
   P.delta = delta.data();
 
   auto kv = isa_kernel<BackwardKVTile, const Problem<T>*, int64_t, int64_t, T*>();
-  run_tiles<T>(kv, P, s.Nk, kBlockK, backward_kv_workspace(s.d, P.dp), nthreads);
+  run_tiles(kv, P, s.B * s.H, s.Nk, kBlockK, backward_kv_workspace(s.d, P.dp), nthreads);
   auto qtile = isa_kernel<BackwardQTile, const Problem<T>*, int64_t, int64_t, T*>();
-  run_tiles<T>(qtile, P, s.Nq, kBlockQ, backward_q_workspace(s.d, P.dp), nthreads);
+  run_tiles(qtile, P, s.B * s.H, s.Nq, kBlockQ, backward_q_workspace(s.d, P.dp), nthreads);
 }
 
 #define ARMFAST_INSTANTIATE(T)                                                                   \

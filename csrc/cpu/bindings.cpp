@@ -9,6 +9,8 @@
 #include <cmath>
 #include <optional>
 #include <string>
+#include <tuple>
+#include <vector>
 
 #include "armfast/tensor_arg.h"
 #include "kernels.h"
@@ -141,6 +143,64 @@ double patch_text_logits_backward(const std::string& dtype, const PyTensor& dout
       strided<float>(dxa), dta ? strided<float>(*dta) : cpu::Strided<float>{}, threads);
 }
 
+// x, v, out [B,H,N,d]; x2: SCLIP's second operand or None; grid: NACLIP's (h, w, class_token,
+// sigma) or None.
+void self_correlation_forward(const std::string& dtype, const PyTensor& x,
+                              const std::optional<PyTensor>& x2, const PyTensor& v,
+                              const PyTensor& out, double scale,
+                              const std::optional<std::tuple<int64_t, int64_t, bool, double>>& grid,
+                              int threads) {
+  const bool f64 = is_double(dtype);
+  const TensorArg xa = tensor_arg("x", x, {-1, -1, -1, -1});
+  const std::vector<int64_t> shape = xa.sizes;
+  const std::optional<TensorArg> x2a =
+      x2 ? std::optional<TensorArg>(tensor_arg("x2", *x2, shape)) : std::nullopt;
+  const TensorArg va = tensor_arg("v", v, shape);
+  const TensorArg oa = tensor_arg("out", out, shape);
+  check_scale("scale", scale, true);
+  const cpu::SelfCorrelationShape s{shape[0], shape[1], shape[2], shape[3]};
+  std::optional<cpu::GridBias> bias;
+  if (grid) {
+    if (x2) throw std::invalid_argument("grid: the Gaussian bias takes one operand, got x2 too");
+    const auto [h, w, class_token, sigma] = *grid;
+    if (h < 1 || w < 1 || h * w + (class_token ? 1 : 0) != s.N)
+      throw std::invalid_argument("grid (" + std::to_string(h) + ", " + std::to_string(w) +
+                                  ") does not match N=" + std::to_string(s.N) + " tokens");
+    check_scale("sigma", sigma, true);
+    bias = cpu::GridBias{h, w, class_token, sigma};
+  }
+  const cpu::GridBias* b = bias ? &*bias : nullptr;
+  py::gil_scoped_release release;
+  if (f64)
+    cpu::self_correlation_forward<double>(
+        s, strided<const double>(xa), x2a ? strided<const double>(*x2a) : cpu::Strided<const double>{},
+        strided<const double>(va), strided<double>(oa), scale, b, threads);
+  else
+    cpu::self_correlation_forward<float>(
+        s, strided<const float>(xa), x2a ? strided<const float>(*x2a) : cpu::Strided<const float>{},
+        strided<const float>(va), strided<float>(oa), scale, b, threads);
+}
+
+void masked_affinity_forward(const std::string& dtype, const PyTensor& f, const PyTensor& v,
+                             const PyTensor& out, double beta, double gamma, int threads) {
+  const bool f64 = is_double(dtype);
+  const TensorArg fa = tensor_arg("f", f, {-1, -1, -1});
+  const int64_t B = fa.size(0), n = fa.size(1), C = fa.size(2);
+  const TensorArg va = tensor_arg("v", v, {B, -1, n, -1});
+  const int64_t H = va.size(1), d = va.size(3);
+  const TensorArg oa = tensor_arg("out", out, {B, H, n, d});
+  check_scale("beta", beta, false);
+  check_scale("gamma", gamma, true);
+  const cpu::AffinityShape s{B, n, C, H, d};
+  py::gil_scoped_release release;
+  if (f64)
+    cpu::masked_affinity_forward<double>(s, strided<const double>(fa), strided<const double>(va),
+                                         strided<double>(oa), beta, gamma, threads);
+  else
+    cpu::masked_affinity_forward<float>(s, strided<const float>(fa), strided<const float>(va),
+                                        strided<float>(oa), beta, gamma, threads);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -174,4 +234,14 @@ PYBIND11_MODULE(_C, m) {
         py::arg("x"), py::arg("text"), py::arg("logit_scale"), py::arg("dx"), py::arg("dtext"),
         py::arg("threads") = 0,
         (std::string("Writes dx and dtext (None: skipped); returns d(loss)/d(logit_scale).") + tensor_doc).c_str());
+  m.def("self_correlation_forward", &self_correlation_forward, py::arg("dtype"), py::arg("x"),
+        py::arg("x2"), py::arg("v"), py::arg("out"), py::arg("scale"), py::arg("grid"),
+        py::arg("threads") = 0,
+        (std::string("out [B,H,N,d] = softmax(scale x x^T + G) v, G of grid=(h, w, class_token, "
+                     "sigma) or none; with x2, (softmax(scale x x^T) + softmax(scale x2 x2^T)) v.") +
+         tensor_doc).c_str());
+  m.def("masked_affinity_forward", &masked_affinity_forward, py::arg("dtype"), py::arg("f"),
+        py::arg("v"), py::arg("out"), py::arg("beta"), py::arg("gamma"), py::arg("threads") = 0,
+        (std::string("out [B,H,n,d] = softmax(gamma S, S < beta mean(S) masked off the diagonal) v, "
+                     "S the cosines of the rows of f [B,n,C].") + tensor_doc).c_str());
 }

@@ -3,6 +3,8 @@
 
 #include <cstdint>
 
+#include "armfast/baseline_shapes.h"
+
 namespace armfast::cpu {
 
 // A strided tensor of up to 4 dims: element (i0, i1, ...) lives at data[i0*stride[0] + ...].
@@ -43,6 +45,26 @@ template <typename T>
 double patch_text_logits_backward(const LogitsShape& s, Strided<const T> dout, Strided<const T> x,
                                   Strided<const T> text, double logit_scale, Strided<T> dx,
                                   Strided<T> dtext, int threads);
+
+// ---- the baseline attentions (baseline_attention.cpp), forward only --------------------------
+
+using armfast::AffinityShape;  // armfast/baseline_shapes.h
+using armfast::GridBias;
+using armfast::SelfCorrelationShape;
+
+// x, v, out [B,H,N,d]: out = softmax(scale x x^T + G) v, G from `bias` (nullptr: none). With a
+// second operand (x2.data != nullptr; bias must then be nullptr), SCLIP's
+// out = (softmax(scale x x^T) + softmax(scale x2 x2^T)) v.
+template <typename T>
+void self_correlation_forward(const SelfCorrelationShape& s, Strided<const T> x,
+                              Strided<const T> x2, Strided<const T> v, Strided<T> out,
+                              double scale, const GridBias* bias, int threads);
+
+// ProxyCLIP: out[b, h] = softmax(gamma S, S < beta mean(S) masked off the diagonal) v[b, h] with
+// S the cosine affinities of the rows of f[b] and mean(S) over all n x n pairs.
+template <typename T>
+void masked_affinity_forward(const AffinityShape& s, Strided<const T> f, Strided<const T> v,
+                             Strided<T> out, double beta, double gamma, int threads);
 
 // Instruction set the kernels dispatch to: "avx512", "avx2" or "generic". The best the CPU
 // supports, capped by the environment variable ARMFAST_CPU_ISA (for tests and comparisons).

@@ -6,7 +6,9 @@
 
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "armfast/tensor_arg.h"
@@ -60,7 +62,7 @@ void check_head_dim(int64_t d) {
 
 void attention_forward(const std::string& dtype, const PyTensor& q, const PyTensor& k,
                        const PyTensor& v, const PyTensor& out, const PyTensor& lse, double scale,
-                       int device, std::uintptr_t stream) {
+                       bool allow_tf32, int device, std::uintptr_t stream) {
   const cu::DType dt = parse_dtype(dtype);
   const TensorArg qa = tensor_arg("q", q, {-1, -1, -1, -1});
   const int64_t B = qa.size(0), H = qa.size(1), Nq = qa.size(2), d = qa.size(3);
@@ -74,14 +76,14 @@ void attention_forward(const std::string& dtype, const PyTensor& q, const PyTens
   check_device(device);
   py::gil_scoped_release release;
   cu::attention_forward(dt, {B, H, Nq, Nk, d}, strided(qa), strided(ka), strided(va), strided(oa),
-                        strided(la), static_cast<float>(scale), device, stream);
+                        strided(la), static_cast<float>(scale), allow_tf32, device, stream);
 }
 
 void attention_backward(const std::string& dtype, const PyTensor& dout, const PyTensor& q,
                         const PyTensor& k, const PyTensor& v, const PyTensor& out,
-                        const PyTensor& lse, const PyTensor& delta, const PyTensor& dq,
-                        const PyTensor& dk, const PyTensor& dv, double scale, int device,
-                        std::uintptr_t stream) {
+                        const PyTensor& lse, const PyTensor& workspace, const PyTensor& dq,
+                        const PyTensor& dk, const PyTensor& dv, double scale, bool allow_tf32,
+                        bool deterministic, int device, std::uintptr_t stream) {
   const cu::DType dt = parse_dtype(dtype);
   const TensorArg qa = tensor_arg("q", q, {-1, -1, -1, -1});
   const int64_t B = qa.size(0), H = qa.size(1), Nq = qa.size(2), d = qa.size(3);
@@ -91,8 +93,8 @@ void attention_backward(const std::string& dtype, const PyTensor& dout, const Py
   const TensorArg ga = tensor_arg("dout", dout, {B, H, Nq, d});
   const TensorArg oa = tensor_arg("out", out, {B, H, Nq, d});
   const TensorArg la = tensor_arg("lse", lse, {B, H, Nq});
-  const TensorArg wa = tensor_arg("delta", delta, {B, H, Nq});
-  require_contiguous("delta", wa);
+  const TensorArg wa = tensor_arg("workspace", workspace, {-1});
+  require_contiguous("workspace", wa);
   const TensorArg dqa = tensor_arg("dq", dq, {B, H, Nq, d});
   const TensorArg dka = tensor_arg("dk", dk, {B, H, Nk, d});
   const TensorArg dva = tensor_arg("dv", dv, {B, H, Nk, d});
@@ -101,13 +103,15 @@ void attention_backward(const std::string& dtype, const PyTensor& dout, const Py
   check_device(device);
   py::gil_scoped_release release;
   cu::attention_backward(dt, {B, H, Nq, Nk, d}, strided(ga), strided(qa), strided(ka), strided(va),
-                         strided(oa), strided(la), wa.data<float>(), strided(dqa), strided(dka),
-                         strided(dva), static_cast<float>(scale), device, stream);
+                         strided(oa), strided(la), wa.data<float>(), wa.size(0), strided(dqa),
+                         strided(dka), strided(dva), static_cast<float>(scale), allow_tf32,
+                         deterministic, device, stream);
 }
 
 void patch_text_logits_forward(const std::string& dtype, const PyTensor& x, const PyTensor& text,
                                const PyTensor& logit_scale, const PyTensor& out,
-                               const PyTensor& workspace, int device, std::uintptr_t stream) {
+                               const PyTensor& workspace, bool allow_tf32, int device,
+                               std::uintptr_t stream) {
   const cu::DType dt = parse_dtype(dtype);
   const TensorArg xa = tensor_arg("x", x, {-1, -1, -1});
   const int64_t B = xa.size(0), N = xa.size(1), E = xa.size(2);
@@ -120,14 +124,14 @@ void patch_text_logits_forward(const std::string& dtype, const PyTensor& x, cons
   check_device(device);
   py::gil_scoped_release release;
   cu::patch_text_logits_forward(dt, {B, N, C, E}, strided(xa), strided(ta), sa.data<const float>(),
-                                strided(oa), wa.data<float>(), device, stream);
+                                strided(oa), wa.data<float>(), allow_tf32, device, stream);
 }
 
 void patch_text_logits_backward(const std::string& dtype, const PyTensor& dout, const PyTensor& x,
                                 const PyTensor& text, const PyTensor& logit_scale,
                                 const PyTensor& dx, const PyTensor& dtext,
-                                const PyTensor& dlogit_scale, const PyTensor& workspace, int device,
-                                std::uintptr_t stream) {
+                                const PyTensor& dlogit_scale, const PyTensor& workspace,
+                                bool allow_tf32, int device, std::uintptr_t stream) {
   const cu::DType dt = parse_dtype(dtype);
   const TensorArg xa = tensor_arg("x", x, {-1, -1, -1});
   const int64_t B = xa.size(0), N = xa.size(1), E = xa.size(2);
@@ -144,7 +148,61 @@ void patch_text_logits_backward(const std::string& dtype, const PyTensor& dout, 
   py::gil_scoped_release release;
   cu::patch_text_logits_backward(dt, {B, N, C, E}, strided(ga), strided(xa), strided(ta),
                                  sa.data<const float>(), strided(dxa), strided(dta),
-                                 dsa.data<float>(), wa.data<float>(), device, stream);
+                                 dsa.data<float>(), wa.data<float>(), allow_tf32, device, stream);
+}
+
+// x, v, out [B,H,N,d]; x2: SCLIP's second operand or None; grid: NACLIP's (h, w, class_token,
+// sigma) or None.
+void self_correlation_forward(const std::string& dtype, const PyTensor& x, const std::optional<PyTensor>& x2,
+                              const PyTensor& v, const PyTensor& out, double scale,
+                              const std::optional<std::tuple<int64_t, int64_t, bool, double>>& grid,
+                              bool allow_tf32, int device, std::uintptr_t stream) {
+  const cu::DType dt = parse_dtype(dtype);
+  const TensorArg xa = tensor_arg("x", x, {-1, -1, -1, -1});
+  const std::vector<int64_t> shape = xa.sizes;
+  const std::optional<TensorArg> x2a = x2 ? std::optional<TensorArg>(tensor_arg("x2", *x2, shape)) : std::nullopt;
+  const TensorArg va = tensor_arg("v", v, shape);
+  const TensorArg oa = tensor_arg("out", out, shape);
+  check_head_dim(shape[3]);
+  check_scale(scale);
+  check_device(device);
+  const cu::SelfCorrelationShape s{shape[0], shape[1], shape[2], shape[3]};
+  std::optional<cu::GridBias> bias;
+  if (grid) {
+    if (x2) throw std::invalid_argument("grid: the Gaussian bias takes one operand, got x2 too");
+    const auto [h, w, class_token, sigma] = *grid;
+    if (h < 1 || w < 1 || h * w + (class_token ? 1 : 0) != s.N)
+      throw std::invalid_argument("grid (" + std::to_string(h) + ", " + std::to_string(w) + ") does not match N=" +
+                                  std::to_string(s.N) + " tokens");
+    if (!std::isfinite(sigma) || sigma <= 0)
+      throw std::invalid_argument("sigma must be finite and > 0, got " + std::to_string(sigma));
+    bias = cu::GridBias{h, w, class_token, sigma};
+  }
+  const cu::Strided none{nullptr, {0, 0, 0, 0}};
+  py::gil_scoped_release release;
+  cu::self_correlation_forward(dt, s, strided(xa), x2a ? strided(*x2a) : none, strided(va), strided(oa),
+                               static_cast<float>(scale), bias ? &*bias : nullptr, allow_tf32, device, stream);
+}
+
+void masked_affinity_forward(const std::string& dtype, const PyTensor& f, const PyTensor& rnorm,
+                             const PyTensor& thresh, const PyTensor& v, const PyTensor& out, double gamma,
+                             bool allow_tf32, int device, std::uintptr_t stream) {
+  const cu::DType dt = parse_dtype(dtype);
+  const TensorArg fa = tensor_arg("f", f, {-1, -1, -1});
+  const int64_t B = fa.size(0), n = fa.size(1), C = fa.size(2);
+  const TensorArg ra = tensor_arg("rnorm", rnorm, {B, n});
+  const TensorArg ta = tensor_arg("thresh", thresh, {B});
+  require_contiguous("rnorm", ra);
+  require_contiguous("thresh", ta);
+  const TensorArg va = tensor_arg("v", v, {B, -1, n, -1});
+  const int64_t H = va.size(1), d = va.size(3);
+  const TensorArg oa = tensor_arg("out", out, {B, H, n, d});
+  if (!std::isfinite(gamma) || gamma <= 0)
+    throw std::invalid_argument("gamma must be finite and > 0, got " + std::to_string(gamma));
+  check_device(device);
+  py::gil_scoped_release release;
+  cu::masked_affinity_forward(dt, {B, n, C, H, d}, strided(fa), ra.data<const float>(), ta.data<const float>(),
+                              strided(va), strided(oa), static_cast<float>(gamma), allow_tf32, device, stream);
 }
 
 }  // namespace
@@ -163,25 +221,46 @@ PYBIND11_MODULE(_C_cuda, m) {
       " Tensors are (data_ptr, sizes, strides) tuples, strides in elements; `stream` is a "
       "cudaStream_t handle (torch.cuda.current_stream().cuda_stream) on `device`.";
   m.def("attention_forward", &attention_forward, py::arg("dtype"), py::arg("q"), py::arg("k"),
-        py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("scale"), py::arg("device"),
-        py::arg("stream"),
-        ("Flash attention forward: writes out [B,H,Nq,d] and lse [B,H,Nq] (float32)." + tensors).c_str());
+        py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("scale"), py::arg("allow_tf32"),
+        py::arg("device"), py::arg("stream"),
+        ("Flash attention forward: writes out [B,H,Nq,d] and lse [B,H,Nq] (float32) through their "
+         "strides; float32 uses TF32 tensor cores only with allow_tf32." + tensors).c_str());
+  m.def("attention_backward_workspace",
+        [](int64_t B, int64_t H, int64_t Nq, int64_t d, bool atomic_dq) {
+          return cu::attention_backward_workspace({B, H, Nq, Nq, d}, atomic_dq);
+        },
+        py::arg("B"), py::arg("H"), py::arg("Nq"), py::arg("d"), py::arg("atomic_dq"),
+        "float32 elements of attention_backward's workspace; atomic_dq: not deterministic, and "
+        "float16/bfloat16 or float32 with TF32.");
   m.def("attention_backward", &attention_backward, py::arg("dtype"), py::arg("dout"), py::arg("q"),
-        py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("delta"), py::arg("dq"),
-        py::arg("dk"), py::arg("dv"), py::arg("scale"), py::arg("device"), py::arg("stream"),
-        ("Flash attention backward: writes dq, dk, dv; delta is a contiguous float32 [B,H,Nq] "
-         "workspace." + tensors).c_str());
+        py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("workspace"),
+        py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("scale"), py::arg("allow_tf32"),
+        py::arg("deterministic"), py::arg("device"), py::arg("stream"),
+        ("Flash attention backward: writes dq, dk, dv; workspace: a contiguous float32 tensor of "
+         "attention_backward_workspace(...) elements; deterministic: bitwise reproducible "
+         "gradients (no atomics)." + tensors).c_str());
   m.def("patch_text_logits_workspace", &cu::patch_text_logits_workspace, py::arg("rows"),
         py::arg("classes"), py::arg("dim"), py::arg("backward"),
         "float32 elements of workspace patch_text_logits_forward/backward need (rows = B*N).");
   m.def("patch_text_logits_forward", &patch_text_logits_forward, py::arg("dtype"), py::arg("x"),
         py::arg("text"), py::arg("logit_scale"), py::arg("out"), py::arg("workspace"),
-        py::arg("device"), py::arg("stream"),
+        py::arg("allow_tf32"), py::arg("device"), py::arg("stream"),
         ("out [B,N,C] = logit_scale * normalize(x) normalize(text)^T; logit_scale is a float32 "
          "[1] tensor on the device." + tensors).c_str());
   m.def("patch_text_logits_backward", &patch_text_logits_backward, py::arg("dtype"),
         py::arg("dout"), py::arg("x"), py::arg("text"), py::arg("logit_scale"), py::arg("dx"),
-        py::arg("dtext"), py::arg("dlogit_scale"), py::arg("workspace"), py::arg("device"),
-        py::arg("stream"),
+        py::arg("dtext"), py::arg("dlogit_scale"), py::arg("workspace"), py::arg("allow_tf32"),
+        py::arg("device"), py::arg("stream"),
         ("Writes dx, dtext and dlogit_scale (float32 [1])." + tensors).c_str());
+  m.def("self_correlation_forward", &self_correlation_forward, py::arg("dtype"), py::arg("x"), py::arg("x2"),
+        py::arg("v"), py::arg("out"), py::arg("scale"), py::arg("grid"), py::arg("allow_tf32"), py::arg("device"),
+        py::arg("stream"),
+        ("out [B,H,N,d] = softmax(scale x x^T + G) v, G of grid=(h, w, class_token, sigma) or none; with x2, "
+         "(softmax(scale x x^T) + softmax(scale x2 x2^T)) v. float32 needs allow_tf32." + tensors).c_str());
+  m.def("masked_affinity_forward", &masked_affinity_forward, py::arg("dtype"), py::arg("f"), py::arg("rnorm"),
+        py::arg("thresh"), py::arg("v"), py::arg("out"), py::arg("gamma"), py::arg("allow_tf32"),
+        py::arg("device"), py::arg("stream"),
+        ("out [B,H,n,d] = softmax(gamma S, S < thresh masked off the diagonal) v, S the cosines of the rows "
+         "of f [B,n,C]; rnorm [B,n] and thresh [B]: float32 from the first pass. float32 needs allow_tf32." +
+         tensors).c_str());
 }

@@ -5,6 +5,8 @@
 
 #include <cstdint>
 
+#include "armfast/baseline_shapes.h"
+
 namespace armfast::cuda {
 
 enum class DType { float16, bfloat16, float32 };
@@ -24,28 +26,58 @@ struct LogitsShape {
 };
 
 // q [B,H,Nq,d], k/v [B,H,Nk,d] -> out [B,H,Nq,d] (q's dtype), lse [B,H,Nq] (float32, natural
-// log). d must be 32, 64 or 128.
+// log), all through their strides. d must be 32, 64 or 128. float32 runs on TF32 tensor cores
+// when `allow_tf32` (torch's matmul precision allows TF32), else exactly.
 void attention_forward(DType dtype, const AttentionShape& s, Strided q, Strided k, Strided v,
-                       Strided out, Strided lse, float scale, int device, std::uintptr_t stream);
+                       Strided out, Strided lse, float scale, bool allow_tf32, int device,
+                       std::uintptr_t stream);
 
-// dq, dk, dv from the saved out and lse; `delta` is a float32 workspace of B*H*Nq elements.
+// float32 elements of the backward's workspace; `atomic_dq`: the call is not deterministic and
+// runs on tensor cores (float16, bfloat16, or float32 with TF32), which accumulate dQ in fp32.
+int64_t attention_backward_workspace(const AttentionShape& s, bool atomic_dq);
+
+// dq, dk, dv from the saved out and lse. `deterministic`: bitwise reproducible gradients (no
+// atomics; dQ in a pass of its own).
 void attention_backward(DType dtype, const AttentionShape& s, Strided dout, Strided q, Strided k,
-                        Strided v, Strided out, Strided lse, float* delta, Strided dq, Strided dk,
-                        Strided dv, float scale, int device, std::uintptr_t stream);
+                        Strided v, Strided out, Strided lse, float* workspace, int64_t workspace_size,
+                        Strided dq, Strided dk, Strided dv, float scale, bool allow_tf32,
+                        bool deterministic, int device, std::uintptr_t stream);
 
 // float32 workspace elements the patch_text_logits functions need for `rows` = B*N.
 int64_t patch_text_logits_workspace(int64_t rows, int64_t classes, int64_t dim, bool backward);
 
-// out [B,N,C] = (*logit_scale) * normalize(x) normalize(text)^T; logit_scale: one float32 on the device.
+// out [B,N,C] = (*logit_scale) * normalize(x) normalize(text)^T; logit_scale: one float32 on the
+// device. float32 runs on TF32 tensor cores when `allow_tf32`, else exactly.
 void patch_text_logits_forward(DType dtype, const LogitsShape& s, Strided x, Strided text,
-                               const float* logit_scale, Strided out, float* workspace, int device,
-                               std::uintptr_t stream);
+                               const float* logit_scale, Strided out, float* workspace,
+                               bool allow_tf32, int device, std::uintptr_t stream);
 
 // Writes dx [B,N,E], dtext [C,E] and dlogit_scale (one float32 on the device).
 void patch_text_logits_backward(DType dtype, const LogitsShape& s, Strided dout, Strided x,
                                 Strided text, const float* logit_scale, Strided dx, Strided dtext,
-                                float* dlogit_scale, float* workspace, int device,
-                                std::uintptr_t stream);
+                                float* dlogit_scale, float* workspace, bool allow_tf32,
+                                int device, std::uintptr_t stream);
+
+// ---- the baseline attentions (baseline_attention.cu), forward only ------------------------------
+
+using armfast::AffinityShape;  // armfast/baseline_shapes.h
+using armfast::GridBias;
+using armfast::SelfCorrelationShape;
+
+// x, v, out [B,H,N,d] (d = 32, 64 or 128): out = softmax(scale x x^T + G) v, G from `bias`
+// (nullptr: none); with a second operand (x2.data != nullptr, bias nullptr), SCLIP's
+// out = (softmax(scale x x^T) + softmax(scale x2 x2^T)) v. Tensor cores: float16, bfloat16, and
+// float32 on TF32 only when `allow_tf32` (else std::invalid_argument).
+void self_correlation_forward(DType dtype, const SelfCorrelationShape& s, Strided x, Strided x2, Strided v,
+                              Strided out, float scale, const GridBias* bias, bool allow_tf32, int device,
+                              std::uintptr_t stream);
+
+// ProxyCLIP: out[b, h] = softmax(gamma S, S < thresh[b] masked off the diagonal) v[b, h], S the
+// cosines of the rows of f[b]; rnorm [B, n] = 1 / max(|f_i|, eps) and thresh [B] = beta mean(S)
+// (float32 on the device, contiguous) come from a first pass. dtypes as self_correlation_forward.
+void masked_affinity_forward(DType dtype, const AffinityShape& s, Strided f, const float* rnorm,
+                             const float* thresh, Strided v, Strided out, float gamma, bool allow_tf32,
+                             int device, std::uintptr_t stream);
 
 // Number of CUDA devices; throws std::runtime_error when the driver cannot be used.
 int cuda_device_count();

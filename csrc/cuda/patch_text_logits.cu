@@ -3,8 +3,10 @@
 //
 // x [B, N, E] is handled as B*N rows. Kernels:
 //   row_norms     one warp per row: 1 / max(|row|, eps) and the mask [|row| >= eps]
-//   gemm          out[m, n] = epilogue(sum_k A(m, k) B(k, n) kscale[k]), 64x64 tiles, fp32 FMA;
-//                 A and B are read through index maps, so strided and transposed views need no copy
+//   gemm          out[m, n] = epilogue(sum_k A(m, k) B(k, n) kscale[k]) (logits_gemm.cuh): tensor
+//                 cores for float16 / bfloat16, and float32 when TF32 is allowed; exact FP32 FMA
+//                 otherwise. z's reduction over all B*N rows is split over blocks (split-K) and
+//                 summed in a fixed order by a second pass
 //   project_rows  grad = s * inv * (y - mask * y_hat <y, y_hat>): the normalisation's backward
 //   sum           dlogit_scale = sum of the per-row <y, x_hat> in a fixed order
 // Backward (math as armfast/ops/_reference.py): y = dout normalize(text), z = dout^T normalize(x);
@@ -13,6 +15,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -20,22 +23,16 @@
 
 #include "armfast/cuda_utils.cuh"
 #include "kernels.h"
+#include "logits_gemm.cuh"
 
 namespace armfast::cuda {
 namespace {
 
+using logits::GemmArgs;
+using logits::Index;
+using logits::plain;
+
 constexpr float kNormEps = 1e-12f;  // as torch.nn.functional.normalize
-
-// Offset of logical index i along one dim. x's row index r = b*N + n needs two strides:
-// (r / n_inner) * s_outer + (r % n_inner) * s_inner; n_inner = 0 means a plain i * s_inner.
-struct Index {
-  int64_t n_inner, s_outer, s_inner;
-  __device__ __forceinline__ int64_t operator()(int64_t i) const {
-    return n_inner ? (i / n_inner) * s_outer + (i % n_inner) * s_inner : i * s_inner;
-  }
-};
-
-Index plain(int64_t stride) { return Index{0, 0, stride}; }
 
 // ---- row norms -------------------------------------------------------------------------------
 constexpr int kRowThreads = 256, kRowWarps = kRowThreads / 32;
@@ -58,101 +55,6 @@ __global__ void __launch_bounds__(kRowThreads) row_norms_kernel(const T* a, Inde
     const float norm = sqrtf(ss);
     inv[r] = 1.0f / fmaxf(norm, kNormEps);
     mask[r] = norm >= kNormEps ? 1.0f : 0.0f;
-  }
-}
-
-// ---- tiled GEMM ------------------------------------------------------------------------------
-constexpr int kBM = 64, kBN = 64, kBK = 16, kGemmThreads = 256;
-
-template <typename TIn, typename TOut>
-struct GemmArgs {
-  const TIn* a;
-  Index a_row, a_col;  // A(m, k) = a[a_row(m) + a_col(k)]
-  const TIn* b;
-  Index b_row, b_col;  // B(k, n) = b[b_row(k) + b_col(n)]
-  const float* kscale;                          // B(k, n) *= kscale[k], or null
-  const float *mscale, *nscale, *sscale;        // out *= mscale[m] * nscale[n] * sscale[0], or null
-  TOut* out;
-  Index o_row;  // out(m, n) = out[o_row(m) + n * o_col]
-  int64_t o_col;
-  int64_t M, N, K;
-};
-
-// Each block computes a 64 x 64 output tile; thread (ty, tx) of a 16 x 16 grid owns rows
-// ty + 16i and columns tx + 16j. A is staged transposed so both operands are read as rows.
-template <typename TIn, typename TOut>
-__global__ void __launch_bounds__(kGemmThreads) gemm_kernel(const GemmArgs<TIn, TOut> g) {
-  // Staging: consecutive threads walk k in A and n in B; each thread loads kLoads elements of each,
-  // A(mm_a + l * kStepA, kk_a) and B(kk_b + l * kStepB, nn_b) for l < kLoads.
-  constexpr int kLoads = kBM * kBK / kGemmThreads, kStepA = kGemmThreads / kBK, kStepB = kGemmThreads / kBN;
-  static_assert(kBM == kBN && kGemmThreads % kBK == 0 && kGemmThreads % kBN == 0,
-                "the A and B tiles split evenly over the threads");
-  __shared__ float as[kBK][kBM + 1];
-  __shared__ float bs[kBK][kBN];
-  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kBM, n0 = static_cast<int64_t>(blockIdx.y) * kBN;
-  const int mm_a = threadIdx.x / kBK, kk_a = threadIdx.x % kBK;
-  const int kk_b = threadIdx.x / kBN, nn_b = threadIdx.x % kBN;
-
-  // The rows of A and the column of B a thread stages are the same for every k0: their offsets
-  // (x's rows b*N + n cost a 64-bit division and modulo) are computed once, outside the K loop.
-  int64_t a_off[kLoads];
-  bool a_ok[kLoads];
-#pragma unroll
-  for (int l = 0; l < kLoads; ++l) {
-    const int64_t m = m0 + mm_a + l * kStepA;
-    a_ok[l] = m < g.M;
-    a_off[l] = a_ok[l] ? g.a_row(m) : 0;
-  }
-  const bool b_ok = n0 + nn_b < g.N;
-  const int64_t b_off = b_ok ? g.b_col(n0 + nn_b) : 0;
-
-  float acc[4][4] = {};
-  for (int64_t k0 = 0; k0 < g.K; k0 += kBK) {
-    const int64_t ka = k0 + kk_a;
-    const bool ka_ok = ka < g.K;
-    const int64_t a_col = ka_ok ? g.a_col(ka) : 0;
-#pragma unroll
-    for (int l = 0; l < kLoads; ++l) {
-      as[kk_a][mm_a + l * kStepA] = (a_ok[l] && ka_ok) ? to_float(g.a[a_off[l] + a_col]) : 0.0f;
-      const int kk = kk_b + l * kStepB;
-      const int64_t k = k0 + kk;
-      float val = 0.0f;
-      if (b_ok && k < g.K) {
-        val = to_float(g.b[g.b_row(k) + b_off]);
-        if (g.kscale) val *= g.kscale[k];
-      }
-      bs[kk][nn_b] = val;
-    }
-    __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < kBK; ++kk) {
-      float av[4], bv[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) av[i] = as[kk][ty + 16 * i];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) bv[j] = bs[kk][tx + 16 * j];
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
-    }
-    __syncthreads();
-  }
-  const float s = g.sscale ? g.sscale[0] : 1.0f;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int64_t m = m0 + ty + 16 * i;
-    if (m >= g.M) continue;
-    const float fm = g.mscale ? g.mscale[m] * s : s;
-    TOut* out_m = g.out + g.o_row(m);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int64_t n = n0 + tx + 16 * j;
-      if (n >= g.N) continue;
-      const float fn = g.nscale ? g.nscale[n] : 1.0f;
-      out_m[n * g.o_col] = from_float<TOut>(acc[i][j] * fm * fn);
-    }
   }
 }
 
@@ -211,22 +113,46 @@ std::string kernel_name(const char* base) {
 
 unsigned row_blocks(int64_t rows) { return static_cast<unsigned>(ceil_div(rows, kRowWarps)); }
 
-template <typename TIn, typename TOut>
-void launch_gemm(const GemmArgs<TIn, TOut>& g, const char* what, cudaStream_t stream) {
-  const int64_t gm = ceil_div(g.M, kBM), gn = ceil_div(g.N, kBN);
+// Splits of the reduction over K = B*N rows in z = dout^T x_hat: about 1024 rows each, so a
+// [C, E] output of few tiles still fills the GPU. A function of the shape only, so the summation
+// order (and the result) is the same on every GPU.
+int64_t row_splits(int64_t rows) { return std::min<int64_t>(64, std::max<int64_t>(1, ceil_div(rows, 1024))); }
+
+// Launches out = epilogue(A B) on tensor cores (`tensor_cores`; A staged [m][k] when A_MK, B [n][k]
+// when B_NK, see logits_gemm.cuh) or with FP32 FMA (float32 only), over `splits` K-splits.
+template <bool A_MK, bool B_NK, typename TIn, typename TOut>
+void launch_gemm(GemmArgs<TIn, TOut> g, int64_t splits, bool tensor_cores, const char* what, cudaStream_t stream) {
+  g.k_split = logits::k_per_split(g.K, splits);
+  splits = ceil_div(g.K, g.k_split);
+  const int64_t gm = ceil_div(g.M, 64), gn = ceil_div(g.N, 64);
   if (gm > 0x7fffffffLL || gn > 65535)
     throw std::invalid_argument(std::string("armfast CUDA patch_text_logits: ") + what + " is too large");
-  gemm_kernel<TIn, TOut><<<dim3(static_cast<unsigned>(gm), static_cast<unsigned>(gn)), kGemmThreads, 0, stream>>>(g);
-  check_launch(kernel_name<TIn>("gemm_kernel") + " (" + what + ")");
+  const dim3 grid(static_cast<unsigned>(gm), static_cast<unsigned>(gn), static_cast<unsigned>(splits));
+  if (tensor_cores) {
+    logits::set_vector_loads<A_MK, B_NK>(g);
+    using C = logits::TcGemm<TIn, A_MK, B_NK>;
+    logits::gemm_tc_kernel<TIn, TOut, A_MK, B_NK><<<grid, C::THREADS, C::SMEM, stream>>>(g);
+    check_launch(kernel_name<TIn>("gemm_tc_kernel") + " (" + what + ")");
+  } else if constexpr (std::is_same_v<TIn, float>) {
+    logits::gemm_fma_kernel<TIn, TOut><<<grid, logits::kGemmThreads, 0, stream>>>(g);
+    check_launch(kernel_name<TIn>("gemm_fma_kernel") + " (" + what + ")");
+  } else {
+    throw std::logic_error("patch_text_logits: 16-bit inputs run on tensor cores");
+  }
+  if (splits > 1) {
+    logits::splitk_reduce_kernel<TIn, TOut><<<static_cast<unsigned>(ceil_div(g.M * g.N, 256)), 256, 0, stream>>>(
+        g, static_cast<int>(splits));
+    check_launch(kernel_name<TIn>("splitk_reduce_kernel") + " (" + what + ")");
+  }
 }
 
 // Carves the float32 workspace: [rx_inv, rx_mask] (rows), [rt_inv, rt_mask] (classes), then for
-// the backward y [rows, E], z [classes, E], dots [rows].
+// the backward y [rows, E], z [classes, E], dots [rows], z's split-K partial sums [splits, C, E].
 struct Workspace {
-  float *inv_x, *mask_x, *inv_t, *mask_t, *y, *z, *dots;
+  float *inv_x, *mask_x, *inv_t, *mask_t, *y, *z, *dots, *partial;
   Workspace(float* w, int64_t rows, int64_t classes, int64_t dim) {
     inv_x = w, mask_x = inv_x + rows, inv_t = mask_x + rows, mask_t = inv_t + classes;
-    y = mask_t + classes, z = y + rows * dim, dots = z + classes * dim;
+    y = mask_t + classes, z = y + rows * dim, dots = z + classes * dim, partial = dots + rows;
   }
 };
 
@@ -246,7 +172,7 @@ void norms(const LogitsShape& s, const Strided& x, const Strided& text, const Wo
 
 template <typename T>
 void forward_t(const LogitsShape& s, const Strided& x, const Strided& text, const float* scale,
-               const Strided& out, float* workspace, cudaStream_t stream) {
+               const Strided& out, float* workspace, bool tensor_cores, cudaStream_t stream) {
   const int64_t rows = s.B * s.N;
   const Workspace w(workspace, rows, s.C, s.E);
   norms<T>(s, x, text, w, stream);
@@ -256,13 +182,13 @@ void forward_t(const LogitsShape& s, const Strided& x, const Strided& text, cons
   g.mscale = w.inv_x, g.nscale = w.inv_t, g.sscale = scale;
   g.out = static_cast<T*>(out.data), g.o_row = Index{s.N, out.stride[0], out.stride[1]}, g.o_col = out.stride[2];
   g.M = rows, g.N = s.C, g.K = s.E;
-  launch_gemm(g, "x text^T", stream);
+  launch_gemm<true, true>(g, 1, tensor_cores, "x text^T", stream);
 }
 
 template <typename T>
 void backward_t(const LogitsShape& s, const Strided& dout, const Strided& x, const Strided& text,
                 const float* scale, const Strided& dx, const Strided& dtext, float* dscale,
-                float* workspace, cudaStream_t stream) {
+                float* workspace, bool tensor_cores, cudaStream_t stream) {
   const int64_t rows = s.B * s.N;
   const Workspace w(workspace, rows, s.C, s.E);
   norms<T>(s, x, text, w, stream);
@@ -274,7 +200,7 @@ void backward_t(const LogitsShape& s, const Strided& dout, const Strided& x, con
   y.kscale = w.inv_t;
   y.out = w.y, y.o_row = plain(s.E), y.o_col = 1;
   y.M = rows, y.N = s.E, y.K = s.C;
-  launch_gemm(y, "dout text_hat", stream);
+  launch_gemm<true, false>(y, 1, tensor_cores, "dout text_hat", stream);
 
   GemmArgs<T, float> z{};  // z = dout^T normalize(x): [C, E], summed over all rows in order
   z.a = static_cast<const T*>(dout.data), z.a_row = plain(dout.stride[2]), z.a_col = g_row;
@@ -282,7 +208,8 @@ void backward_t(const LogitsShape& s, const Strided& dout, const Strided& x, con
   z.kscale = w.inv_x;
   z.out = w.z, z.o_row = plain(s.E), z.o_col = 1;
   z.M = s.C, z.N = s.E, z.K = rows;
-  launch_gemm(z, "dout^T x_hat", stream);
+  z.partial = w.partial;
+  launch_gemm<false, false>(z, row_splits(rows), tensor_cores, "dout^T x_hat", stream);
 
   project_rows_kernel<T><<<row_blocks(rows), kRowThreads, 0, stream>>>(
       w.y, s.E, static_cast<const T*>(x.data), x_row, x.stride[2], w.inv_x, w.mask_x, scale,
@@ -300,36 +227,37 @@ void backward_t(const LogitsShape& s, const Strided& dout, const Strided& x, con
 }  // namespace
 
 int64_t patch_text_logits_workspace(int64_t rows, int64_t classes, int64_t dim, bool backward) {
-  return 2 * rows + 2 * classes + (backward ? rows * dim + classes * dim + rows : 0);
+  return 2 * rows + 2 * classes +
+         (backward ? rows * dim + classes * dim + rows + (row_splits(rows) > 1 ? row_splits(rows) * classes * dim : 0) : 0);
 }
 
 void patch_text_logits_forward(DType dtype, const LogitsShape& s, Strided x, Strided text,
-                               const float* logit_scale, Strided out, float* workspace, int device,
-                               std::uintptr_t stream) {
+                               const float* logit_scale, Strided out, float* workspace, bool allow_tf32,
+                               int device, std::uintptr_t stream) {
   DeviceGuard guard(device);
   const auto st = reinterpret_cast<cudaStream_t>(stream);
   switch (dtype) {
-    case DType::float16: forward_t<__half>(s, x, text, logit_scale, out, workspace, st); break;
-    case DType::bfloat16: forward_t<__nv_bfloat16>(s, x, text, logit_scale, out, workspace, st); break;
-    case DType::float32: forward_t<float>(s, x, text, logit_scale, out, workspace, st); break;
+    case DType::float16: forward_t<__half>(s, x, text, logit_scale, out, workspace, true, st); break;
+    case DType::bfloat16: forward_t<__nv_bfloat16>(s, x, text, logit_scale, out, workspace, true, st); break;
+    case DType::float32: forward_t<float>(s, x, text, logit_scale, out, workspace, allow_tf32, st); break;
   }
 }
 
 void patch_text_logits_backward(DType dtype, const LogitsShape& s, Strided dout, Strided x,
                                 Strided text, const float* logit_scale, Strided dx, Strided dtext,
-                                float* dlogit_scale, float* workspace, int device,
+                                float* dlogit_scale, float* workspace, bool allow_tf32, int device,
                                 std::uintptr_t stream) {
   DeviceGuard guard(device);
   const auto st = reinterpret_cast<cudaStream_t>(stream);
   switch (dtype) {
     case DType::float16:
-      backward_t<__half>(s, dout, x, text, logit_scale, dx, dtext, dlogit_scale, workspace, st);
+      backward_t<__half>(s, dout, x, text, logit_scale, dx, dtext, dlogit_scale, workspace, true, st);
       break;
     case DType::bfloat16:
-      backward_t<__nv_bfloat16>(s, dout, x, text, logit_scale, dx, dtext, dlogit_scale, workspace, st);
+      backward_t<__nv_bfloat16>(s, dout, x, text, logit_scale, dx, dtext, dlogit_scale, workspace, true, st);
       break;
     case DType::float32:
-      backward_t<float>(s, dout, x, text, logit_scale, dx, dtext, dlogit_scale, workspace, st);
+      backward_t<float>(s, dout, x, text, logit_scale, dx, dtext, dlogit_scale, workspace, allow_tf32, st);
       break;
   }
 }

@@ -1,11 +1,8 @@
-// Small CUDA helpers shared by the kernels of armfast._C_cuda: dtype conversions, warp
-// reductions, error checks that throw (pybind11 turns std::runtime_error into RuntimeError), a
-// guard that makes a device current for the duration of a call, and per-device shared-memory
-// limits and opt-ins.
+// Host-side CUDA helpers of armfast._C_cuda (device-side ones: device_math.cuh): error checks
+// that throw (pybind11 turns std::runtime_error into RuntimeError), a guard that makes a device
+// current for the duration of a call, and per-device limits (shared memory, SM count) and opt-ins.
 #pragma once
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstddef>
@@ -16,41 +13,9 @@
 #include <string>
 #include <utility>
 
+#include "armfast/device_math.cuh"
+
 namespace armfast::cuda {
-
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) {
-  return x;
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) {
-  return __float2half_rn(x);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
-
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(0xffffffffu, x, offset);
-  return x;
-}
-
-__device__ __forceinline__ float warp_max(float x) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, offset));
-  return x;
-}
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -102,6 +67,19 @@ inline size_t max_shared_memory_per_block(int device) {
   check_cuda(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
              "cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin, device " + std::to_string(device) + ")");
   return cache.emplace(device, static_cast<size_t>(bytes)).first->second;
+}
+
+// Streaming multiprocessors of `device`, queried once per device.
+inline int multiprocessor_count(int device) {
+  static std::mutex mutex;
+  static std::map<int, int> cache;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto it = cache.find(device);
+  if (it != cache.end()) return it->second;
+  int count = 0;
+  check_cuda(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device),
+             "cudaDeviceGetAttribute(MultiProcessorCount, device " + std::to_string(device) + ")");
+  return cache.emplace(device, count).first->second;
 }
 
 // Lets `kernel` launch with `bytes` of dynamic shared memory on `device`, which must be current.

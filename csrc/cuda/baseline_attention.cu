@@ -1,0 +1,54 @@
+// armfast::cuda::self_correlation_forward / masked_affinity_forward: the kernels of
+// baseline_fwd.cuh launched on the GPU, per dtype (float32 runs on TF32 tensor cores only).
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "attention_tc.cuh"
+#include "baseline_fwd.cuh"
+#include "kernels.h"
+
+namespace armfast::cuda {
+namespace {
+
+// Calls f(T{}) for the call's element type; float32 only on TF32 tensor cores.
+template <typename F>
+void with_tensor_core_dtype(DType dtype, bool allow_tf32, const char* op, F&& f) {
+  switch (dtype) {
+    case DType::float16: f(__half{}); break;
+    case DType::bfloat16: f(__nv_bfloat16{}); break;
+    case DType::float32:
+      if (!allow_tf32)
+        throw std::invalid_argument(std::string("armfast CUDA ") + op +
+                                    " runs float32 on TF32 tensor cores only, which torch's matmul precision "
+                                    "'highest' forbids; use float16/bfloat16, backend='triton' or 'sdpa'");
+      f(float{});
+      break;
+  }
+}
+
+}  // namespace
+
+void self_correlation_forward(DType dtype, const SelfCorrelationShape& s, Strided x, Strided x2, Strided v,
+                              Strided out, float scale, const GridBias* bias, bool allow_tf32, int device,
+                              std::uintptr_t stream) {
+  DeviceGuard guard(device);
+  const DeviceLimits dev = device_limits(device);
+  const CudaLauncher launch{dev, reinterpret_cast<cudaStream_t>(stream)};
+  with_tensor_core_dtype(dtype, allow_tf32, "self-correlation", [&](auto tag) {
+    baseline::self_correlation<decltype(tag)>(s, x, x2, v, out, scale, bias, dev, launch);
+  });
+}
+
+void masked_affinity_forward(DType dtype, const AffinityShape& s, Strided f, const float* rnorm, const float* thresh,
+                             Strided v, Strided out, float gamma, bool allow_tf32, int device, std::uintptr_t stream) {
+  DeviceGuard guard(device);
+  const DeviceLimits dev = device_limits(device);
+  const CudaLauncher launch{dev, reinterpret_cast<cudaStream_t>(stream)};
+  with_tensor_core_dtype(dtype, allow_tf32, "masked affinity attention", [&](auto tag) {
+    baseline::masked_affinity<decltype(tag)>(s, f, rnorm, thresh, v, out, gamma, dev, launch);
+  });
+}
+
+}  // namespace armfast::cuda
