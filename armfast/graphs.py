@@ -53,7 +53,8 @@ def capture_cuda_graph(fn: Callable[[Tensor], Tensor], x: Tensor) -> Captured:
     once, so that ``static_output`` holds ``fn(x)``."""
     static_input = x.clone()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    # thread_local: a DataLoader's pin-memory thread may allocate pinned memory meanwhile
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         static_output = fn(static_input)
     graph.replay()
     return Captured(graph, static_input, static_output)
