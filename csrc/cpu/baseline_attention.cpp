@@ -7,16 +7,18 @@
 //   and K run in the same pass: two score tiles, two online-softmax states, two accumulators, and
 //   each V tile copied once for both.
 // masked_affinity_forward (ProxyCLIP): a first O(n C) pass takes each feature row's inverse norm
-//   and mean(S) = |mean_i f_i / |f_i||^2 per image. One task per (batch, query tile) then walks
-//   over the key tiles: S from the normalised features, S < beta mean(S) masked (never the
-//   diagonal), softmax(gamma S) online, applied to all heads at once (V seen as [n, H*d]), since
-//   the map is shared by every head.
+//   and mean(S) = |mean_i f_i / |f_i||^2 per image, and packs the normalised features once per
+//   image as the key operand of S (and the values, unless P V can read them in place). One task
+//   per (batch, query tile) then walks over the key tiles: S from the normalised features,
+//   S < beta mean(S) masked (never the diagonal), softmax(gamma S) online, applied to all heads at
+//   once (one accumulator row of H*d per query), since the map is shared by every head.
 //
 // Every task writes its own rows of the output, so results do not depend on the thread count.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "isa.h"
@@ -30,8 +32,8 @@ namespace {
 
 constexpr int64_t kBlockQ = 64;  // query rows per tile (a multiple of every Isa::R)
 constexpr int64_t kBlockK = 64;  // keys per tile (a multiple of every vector width)
-// The affinity kernel's wide products (S over C = 768 features, P V over H*d = 768 columns) run
-// in slices of kChunk, so the slice of the right operand stays in L1 across the row blocks.
+// The affinity kernel's S over C = 768 features runs in slices of kChunk features, so the slice
+// of the key panel stays in L1 across the row blocks.
 constexpr int64_t kChunk = 64;
 constexpr double kNormEps = 1e-12;  // as torch.nn.functional.normalize
 
@@ -169,73 +171,62 @@ double self_correlation_flops(const SelfCorrelationShape& s, int operands) {
 
 // ---- masked affinity: ProxyCLIP ----------------------------------------------------------------
 
+// Images run in groups whose packed operands take about this many bytes, so the buffers stay
+// in the last-level cache and the allocator reuses them between calls, whatever the batch.
+constexpr int64_t kPackBytes = int64_t(16) << 20;
+constexpr int64_t kPackBlock = 16;  // features per block of the panel transpose
+
+// One group of images. Their normalised features are packed by the first pass as a [C, kBlockK]
+// panel per key tile (transposed, zero-padded), the right operand of S = F F^T.
 template <typename T>
 struct AffinityProblem {
-  AffinityShape s;
-  Slice<T> f;  // batch 0 of f [B, n, C]; batch b starts at f.p + b * fb
+  AffinityShape s;  // s.B: images in the group
+  Slice<T> f;       // image 0 of the group's f [n, C]; image b starts at f.p + b * fb
   int64_t fb;
-  Strided<const T> v;
-  Strided<T> out;
+  const T* panels;  // image b, key tile t: panels + b * panels_b + t * C * kBlockK
+  int64_t panels_b;
+  // The values as the P V product reads them: head h of image b is the [n, dv] matrix at
+  // v + b * vb + h * vh with rows vn apart and unit column stride. That is v itself when its
+  // columns are contiguous and d a multiple of every vector width, else a packed copy (dv = d
+  // padded, rows of every head side by side).
+  const T* v;
+  int64_t vb, vh, vn, dv;
+  Strided<T> out;   // image 0 of the group
   const T* rnorm;   // [B * n] 1 / max(|f_i|, eps)
   const T* thresh;  // [B] beta * mean(S)
   T gamma;
-  int64_t hd, hdp;  // H * d, and rounded up to the widest vector
 };
 
-int64_t affinity_workspace(int64_t C, int64_t hdp) {
-  return kBlockQ * C + C * kBlockK + kBlockK * hdp + kBlockQ * kBlockK + kBlockQ * hdp + 2 * kBlockQ;
+int64_t affinity_workspace(int64_t C, int64_t hdv) {
+  return kBlockQ * C + kBlockQ * kBlockK + kBlockQ * hdv + 2 * kBlockQ;
 }
 
-// dst[i * ld + c] (transposed: dst[c * ld + i]) = src[n0 + i, c] * r[n0 + i] for i < n, c < C,
-// looping along the source's smaller stride.
-template <typename T, bool TRANSPOSED>
-ARMFAST_INLINE void copy_normalized(T* dst, int64_t ld, Slice<T> src, const T* r, int64_t n0,
-                                    int64_t n, int64_t C) {
-  auto put = [&](int64_t i, int64_t c) {
-    dst[TRANSPOSED ? c * ld + i : i * ld + c] = src.at(n0 + i, c) * r[n0 + i];
-  };
-  if (src.sn < src.sd) {
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t i = 0; i < n; ++i) put(i, c);
-  } else {
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t c = 0; c < C; ++c) put(i, c);
-  }
-}
-
-// One (batch, query tile) task.
+// One (image, query tile) task: S tile by tile from the query rows and the key panels, the mask
+// and the online softmax, then P V for every head at once (the map is shared by all heads).
 struct AffinityTile {
   template <class Isa, typename T>
   ARMFAST_INLINE static void run(const AffinityProblem<T>* P, int64_t b, int64_t q0, T* ws) {
     constexpr int64_t R = Isa::R, W = Isa::VBYTES / sizeof(T);
     const AffinityShape& s = P->s;
-    const int64_t C = s.C, d = s.d, hdp = P->hdp, n = s.n;
+    const int64_t C = s.C, d = s.d, n = s.n, dv = P->dv, hdv = s.H * dv;
     const int64_t nq = min_of(kBlockQ, n - q0), rows = round_up(nq, R);
     T* fs = ws;                       // [BQ, C]   normalised query features
-    T* ft = fs + kBlockQ * C;         // [C, BK]   normalised key features, transposed
-    T* vs = ft + C * kBlockK;         // [BK, hdp] v of every head side by side
-    T* sc = vs + kBlockK * hdp;       // [BQ, BK]  S, then probabilities
-    T* acc = sc + kBlockQ * kBlockK;  // [BQ, hdp] unnormalised output of every head
-    T* mrow = acc + kBlockQ * hdp;    // [BQ]
+    T* sc = fs + kBlockQ * C;         // [BQ, BK]  S, then probabilities
+    T* acc = sc + kBlockQ * kBlockK;  // [BQ, hdv] unnormalised output of every head
+    T* mrow = acc + kBlockQ * hdv;    // [BQ]
     T* lrow = mrow + kBlockQ;         // [BQ]
-    const Slice<T> f{P->f.p + b * P->fb, P->f.sn, P->f.sd};
     const T* rn = P->rnorm + b * n;
+    const T* panels = P->panels + b * P->panels_b;
+    const T* v = P->v + b * P->vb;
     const T thresh = P->thresh[b], gamma = P->gamma;
-    copy_normalized<T, false>(fs, C, f, rn, q0, nq, C);
+    copy_block(fs, C, Slice<T>{P->f.p + b * P->fb, P->f.sn, P->f.sd}, q0, nq, C, rn + q0);
     std::fill(fs + nq * C, fs + rows * C, T(0));
-    std::fill(acc, acc + rows * hdp, T(0));
+    std::fill(acc, acc + rows * hdv, T(0));
     std::fill(mrow, mrow + rows, kNegInf<T>);
     std::fill(lrow, lrow + rows, T(0));
-    for (int64_t j = 0; j < kBlockK; ++j) std::fill(vs + j * hdp + P->hd, vs + (j + 1) * hdp, T(0));
     for (int64_t k0 = 0; k0 < n; k0 += kBlockK) {
       const int64_t nk = min_of(kBlockK, n - k0), cols = round_up(nk, W);
-      copy_normalized<T, true>(ft, kBlockK, f, rn, k0, nk, C);
-      for (int64_t c = 0; c < C; ++c) std::fill(ft + c * kBlockK + nk, ft + c * kBlockK + cols, T(0));
-      for (int64_t h = 0; h < s.H; ++h) {
-        const Slice<T> vh = slice(P->v, b, h);
-        for (int64_t j = 0; j < nk; ++j)
-          for (int64_t e = 0; e < d; ++e) vs[j * hdp + h * d + e] = vh.at(k0 + j, e);
-      }
+      const T* ft = panels + (k0 / kBlockK) * C * kBlockK;
       for (int64_t c0 = 0; c0 < C; c0 += kChunk)
         gemm<T, Isa>(rows, cols, min_of(kChunk, C - c0), fs + c0, C, ft + c0 * kBlockK, kBlockK,
                      sc, kBlockK, c0 > 0);
@@ -246,14 +237,16 @@ struct AffinityTile {
         for (int64_t j = 0; j < nk; ++j)
           srow[j] = srow[j] >= thresh || j == diagonal ? gamma * srow[j] : kNegInf<T>;
         const T alpha = online_softmax_row(srow, nk, cols, mrow[i], lrow[i]);
-        T* orow = acc + i * hdp;
+        if (alpha != T(1)) {  // once a row's maximum has settled, most tiles leave it alone
+          T* orow = acc + i * hdv;
 #pragma omp simd
-        for (int64_t c = 0; c < hdp; ++c) orow[c] *= alpha;
+          for (int64_t c = 0; c < hdv; ++c) orow[c] *= alpha;
+        }
       }
       // Rows nq..rows of sc are zero (zero-padded features) and add nothing.
-      for (int64_t c0 = 0; c0 < hdp; c0 += kChunk)
-        gemm<T, Isa>(rows, min_of(kChunk, hdp - c0), nk, sc, kBlockK, vs + c0, hdp, acc + c0, hdp,
-                     true);
+      for (int64_t h = 0; h < s.H; ++h)
+        gemm<T, Isa>(rows, dv, nk, sc, kBlockK, v + h * P->vh + k0 * P->vn, P->vn, acc + h * dv,
+                     hdv, true);
     }
     const Strided<T>& o = P->out;
     for (int64_t h = 0; h < s.H; ++h) {
@@ -261,45 +254,83 @@ struct AffinityTile {
       for (int64_t i = 0; i < nq; ++i) {
         const T inv = T(1) / lrow[i];  // >= 1 term: the diagonal is never masked
         T* orow = ob + (q0 + i) * o.stride[2];
-        for (int64_t e = 0; e < d; ++e) orow[e * o.stride[3]] = acc[i * hdp + h * d + e] * inv;
+        for (int64_t e = 0; e < d; ++e) orow[e * o.stride[3]] = acc[i * hdv + h * dv + e] * inv;
       }
     }
   }
 };
 
-// The O(n C) first pass: rnorm[b*n + i] = 1 / max(|f_bi|, eps) and thresh[b] = beta * mean(S),
-// mean(S) = |mean_i f_bi rnorm_bi|^2 (the mean of all n x n cosines), accumulated in double.
+// Rows k0..k0+nk of one image's features f [n, C]: their inverse norms rn[0:nk], their panel
+// [C, kBlockK] of normalised features (columns nk.. zero), and mean[c] = sum of the rows'
+// normalised features (double). Loops run along f's smaller stride; in row-major f the panel is
+// written kPackBlock features at a time, so the rows it writes stay in L1.
 template <typename T>
-void affinity_first_pass(const AffinityProblem<T>& P, double beta, std::vector<T>* rnorm,
-                         std::vector<T>* thresh, int threads) {
-  const AffinityShape& s = P.s;
-  const int64_t rows = s.B * s.n, chunks = (s.C + kChunk - 1) / kChunk;
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* row = P.f.p + (r / s.n) * P.fb + (r % s.n) * P.f.sn;
-    double sum = 0;
-    for (int64_t c = 0; c < s.C; ++c) sum += static_cast<double>(row[c * P.f.sd]) * row[c * P.f.sd];
-    (*rnorm)[r] = static_cast<T>(1.0 / std::max(std::sqrt(sum), kNormEps));
+void pack_feature_tile(Slice<T> f, int64_t k0, int64_t nk, int64_t C, T* rn, T* panel,
+                       double* mean) {
+  const bool rows_contiguous = f.sd <= f.sn;
+  double sq[kBlockK] = {};
+  auto square = [&](int64_t j, int64_t c) {
+    const double x = f.at(k0 + j, c);
+    sq[j] += x * x;
+  };
+  if (rows_contiguous) {
+    for (int64_t j = 0; j < nk; ++j)
+      for (int64_t c = 0; c < C; ++c) square(j, c);
+  } else {
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t j = 0; j < nk; ++j) square(j, c);
   }
-  // |sum_i f_i r_i|^2 per (batch, chunk of features), then summed per batch in a fixed order.
-  std::vector<double> partial(static_cast<size_t>(s.B * chunks));
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
-  for (int64_t t = 0; t < s.B * chunks; ++t) {
-    const int64_t b = t / chunks, c0 = (t % chunks) * kChunk, nc = std::min(kChunk, s.C - c0);
-    double mean[kChunk] = {};
-    for (int64_t i = 0; i < s.n; ++i) {
-      const T* row = P.f.p + b * P.fb + i * P.f.sn;
-      const double r = (*rnorm)[b * s.n + i];
-      for (int64_t c = 0; c < nc; ++c) mean[c] += r * row[(c0 + c) * P.f.sd];
+  for (int64_t j = 0; j < nk; ++j) rn[j] = static_cast<T>(1.0 / std::max(std::sqrt(sq[j]), kNormEps));
+  std::fill(mean, mean + C, 0.0);
+  auto put = [&](int64_t j, int64_t c) {
+    const double x = static_cast<double>(f.at(k0 + j, c)) * rn[j];
+    panel[c * kBlockK + j] = static_cast<T>(x);
+    mean[c] += x;
+  };
+  for (int64_t c0 = 0; c0 < C; c0 += kPackBlock) {
+    const int64_t c1 = min_of(C, c0 + kPackBlock);
+    if (rows_contiguous) {
+      for (int64_t j = 0; j < nk; ++j)
+        for (int64_t c = c0; c < c1; ++c) put(j, c);
+    } else {
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t j = 0; j < nk; ++j) put(j, c);
     }
-    double sq = 0;
-    for (int64_t c = 0; c < nc; ++c) sq += mean[c] * mean[c];
-    partial[t] = sq;
   }
+  for (int64_t c = 0; c < C; ++c) std::fill(panel + c * kBlockK + nk, panel + (c + 1) * kBlockK, T(0));
+}
+
+// The O(n C) first pass of a group, one task per (image, key tile): pack_feature_tile, and the
+// values' rows when P V does not read v in place (v: image 0 of the group). Then per image
+// thresh = beta * mean(S), with mean(S) = |mean_i f_i rnorm_i|^2 (the mean of all n x n cosines),
+// the tiles' sums added in a fixed order.
+template <typename T>
+void affinity_first_pass(const AffinityProblem<T>& P, double beta, Strided<const T> v, T* panels,
+                         T* vpacked, T* rnorm, T* thresh, int threads) {
+  const AffinityShape& s = P.s;
+  const int64_t C = s.C, tiles = (s.n + kBlockK - 1) / kBlockK;
+  std::vector<double> partial(static_cast<size_t>(s.B * tiles * C));
+#pragma omp parallel for num_threads(threads) schedule(dynamic) if (threads > 1)
+  for (int64_t t = 0; t < s.B * tiles; ++t) {
+    const int64_t b = t / tiles, k0 = (t % tiles) * kBlockK, nk = min_of(kBlockK, s.n - k0);
+    pack_feature_tile(Slice<T>{P.f.p + b * P.fb, P.f.sn, P.f.sd}, k0, nk, C, rnorm + b * s.n + k0,
+                      panels + b * P.panels_b + (k0 / kBlockK) * C * kBlockK,
+                      partial.data() + t * C);
+    if (vpacked == nullptr) continue;
+    for (int64_t h = 0; h < s.H; ++h) {
+      T* dst = vpacked + b * P.vb + h * P.vh + k0 * P.vn;
+      copy_block(dst, P.vn, slice(v, b, h), k0, nk, s.d);
+      for (int64_t j = 0; j < nk; ++j) std::fill(dst + j * P.vn + s.d, dst + j * P.vn + P.dv, T(0));
+    }
+  }
+  std::vector<double> mean(static_cast<size_t>(C));
   for (int64_t b = 0; b < s.B; ++b) {
+    std::fill(mean.begin(), mean.end(), 0.0);
+    for (int64_t t = 0; t < tiles; ++t)
+      for (int64_t c = 0; c < C; ++c) mean[c] += partial[(b * tiles + t) * C + c];
     double sq = 0;
-    for (int64_t c = 0; c < chunks; ++c) sq += partial[b * chunks + c];
-    (*thresh)[b] = static_cast<T>(beta * sq / (static_cast<double>(s.n) * s.n));
+    for (int64_t c = 0; c < C; ++c) sq += mean[c] * mean[c];
+    thresh[b] = static_cast<T>(beta * sq / (static_cast<double>(s.n) * s.n));
   }
 }
 
@@ -340,23 +371,41 @@ void self_correlation_forward(const SelfCorrelationShape& s, Strided<const T> x,
 template <typename T>
 void masked_affinity_forward(const AffinityShape& s, Strided<const T> f, Strided<const T> v,
                              Strided<T> out, double beta, double gamma, int threads) {
+  const int64_t tiles = (s.n + kBlockK - 1) / kBlockK;
+  const bool v_in_place = v.stride[3] == 1 && s.d % kMaxLanes<T> == 0;
   AffinityProblem<T> P{};
   P.s = s;
-  P.f = {f.data, f.stride[1], f.stride[2]};
-  P.fb = f.stride[0];
-  P.v = v, P.out = out;
   P.gamma = static_cast<T>(gamma);
-  P.hd = s.H * s.d;
-  P.hdp = round_up(P.hd, kMaxLanes<T>);
+  P.panels_b = tiles * s.C * kBlockK;
+  P.dv = v_in_place ? s.d : round_up(s.d, kMaxLanes<T>);
+  const int64_t v_image = v_in_place ? 0 : s.n * s.H * P.dv;  // packed values per image
+  if (!v_in_place) P.vb = v_image, P.vh = P.dv, P.vn = s.H * P.dv;
   const double flops = 2.0 * static_cast<double>(s.B) * static_cast<double>(s.n) *
-                       static_cast<double>(s.n) * static_cast<double>(s.C + P.hd);
+                       static_cast<double>(s.n) * static_cast<double>(s.C + s.H * s.d);
   const int nthreads = threads_for(threads, flops);
-  std::vector<T> rnorm(static_cast<size_t>(s.B * s.n)), thresh(static_cast<size_t>(s.B));
-  affinity_first_pass(P, beta, &rnorm, &thresh, nthreads);
-  P.rnorm = rnorm.data();
-  P.thresh = thresh.data();
+  // Images per group: within kPackBytes, but enough tasks to keep every thread busy
+  const int64_t image_bytes = (P.panels_b + v_image) * static_cast<int64_t>(sizeof(T));
+  const int64_t group = std::min(s.B, std::max({int64_t(1), kPackBytes / image_bytes,
+                                                (8 * nthreads + tiles - 1) / tiles}));
+  // Every element is written by the first pass before it is read: no zero-filling.
+  std::unique_ptr<T[]> panels(new T[group * P.panels_b]), vpacked(new T[group * v_image]),
+      rnorm(new T[group * s.n]), thresh(new T[group]);
+  P.panels = panels.get(), P.rnorm = rnorm.get(), P.thresh = thresh.get();
   auto tile = isa_kernel<AffinityTile, const AffinityProblem<T>*, int64_t, int64_t, T*>();
-  run_tiles(tile, P, s.B, s.n, kBlockQ, affinity_workspace(s.C, P.hdp), nthreads);
+  for (int64_t b0 = 0; b0 < s.B; b0 += group) {
+    P.s.B = std::min(group, s.B - b0);
+    P.f = {f.data + b0 * f.stride[0], f.stride[1], f.stride[2]};
+    P.fb = f.stride[0];
+    P.out = out;
+    P.out.data += b0 * out.stride[0];
+    Strided<const T> vg = v;
+    vg.data += b0 * v.stride[0];
+    if (v_in_place) P.v = vg.data, P.vb = v.stride[0], P.vh = v.stride[1], P.vn = v.stride[2];
+    else P.v = vpacked.get();
+    affinity_first_pass(P, beta, vg, panels.get(), v_in_place ? nullptr : vpacked.get(),
+                        rnorm.get(), thresh.get(), nthreads);
+    run_tiles(tile, P, P.s.B, s.n, kBlockQ, affinity_workspace(s.C, s.H * P.dv), nthreads);
+  }
 }
 
 #define ARMFAST_INSTANTIATE(T)                                                                     \
