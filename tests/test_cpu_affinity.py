@@ -50,27 +50,12 @@ def test_value_layouts_and_head_dims(n, d):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("n", [7, 130])
 def test_column_major_features(n, dtype):
-    # f as a VFM's [B, C, n] map seen as [B, n, C] (what ProxyCLIP passes), C not a multiple of
-    # the transpose block
+    # f as a VFM's [B, C, n] map seen as [B, n, C] (what ProxyCLIP passes)
     g = torch.Generator().manual_seed(n)
     f, v, beta = affinity_inputs(2, n, 37, 2, 16, dtype=dtype, generator=g)
     fc = f.transpose(1, 2).contiguous().transpose(1, 2)
     assert fc.stride(1) == 1
     torch.testing.assert_close(run(fc, v, beta).double(), masked_affinity_f64(f, v, beta), **TOL[dtype])
-
-
-@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
-def test_every_instruction_set_path(isa, monkeypatch):
-    # The CPU may lack the requested set; the kernel then runs the best one it has. n = 197:
-    # three full tiles of 64 and a tail of 5 rows (not a multiple of any micro-tile's rows)
-    monkeypatch.setenv("ARMFAST_CPU_ISA", isa)
-    g = torch.Generator().manual_seed(3)
-    for dtype in (torch.float32, torch.float64):
-        f, v, beta = affinity_inputs(2, 197, 72, 2, 32, dtype=dtype, generator=g)
-        want = masked_affinity_f64(f, v, beta)
-        for name, vl in value_layouts(v).items():
-            torch.testing.assert_close(run(f, vl, beta).double(), want, **TOL[dtype],
-                                       msg=f"{isa} {dtype} {name}")
 
 
 def _with_threads(threads, fn):
@@ -82,9 +67,29 @@ def _with_threads(threads, fn):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+def test_every_instruction_set_path(isa, monkeypatch):
+    # The CPU may lack the requested set; the kernel then runs the best one it has. n = 197:
+    # three full tiles of 64 and a tail of 5 rows (not a multiple of any micro-tile's rows).
+    # One image on one thread takes the image path (symmetric S), on two the tile path: the
+    # same bits.
+    monkeypatch.setenv("ARMFAST_CPU_ISA", isa)
+    g = torch.Generator().manual_seed(3)
+    for dtype in (torch.float32, torch.float64):
+        f, v, beta = affinity_inputs(2, 197, 72, 2, 32, dtype=dtype, generator=g)
+        want = masked_affinity_f64(f, v, beta)
+        for name, vl in value_layouts(v).items():
+            torch.testing.assert_close(run(f, vl, beta).double(), want, **TOL[dtype],
+                                       msg=f"{isa} {dtype} {name}")
+            one, two = (_with_threads(t, lambda: run(f[:1], vl[:1], beta)) for t in (1, 2))
+            assert torch.equal(one, two), f"{isa} {dtype} {name}"
+
+
 @pytest.mark.parametrize("B", [1, 2, 3, 4])
 def test_results_do_not_depend_on_thread_count(B):
-    # Large enough for two threads; every output row is computed by one task, in a fixed order
+    # Large enough for two threads. With one thread, or as many images as threads, each image is
+    # one task (every tile of the symmetric S computed once), else one task per query tile: the
+    # same arithmetic in the same order, so the results are equal bit for bit.
     g = torch.Generator().manual_seed(B)
     f, v, beta = affinity_inputs(B, 197, 48, 2, 64, generator=g)
     results = [_with_threads(t, lambda: run(f, v, beta)) for t in (1, 2, 1)]
@@ -94,9 +99,10 @@ def test_results_do_not_depend_on_thread_count(B):
 
 
 def test_images_in_groups_equal_one_image_at_a_time():
-    # 10 key tiles of 4096 features pack to 10 MiB per image, so a batch of 3 runs in groups
-    # (of at most 2: the packed operands' budget is 16 MiB); each image's output must equal its
-    # own call's, bit for bit
+    # 10 key tiles of 4096 features pack to 10 MiB per image, so on the tile path (3 images on
+    # 2 threads) the batch runs in groups (of 2: the packed operands' budget is 16 MiB, and 2
+    # images give every thread 8 tasks); each image's output must equal its own call's, bit for
+    # bit, and so must the image path's (one thread)
     g = torch.Generator().manual_seed(4)
     f, v, beta = affinity_inputs(3, 640, 4096, 1, 16, generator=g)
     v = v.transpose(2, 3).contiguous().transpose(2, 3)  # packed values too
