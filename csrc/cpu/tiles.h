@@ -65,6 +65,24 @@ ARMFAST_INLINE void copy_transposed(T* dst, int64_t ld, Slice<T> src, int64_t n0
   for (int64_t c = 0; c < d; ++c) std::fill(dst + c * ld + n, dst + c * ld + cols, T(0));
 }
 
+// dst[i * ld + c] = src[n0 + i, c] (times row_scale[i] if given) for i < n, c < d, looping
+// along the source's smaller stride, so row-major and column-major sources both read contiguously.
+template <typename T>
+ARMFAST_INLINE void copy_block(T* dst, int64_t ld, Slice<T> src, int64_t n0, int64_t n, int64_t d,
+                               const T* row_scale = nullptr) {
+  auto put = [&](int64_t i, int64_t c) {
+    const T x = src.at(n0 + i, c);
+    dst[i * ld + c] = row_scale ? x * row_scale[i] : x;
+  };
+  if (src.sn < src.sd) {
+    for (int64_t c = 0; c < d; ++c)
+      for (int64_t i = 0; i < n; ++i) put(i, c);
+  } else {
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t c = 0; c < d; ++c) put(i, c);
+  }
+}
+
 // One row of a score tile through the online softmax. srow[0:nk] holds scores (-inf: masked);
 // they become p = exp(s - m_new) in place, and srow[nk:cols] 0. The running max m and sum l are
 // updated; returns alpha = exp(m_old - m_new), the factor for the row's accumulator.
