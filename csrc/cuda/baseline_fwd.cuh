@@ -30,9 +30,15 @@
 
 namespace armfast::cuda::baseline {
 
+using flash::accumulate_pv;
 using flash::AttnParams;
 using flash::ceil_div_int;
 using flash::kPad;
+using flash::online_softmax;
+using flash::QInRegisters;
+using flash::QInSharedMemory;
+using flash::scores;
+using flash::zero;
 
 struct Params {
   AttnParams a;  // self-correlation: q = X, k = X2 (DUAL; X otherwise), v, out; Nq = Nk = N
@@ -49,116 +55,6 @@ struct Params {
   int n, C, H, d, value_blocks;
   float gamma_log2;
 };
-
-// ---- register-tile pieces shared by both kernels ----------------------------------------------
-
-// s[MT][NT] += Q K^T of the warp's rows, K a [16 NT][ld] tile; q_frag(a, mt, kk) supplies the A
-// fragment of Q for m16 tile mt and k step kk (KS steps).
-template <typename T, int MT, int NT, int KS, class QFrag>
-__device__ __forceinline__ void scores(float (&s)[MT][NT][4], QFrag&& q_frag, const T* ks, int ld) {
-  using M = Mma<T>;
-#pragma unroll
-  for (int kk = 0; kk < KS; ++kk) {
-    uint32_t qa[MT][4];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) q_frag(qa[mt], mt, kk);
-#pragma unroll
-    for (int nn = 0; nn < NT / 2; ++nn) {
-      uint32_t kb[2][2];
-      M::load_b(kb, ks + 16 * nn * ld + kk * M::K, ld);
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        mma_sync<T>(s[mt][2 * nn], qa[mt], kb[0]);
-        mma_sync<T>(s[mt][2 * nn + 1], qa[mt], kb[1]);
-      }
-    }
-  }
-}
-
-// Q's A fragments kept in registers, or read from shared memory (q: the warp's first row, pitch
-// ld) one k step at a time, for kernels that cannot keep all of them in registers.
-template <int MT, int KS>
-struct QInRegisters {
-  const uint32_t (&f)[MT][KS][4];
-  __device__ __forceinline__ void operator()(uint32_t (&a)[4], int mt, int kk) const {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) a[i] = f[mt][kk][i];
-  }
-};
-template <typename T>
-struct QInSharedMemory {
-  const T* q;
-  int ld;
-  __device__ __forceinline__ void operator()(uint32_t (&a)[4], int mt, int kk) const {
-    Mma<T>::load_a(a, q + 16 * mt * ld + kk * Mma<T>::K, ld);
-  }
-};
-
-template <int MT, int NT>
-__device__ __forceinline__ void zero(float (&s)[MT][NT][4]) {
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[mt][nt][e] = 0.0f;
-}
-
-// One key tile of raw scores s (-inf: masked) into the running row max / sum and the output
-// accumulators o; s becomes P = exp2(s * sl2 - max * sl2). A row whose keys are all masked so far
-// keeps max = -inf and gets p = alpha = 0, never NaN.
-template <int MT, int NT, int DT>
-__device__ __forceinline__ void online_softmax(float (&s)[MT][NT][4], float (&row_max)[MT][2], float (&row_sum)[MT][2],
-                                               float (&o)[MT][DT][4], float sl2) {
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      float mx = row_max[mt][half];
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * half], s[mt][nt][2 * half + 1]));
-      mx = quad_max(mx);
-      const float mx_scaled = mx == -INFINITY ? 0.0f : mx * sl2;
-      const float alpha = exp2f(row_max[mt][half] * sl2 - mx_scaled);
-      row_max[mt][half] = mx;
-      row_sum[mt][half] *= alpha;
-#pragma unroll
-      for (int dt = 0; dt < DT; ++dt) {
-        o[mt][dt][2 * half] *= alpha;
-        o[mt][dt][2 * half + 1] *= alpha;
-      }
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int e = 2 * half; e < 2 * half + 2; ++e) {
-          const float p = exp2f(fmaf(s[mt][nt][e], sl2, -mx_scaled));
-          s[mt][nt][e] = p;
-          row_sum[mt][half] += p;
-        }
-    }
-}
-
-// o += P V: P from the accumulators of s (16 NT keys), V a [16 NT][ld] tile of 8 DT columns.
-template <typename T, int MT, int NT, int DT>
-__device__ __forceinline__ void accumulate_pv(float (&o)[MT][DT][4], const float (&s)[MT][NT][4], const T* vs, int ld) {
-  using M = Mma<T>;
-#pragma unroll
-  for (int kk = 0; kk < 8 * NT / M::K; ++kk) {
-    uint32_t pa[MT][4];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) M::a_from_acc(pa[mt], s[mt], kk);
-#pragma unroll
-    for (int nn = 0; nn < DT / 2; ++nn) {
-      uint32_t vb[2][2];
-      M::load_b_trans(vb, vs + kk * M::K * ld + 16 * nn, ld);
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        mma_sync<T>(o[mt][2 * nn], pa[mt], vb[0]);
-        mma_sync<T>(o[mt][2 * nn + 1], pa[mt], vb[1]);
-      }
-    }
-  }
-}
 
 // Grid position of token t: row, column, and whether it is a patch (not a class token).
 struct GridPos {

@@ -46,10 +46,9 @@ __global__ void __launch_bounds__(C::THREADS) flash_fwd_kernel(const AttnParams 
   using T = typename C::Elem;
   using M = Mma<T>;
   constexpr int D = C::D, MT = C::MT, BK = C::BK, BQ = C::BQ, LD = C::LD, THREADS = C::THREADS;
-  constexpr int KS = D / M::K;   // k steps of S = Q K^T
-  constexpr int PS = BK / M::K;  // k steps of O += P V
-  constexpr int NT = BK / 8;     // n8 tiles of S
-  constexpr int DT = D / 8;      // n8 tiles of O
+  constexpr int KS = D / M::K;  // k steps of S = Q K^T
+  constexpr int NT = BK / 8;    // n8 tiles of S
+  constexpr int DT = D / 8;     // n8 tiles of O
 
   ARMFAST_DYNAMIC_SMEM(smem);
   T* qs = reinterpret_cast<T*>(smem + C::Q);
@@ -79,12 +78,9 @@ __global__ void __launch_bounds__(C::THREADS) flash_fwd_kernel(const AttnParams 
 
   float o[MT][DT][4];
   float row_max[MT][2], row_sum[MT][2];  // max of raw scores; this lane's share of sum 2^(...)
+  zero(o);
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-    for (int dt = 0; dt < DT; ++dt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) o[mt][dt][e] = 0.0f;
     row_max[mt][0] = row_max[mt][1] = -INFINITY;
     row_sum[mt][0] = row_sum[mt][1] = 0.0f;
   }
@@ -96,24 +92,8 @@ __global__ void __launch_bounds__(C::THREADS) flash_fwd_kernel(const AttnParams 
     cp_async_commit();
 
     float s[MT][NT][4];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[mt][nt][e] = 0.0f;
-#pragma unroll
-    for (int kk = 0; kk < KS; ++kk)
-#pragma unroll
-      for (int nn = 0; nn < NT / 2; ++nn) {
-        uint32_t kb[2][2];
-        M::load_b(kb, ks + 16 * nn * LD + kk * M::K, LD);
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          mma_sync<T>(s[mt][2 * nn], qf[mt][kk], kb[0]);
-          mma_sync<T>(s[mt][2 * nn + 1], qf[mt][kk], kb[1]);
-        }
-      }
+    zero(s);
+    scores<T, MT, NT, KS>(s, QInRegisters<MT, KS>{qf}, ks, LD);
 
     cp_async_wait<0>();  // V_j
     __syncthreads();     // V_j visible to all; every warp is done with K_j
@@ -133,51 +113,8 @@ __global__ void __launch_bounds__(C::THREADS) flash_fwd_kernel(const AttnParams 
             if (8 * nt + mma::c_col(lane, e) >= valid) s[mt][nt][e] = -INFINITY;
     }
 
-    // Online softmax; accumulator elements 2 half, 2 half + 1 belong to row half `half`.
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        float mx = row_max[mt][half];
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * half], s[mt][nt][2 * half + 1]));
-        mx = quad_max(mx);
-        // Every tile has a valid key, so mx is finite; the guard keeps -inf - -inf out regardless.
-        const float mx_scaled = mx == -INFINITY ? 0.0f : mx * sl2;
-        const float alpha = exp2f(row_max[mt][half] * sl2 - mx_scaled);  // 0 on the first tile
-        row_max[mt][half] = mx;
-        row_sum[mt][half] *= alpha;
-#pragma unroll
-        for (int dt = 0; dt < DT; ++dt) {
-          o[mt][dt][2 * half] *= alpha;
-          o[mt][dt][2 * half + 1] *= alpha;
-        }
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-          for (int e = 2 * half; e < 2 * half + 2; ++e) {
-            const float pv = exp2f(fmaf(s[mt][nt][e], sl2, -mx_scaled));
-            s[mt][nt][e] = pv;
-            row_sum[mt][half] += pv;
-          }
-      }
-
-#pragma unroll
-    for (int kk = 0; kk < PS; ++kk) {
-      uint32_t pa[MT][4];
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) M::a_from_acc(pa[mt], s[mt], kk);
-#pragma unroll
-      for (int nn = 0; nn < DT / 2; ++nn) {
-        uint32_t vb[2][2];
-        M::load_b_trans(vb, vs + kk * M::K * LD + 16 * nn, LD);
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          mma_sync<T>(o[mt][2 * nn], pa[mt], vb[0]);
-          mma_sync<T>(o[mt][2 * nn + 1], pa[mt], vb[1]);
-        }
-      }
-    }
+    online_softmax(s, row_max, row_sum, o, sl2);
+    accumulate_pv<T>(o, s, vs, LD);
     cp_async_wait<0>();  // K_j+1
     __syncthreads();     // K_j+1 visible; every warp is done with V_j
   }
