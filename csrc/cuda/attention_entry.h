@@ -1,6 +1,7 @@
 // The attention kernels' host entry points behind armfast::cuda::attention_forward/backward
 // (attention.cu picks one per call): the tensor-core flash kernels per dtype
-// (attention_tc_{f16,bf16,tf32}.cu) and the exact float32 kernels (attention_exact.cu). Plain C++.
+// (attention_tc_{f16,bf16,tf32}.cu) and the exact float32 kernels (attention_exact.cu), and the
+// host helpers their launch sequences share. Plain C++.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -10,10 +11,36 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "kernels.h"
 
 namespace armfast::cuda {
+
+// ---- host helpers of every launch sequence ----------------------------------------------------
+// 16-byte accesses are allowed when the inner stride is 1 and every row start is 16-byte aligned.
+template <typename T>
+bool vec_ok(const Strided& t) {
+  constexpr int64_t e = 16 / sizeof(T);
+  return t.stride[3] == 1 && reinterpret_cast<std::uintptr_t>(t.data) % 16 == 0 && t.stride[0] % e == 0 &&
+         t.stride[1] % e == 0 && t.stride[2] % e == 0;
+}
+
+inline void copy_strides(int64_t* dst, const Strided& t, int n) {
+  for (int i = 0; i < n; ++i) dst[i] = t.stride[i];
+}
+
+// Calls f(std::integral_constant<int, D>{}) for d = 32, 64, 128.
+template <typename F>
+void with_head_dim(int64_t d, F&& f) {
+  switch (d) {
+    case 32: f(std::integral_constant<int, 32>{}); break;
+    case 64: f(std::integral_constant<int, 64>{}); break;
+    case 128: f(std::integral_constant<int, 128>{}); break;
+    default:
+      throw std::invalid_argument("armfast CUDA attention supports head dims 32, 64, 128; got d=" + std::to_string(d));
+  }
+}
 
 // What a call may use on its GPU.
 struct DeviceLimits {

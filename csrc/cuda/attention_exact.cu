@@ -28,6 +28,7 @@
 
 #include "armfast/cuda_utils.cuh"
 #include "attention_entry.h"
+#include "cuda_launcher.cuh"
 
 namespace armfast::cuda {
 namespace {
@@ -49,8 +50,8 @@ struct Params {
   bool vec_q, vec_k, vec_v, vec_do;  // 16-byte loads allowed (unit inner stride, aligned rows)
 };
 
-// Row padding (elements): keeps every row 16-byte aligned (uint4 stores, wmma ldm) and shifts
-// consecutive rows across shared-memory banks.
+// Row padding (elements): keeps every row 16-byte aligned (uint4 stores) and shifts consecutive
+// rows across shared-memory banks.
 template <typename T>
 constexpr int kPad = 16 / sizeof(T);
 constexpr int kPadF = 4;
@@ -136,8 +137,8 @@ struct BwdQCfg {
 constexpr size_t kSmemSm80 = 163 * 1024;
 constexpr size_t kSmemFloor = 99 * 1024;
 
-// Small tiles are compiled only for the kernels whose large tiles exceed 99 KiB: fp16/bf16 d=128
-// (all three kernels), fp32 d=64 (all three) and fp32 d=128 (forward, dK/dV).
+// Small tiles are compiled only for the kernels whose large tiles exceed 99 KiB: d=64 (all three
+// kernels) and d=128 (forward, dK/dV).
 template <template <typename, int, bool> class Cfg, typename T, int D>
 constexpr bool kHasSmall = Cfg<T, D, false>::BYTES > kSmemFloor;
 
@@ -179,8 +180,7 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t sn, int6
 // FP32: a 16 x 8 thread grid, each thread owning a (M/8) x (N/16) register tile with rows
 // ty + 8i and columns tx + 16j, so a warp reads 2 rows of A (broadcast) and 16 columns of B.
 template <int M, int N, int K, bool B_NK, bool ACC>
-__device__ __forceinline__ void block_gemm_fma(const float* A, int lda, const float* B, int ldb,
-                                               float* C, int ldc) {
+__device__ __forceinline__ void block_gemm(const float* A, int lda, const float* B, int ldb, float* C, int ldc) {
   constexpr int TX = 16, TY = kThreads / TX;
   static_assert(M % TY == 0 && N % TX == 0, "tile not divisible by the thread grid");
   constexpr int RM = M / TY, RN = N / TX;
@@ -206,11 +206,6 @@ __device__ __forceinline__ void block_gemm_fma(const float* A, int lda, const fl
   for (int i = 0; i < RM; ++i)
 #pragma unroll
     for (int j = 0; j < RN; ++j) C[(ty + i * TY) * ldc + tx + j * TX] = acc[i][j];
-}
-
-template <int M, int N, int K, bool B_NK, bool ACC>
-__device__ __forceinline__ void block_gemm(const float* A, int lda, const float* B, int ldb, float* C, int ldc) {
-  block_gemm_fma<M, N, K, B_NK, ACC>(A, lda, B, ldb, C, ldc);
 }
 
 // ---- forward ---------------------------------------------------------------------------------
@@ -458,36 +453,18 @@ std::string kernel_name(const char* base) {
          " queries x " + std::to_string(C::BK) + " keys>";
 }
 
-// 16-byte loads are safe when the inner stride is 1 and every row start is 16-byte aligned.
-template <typename T>
-bool vec_ok(const Strided& t) {
-  constexpr int64_t e = 16 / sizeof(T);
-  return t.stride[3] == 1 && reinterpret_cast<std::uintptr_t>(t.data) % 16 == 0 &&
-         t.stride[0] % e == 0 && t.stride[1] % e == 0 && t.stride[2] % e == 0;
-}
-
-void copy_strides(int64_t* dst, const Strided& t, int n) {
-  for (int i = 0; i < n; ++i) dst[i] = t.stride[i];
-}
-
-// Where the kernels of one call run, and how much shared memory a block may use there.
-struct Device {
-  DeviceLimits limits;
-  cudaStream_t stream;
-};
-
 // Whether kernel `what` runs with its small tiles on `dev`: the large tiles when they fit, else
 // the small ones where they exist; a ValueError in Python when neither fits. Checked for every
 // kernel of a call before the first launch, so a call fails before it writes anything.
 template <template <typename, int, bool> class Cfg, typename T, int D>
-bool small_tiles(const Device& dev, const char* what) {
+bool small_tiles(const DeviceLimits& dev, const char* what) {
   using Large = Cfg<T, D, false>;
-  if (Large::BYTES <= dev.limits.smem) return false;
+  if (Large::BYTES <= dev.smem) return false;
   if constexpr (kHasSmall<Cfg, T, D>) {
-    if (Cfg<T, D, true>::BYTES <= dev.limits.smem) return true;
+    if (Cfg<T, D, true>::BYTES <= dev.smem) return true;
   }
   constexpr size_t need = kHasSmall<Cfg, T, D> ? Cfg<T, D, true>::BYTES : Large::BYTES;
-  too_little_smem(what, "float32", D, need, dev.limits);
+  too_little_smem(what, "float32", D, need, dev);
 }
 
 // Calls f(std::true_type{}) for the small tiles, f(std::false_type{}) for the large ones; the
@@ -500,68 +477,38 @@ void with_tiles(bool small, F&& f) {
   f(std::false_type{});
 }
 
-template <typename Kernel>
-void launch(Kernel kernel, const std::string& name, int64_t blocks, size_t smem, const Device& dev,
-            const Params& p) {
-  if (blocks == 0) return;  // an empty batch or sequence: nothing to write
-  if (blocks > 0x7fffffffLL) throw std::invalid_argument(name + ": too many blocks (" + std::to_string(blocks) + ")");
-  allow_dynamic_shared_memory(reinterpret_cast<const void*>(kernel), dev.limits.index, smem, name);
-  kernel<<<static_cast<unsigned>(blocks), kThreads, smem, dev.stream>>>(p);
-  check_launch(name);
-}
-
 template <typename T, int D>
-void forward_t(Params p, const Device& dev) {
+void forward_t(Params p, const DeviceLimits& dev, const CudaLauncher& launch) {
   const bool small = small_tiles<FwdCfg, T, D>(dev, "forward");
   with_tiles<FwdCfg, T, D>(small, [&](auto tiles) {
     constexpr bool kSmall = decltype(tiles)::value;
     using C = FwdCfg<T, D, kSmall>;
     p.n_tiles = static_cast<int>(ceil_div(p.Nq, C::BQ));
-    launch(attention_fwd_kernel<T, D, kSmall>, kernel_name<D, C>("attention_fwd_kernel"),
-           p.BH * p.n_tiles, C::BYTES, dev, p);
+    launch(attention_fwd_kernel<T, D, kSmall>, kernel_name<D, C>("attention_fwd_kernel"), p.BH * p.n_tiles,
+           kThreads, C::BYTES, p);
   });
 }
 
 template <typename T, int D>
-void backward_t(Params p, const Device& dev) {
+void backward_t(Params p, const DeviceLimits& dev, const CudaLauncher& launch) {
   const bool kv_small = small_tiles<BwdKVCfg, T, D>(dev, "backward dK/dV");
   const bool q_small = small_tiles<BwdQCfg, T, D>(dev, "backward dQ");
   launch(attention_bwd_delta_kernel<T>, kernel_name<D>("attention_bwd_delta_kernel"),
-         ceil_div(p.BH * p.Nq, kWarps), 0, dev, p);
+         ceil_div(p.BH * p.Nq, kWarps), kThreads, 0, p);
   with_tiles<BwdKVCfg, T, D>(kv_small, [&](auto tiles) {
     constexpr bool kSmall = decltype(tiles)::value;
     using C = BwdKVCfg<T, D, kSmall>;
     p.n_tiles = static_cast<int>(ceil_div(p.Nk, C::BK));
     launch(attention_bwd_dkdv_kernel<T, D, kSmall>, kernel_name<D, C>("attention_bwd_dkdv_kernel"),
-           p.BH * p.n_tiles, C::BYTES, dev, p);
+           p.BH * p.n_tiles, kThreads, C::BYTES, p);
   });
   with_tiles<BwdQCfg, T, D>(q_small, [&](auto tiles) {
     constexpr bool kSmall = decltype(tiles)::value;
     using C = BwdQCfg<T, D, kSmall>;
     p.n_tiles = static_cast<int>(ceil_div(p.Nq, C::BQ));
     launch(attention_bwd_dq_kernel<T, D, kSmall>, kernel_name<D, C>("attention_bwd_dq_kernel"),
-           p.BH * p.n_tiles, C::BYTES, dev, p);
+           p.BH * p.n_tiles, kThreads, C::BYTES, p);
   });
-}
-
-template <int D>
-struct Forward {
-  static void run(const Params& p, const Device& dev) { forward_t<float, D>(p, dev); }
-};
-template <int D>
-struct Backward {
-  static void run(const Params& p, const Device& dev) { backward_t<float, D>(p, dev); }
-};
-
-// Calls F<D>::run(args...) for the runtime head dim.
-template <template <int> class F, typename... Args>
-void dispatch(int64_t d, Args&&... args) {
-  switch (d) {
-    case 32: F<32>::run(args...); break;
-    case 64: F<64>::run(args...); break;
-    case 128: F<128>::run(args...); break;
-    default: throw std::invalid_argument("armfast CUDA attention supports head dims 32, 64, 128; got d=" + std::to_string(d));
-  }
 }
 
 Params make_params(const AttentionShape& s, float scale) {
@@ -585,7 +532,8 @@ void attention_forward_exact(const AttentionShape& s, Strided q, Strided k, Stri
   copy_strides(p.sq, q, 4), copy_strides(p.sk, k, 4), copy_strides(p.sv, v, 4);
   copy_strides(p.so, out, 4), copy_strides(p.sl, lse, 3);
   p.vec_q = vec_ok<float>(q), p.vec_k = vec_ok<float>(k), p.vec_v = vec_ok<float>(v);
-  dispatch<Forward>(s.d, p, Device{dev, reinterpret_cast<cudaStream_t>(stream)});
+  const CudaLauncher launch{dev, reinterpret_cast<cudaStream_t>(stream)};
+  with_head_dim(s.d, [&](auto dim) { forward_t<float, decltype(dim)::value>(p, dev, launch); });
 }
 
 void attention_backward_exact(const AttentionShape& s, Strided dout, Strided q, Strided k, Strided v, Strided out,
@@ -600,7 +548,8 @@ void attention_backward_exact(const AttentionShape& s, Strided dout, Strided q, 
   copy_strides(p.sdo, dout, 4), copy_strides(p.so, out, 4), copy_strides(p.sl, lse, 3);
   copy_strides(p.sdq, dq, 4), copy_strides(p.sdk, dk, 4), copy_strides(p.sdv, dv, 4);
   p.vec_q = vec_ok<float>(q), p.vec_k = vec_ok<float>(k), p.vec_v = vec_ok<float>(v), p.vec_do = vec_ok<float>(dout);
-  dispatch<Backward>(s.d, p, Device{dev, reinterpret_cast<cudaStream_t>(stream)});
+  const CudaLauncher launch{dev, reinterpret_cast<cudaStream_t>(stream)};
+  with_head_dim(s.d, [&](auto dim) { backward_t<float, decltype(dim)::value>(p, dev, launch); });
 }
 
 }  // namespace armfast::cuda

@@ -5,8 +5,8 @@
 #include <stdexcept>
 #include <string>
 
-#include "attention_tc.cuh"
 #include "baseline_fwd.cuh"
+#include "cuda_launcher.cuh"
 #include "kernels.h"
 
 namespace armfast::cuda {

@@ -361,10 +361,10 @@ void self_correlation(const SelfCorrelationShape& s, const Strided& x, const Str
   const bool dual = x2.data != nullptr;
   const Strided& y = dual ? x2 : x;
   p.q = x.data, p.k = y.data, p.v = v.data, p.out = out.data;
-  flash::copy_strides(p.sq, x, 4), flash::copy_strides(p.sk, y, 4), flash::copy_strides(p.sv, v, 4);
-  flash::copy_strides(p.so, out, 4);
-  p.vec_q = flash::vec_ok<T>(x), p.vec_k = flash::vec_ok<T>(y), p.vec_v = flash::vec_ok<T>(v);
-  p.vec_o = flash::vec_ok<T>(out);
+  copy_strides(p.sq, x, 4), copy_strides(p.sk, y, 4), copy_strides(p.sv, v, 4);
+  copy_strides(p.so, out, 4);
+  p.vec_q = vec_ok<T>(x), p.vec_k = vec_ok<T>(y), p.vec_v = vec_ok<T>(v);
+  p.vec_o = vec_ok<T>(out);
   if (bias != nullptr) {
     if (dual) throw std::invalid_argument("armfast CUDA self-correlation: the Gaussian bias takes one operand");
     prm.bias_coef_log2 = static_cast<float>(-kLog2e / (2.0 * bias->sigma * bias->sigma));
@@ -378,7 +378,7 @@ void self_correlation(const SelfCorrelationShape& s, const Strided& x, const Str
     launch(self_corr_fwd_kernel<C>, kernel_name<C>("self_corr_fwd_kernel"), p.BH * p.n_tiles, C::THREADS, C::SMEM,
            prm);
   };
-  flash::with_head_dim(s.d, [&](auto dim) {
+  with_head_dim(s.d, [&](auto dim) {
     constexpr int D = decltype(dim)::value;
     if (dual) run(SelfCorrConfig<T, D, true, false>{});
     else if (bias != nullptr) run(SelfCorrConfig<T, D, false, true>{});
@@ -397,9 +397,9 @@ void masked_affinity(const AffinityShape& s, const Strided& f, const float* rnor
   Params prm{};
   AttnParams& p = prm.a;
   p.v = v.data, p.out = out.data;
-  flash::copy_strides(p.sv, v, 4), flash::copy_strides(p.so, out, 4);
+  copy_strides(p.sv, v, 4), copy_strides(p.so, out, 4);
   prm.f = f.data;
-  flash::copy_strides(prm.sf, f, 3);
+  copy_strides(prm.sf, f, 3);
   prm.rnorm = rnorm, prm.thresh = thresh;
   prm.n = static_cast<int>(s.n), prm.C = static_cast<int>(s.C), prm.H = static_cast<int>(s.H);
   prm.d = static_cast<int>(s.d);

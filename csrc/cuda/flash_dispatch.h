@@ -122,18 +122,6 @@ void backward(AttnParams p, bool deterministic, const DeviceLimits& dev, Launche
 }
 
 // ---- entry points (per dtype; the head dim is dispatched here) -----------------------------------
-// 16-byte accesses are allowed when the inner stride is 1 and every row start is 16-byte aligned.
-template <typename T>
-bool vec_ok(const Strided& t) {
-  constexpr int64_t e = 16 / sizeof(T);
-  return t.stride[3] == 1 && reinterpret_cast<std::uintptr_t>(t.data) % 16 == 0 && t.stride[0] % e == 0 &&
-         t.stride[1] % e == 0 && t.stride[2] % e == 0;
-}
-
-inline void copy_strides(int64_t* dst, const Strided& t, int n) {
-  for (int i = 0; i < n; ++i) dst[i] = t.stride[i];
-}
-
 inline AttnParams base_params(const AttentionShape& s, float scale) {
   if (s.Nq > 0x7fffffff || s.Nk > 0x7fffffff || s.H > 0x7fffffff)
     throw std::invalid_argument("armfast CUDA attention: sequence length or head count too large");
@@ -143,18 +131,6 @@ inline AttnParams base_params(const AttentionShape& s, float scale) {
   p.scale = scale;
   p.scale_log2 = scale * kLog2e;
   return p;
-}
-
-// Calls f(std::integral_constant<int, D>{}) for d = 32, 64, 128.
-template <typename F>
-void with_head_dim(int64_t d, F&& f) {
-  switch (d) {
-    case 32: f(std::integral_constant<int, 32>{}); break;
-    case 64: f(std::integral_constant<int, 64>{}); break;
-    case 128: f(std::integral_constant<int, 128>{}); break;
-    default:
-      throw std::invalid_argument("armfast CUDA attention supports head dims 32, 64, 128; got d=" + std::to_string(d));
-  }
 }
 
 template <typename T>
