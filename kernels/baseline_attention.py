@@ -29,10 +29,9 @@ import triton
 import triton.language as tl
 
 from ._common import interpreting
+from .attention import _log2e
 
 INTERPRET = interpreting()
-
-LOG2E = tl.constexpr(1.4426950408889634)
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages), measured once per size bucket by the Tuner of
 # armfast/ops/_triton.py; SCLIP holds two accumulators, so a config that runs out of registers
@@ -109,7 +108,7 @@ def self_corr_fwd(
     mask_m = offs_m < N
     mask_d = offs_d < HEAD_DIM
     q_mask = mask_m[:, None] & mask_d[None, :]
-    qk_scale = sm_scale * LOG2E
+    qk_scale = sm_scale * _log2e()
 
     q = tl.load(X + offs_m[:, None] * stride_xn + offs_d[None, :] * stride_xd, mask=q_mask, other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), ACC_DTYPE)
@@ -138,7 +137,7 @@ def self_corr_fwd(
             dr = row_m[:, None] - row_n[None, :]
             dc = col_m[:, None] - col_n[None, :]
             g = tl.math.exp2(bias_coef * (dr * dr + dc * dc))
-            s += tl.where(patch_m[:, None] & patch_n[None, :], g * LOG2E, 0.0)
+            s += tl.where(patch_m[:, None] & patch_n[None, :], g * _log2e(), 0.0)
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_i, l_i, acc = _online_softmax_step(s, m_i, l_i, acc, v, DOT_PRECISION)
         if DUAL:
@@ -209,7 +208,7 @@ def masked_affinity_fwd(
         r_n = tl.load(RNORM + offs_kn * stride_rn, mask=mask_n, other=0.0).to(ACC_DTYPE)
         cos = dots * r_m[:, None] * r_n[None, :]
         keep = (cos >= thresh) | (offs_m[:, None] == offs_kn[None, :])
-        s = tl.where(keep & mask_n[None, :], cos * (gamma * LOG2E), float("-inf"))
+        s = tl.where(keep & mask_n[None, :], cos * (gamma * _log2e()), float("-inf"))
         v = tl.load(V + offs_kn[:, None] * stride_vn + v_cols[None, :],
                     mask=mask_n[:, None] & mask_dv[None, :], other=0.0)
         m_i, l_i, acc = _online_softmax_step(s, m_i, l_i, acc, v, DOT_PRECISION)

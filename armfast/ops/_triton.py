@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import sys
 from types import SimpleNamespace
 
@@ -468,7 +469,7 @@ def _self_correlation(x: Tensor, x2: Tensor | None, v: Tensor, out: Tensor, scal
     ks = _kernels()
     B, H, N, d = x.shape
     grid_w, class_token, sigma = grid or (1, False, 1.0)
-    bias_coef = -ks.baselines.LOG2E.value / (2.0 * sigma * sigma)
+    bias_coef = -math.log2(math.e) / (2.0 * sigma * sigma)
     y = x if x2 is None else x2
     precision = ks.common.dot_precision(x.dtype)
     dual, bias = x2 is not None, grid is not None
