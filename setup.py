@@ -15,10 +15,6 @@ Environment:
                                   compiled once per entry, so the list sets the build time.
   CUDA_HOME / CUDA_PATH           where to look for nvcc before PATH and /usr/local/cuda
   ARMFAST_NVCC_THREADS            parallel nvcc jobs (default: number of CPUs)
-
-Sources: csrc/cuda/NAME.cu is compiled for every target; NAME.sm<XY><suffix>.cu (e.g.
-hopper.sm90a.cu) only for the targets of that exact architecture, with their own flags, and
-defines ARMFAST_HAS_SM<XY><SUFFIX> (e.g. ARMFAST_HAS_SM90A) for the other sources when built.
 """
 import os
 import re
@@ -84,24 +80,6 @@ def gencode_flags(targets: list) -> list:
     return flags
 
 
-def source_arch(path: str):
-    """"hopper.sm90a.cu" -> "90a" (compiled only for that target); "attention.cu" -> None."""
-    m = re.fullmatch(r".+\.sm(\d+[af]?)\.cu", Path(path).name)
-    return m[1] if m else None
-
-
-def cuda_sources(sources: list, targets: list) -> list:
-    """(source, targets it is compiled for), leaving out per-architecture sources whose
-    architecture is not in the target list."""
-    plan = []
-    for src in sources:
-        arch = source_arch(src)
-        chosen = targets if arch is None else [t for t in targets if t[0] == arch]
-        if chosen:
-            plan.append((src, chosen))
-    return plan
-
-
 class BuildExt(build_ext):
     """build_ext that compiles .cu sources with nvcc (in parallel) before the usual link."""
 
@@ -116,18 +94,14 @@ class BuildExt(build_ext):
         nvcc = str(ext.cuda_home / "bin" / "nvcc")
         out_dir = Path(self.build_temp) / "cuda"
         out_dir.mkdir(parents=True, exist_ok=True)
-        targets = cuda_targets(ext.cuda_archs)
-        plan = cuda_sources(sources, targets)
-        built = sorted({source_arch(src).upper() for src, _ in plan if source_arch(src)})
         includes = [f"-I{d}" for d in ext.include_dirs]
         flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", "-DNDEBUG",
                  "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden",
-                 *[f"-DARMFAST_HAS_SM{arch}" for arch in built]]
+                 *gencode_flags(cuda_targets(ext.cuda_archs))]
 
-        def compile_one(job):
-            src, src_targets = job
-            obj = out_dir / (Path(src).name.removesuffix(".cu") + ".o")
-            cmd = [nvcc, "-c", src, "-o", str(obj), *includes, *flags, *gencode_flags(src_targets)]
+        def compile_one(src):
+            obj = out_dir / (Path(src).stem + ".o")
+            cmd = [nvcc, "-c", src, "-o", str(obj), *includes, *flags]
             print(" ".join(cmd), flush=True)
             subprocess.run(cmd, check=True)
             return str(obj)
@@ -135,7 +109,7 @@ class BuildExt(build_ext):
         jobs = int(os.environ.get("ARMFAST_NVCC_THREADS", os.cpu_count() or 1))
         try:
             with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-                return list(pool.map(compile_one, plan))
+                return list(pool.map(compile_one, sources))
         except subprocess.CalledProcessError as exc:
             raise SystemExit(
                 f"nvcc failed on {exc.cmd[2]}. Set ARMFAST_NO_CUDA=1 to build the CPU backend only, "
