@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from . import _auto, _registry, _validate
-from ._registry import BACKENDS, Backend, available_backends, resolve, status
+from ._registry import BACKENDS, available_backends, resolve, status
 
 __all__ = ["attention", "patch_text_logits", "self_correlation", "self_correlation_sum",
            "gaussian_self_correlation", "masked_affinity_attention", "available_backends",
