@@ -3,8 +3,8 @@
 ``"auto"`` is bfloat16 autocast on CUDA and float32 on every other device; ``"bf16"`` and
 ``"fp16"`` ask for that autocast dtype anywhere torch supports it (CPU autocast takes bf16);
 ``"fp32"`` turns autocast off. Under autocast the matmuls run in the low dtype while armfast
-keeps the softmax statistics (the attention's log-sum-exp, NACLIP's explicit softmax) and the
-cosine logits in float32.
+keeps the softmax statistics of its attentions (running max and log-sum-exp) and the cosine
+logits in float32.
 """
 from __future__ import annotations
 

@@ -61,7 +61,9 @@ def to_image_tensor(image) -> Tensor:
     as a viewer shows them (`armfast.data.images.to_rgb`)."""
     import numpy as np
 
-    from .data.images import BACKGROUND, open_rgb, to_rgb
+    from PIL import Image
+
+    from .data.images import open_rgb, to_rgb
 
     if isinstance(image, (str, os.PathLike)):
         image = open_rgb(image)
@@ -72,12 +74,10 @@ def to_image_tensor(image) -> Tensor:
             image = image[..., None].repeat(3, axis=-1)
         if image.ndim != 3 or image.shape[-1] not in (3, 4):
             raise ValueError(f"image array must be HxW, HxWx3 or HxWx4, got shape {image.shape}")
-        if image.shape[-1] == 4:  # RGBA: composited on the background a viewer shows
+        if image.shape[-1] == 4:  # RGBA: composited as for an RGBA file or PIL image
             if image.dtype != np.uint8:
                 raise TypeError(f"an RGBA image array must be uint8, got {image.dtype}")
-            alpha = image[..., 3:].astype(np.float32) / 255.0
-            bg = np.asarray(BACKGROUND, dtype=np.float32)
-            image = np.rint(image[..., :3] * alpha + bg * (1.0 - alpha)).astype(np.uint8)
+            image = np.asarray(to_rgb(Image.fromarray(image, mode="RGBA")))
         image = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)
     if not isinstance(image, Tensor):
         raise TypeError(f"image must be a PIL image, a numpy array, a tensor or a path, got "

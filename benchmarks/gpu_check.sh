@@ -22,7 +22,8 @@
 # of the whole check's budget (ARMFAST_GPU_CHECK_BUDGET seconds, default 540, under the device
 # tool's 600 s per command), so a hang in one step still leaves the others' results. The steps
 # run in order of value: build, benchmark (every backend is checked against the reference on
-# every shape before it is timed), GPU tests, Triton tests, issue 13's table, cold first calls.
+# every shape before it is timed), issue 16's pipeline, GPU tests, Triton tests, issue 13's
+# table, cold first calls.
 #
 # ARMFAST_GPU_CHECK_DRY=1 runs the same steps on the CPU with toy shapes and no build (to test
 # this script on a machine without a GPU).

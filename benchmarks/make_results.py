@@ -7,10 +7,13 @@ every JSON file there (a device this machine lacks keeps its last measured table
     python benchmarks/make_results.py --quick          # quick shapes (a smoke table)
     python benchmarks/make_results.py --render-only    # re-render from the stored JSON
     python benchmarks/make_results.py --parts pipeline # only the whole-image pipeline
+    python benchmarks/make_results.py --parts tune     # re-measure and rewrite the auto table
 
-Two parts per device: the ops and modules (`armfast bench`, results/<device>.json) and the
-whole-image pipeline against the official-style path (`armfast bench --ops pipeline`,
-results/<device>-pipeline.json).
+Three parts per device: the ops and modules (`armfast bench`, results/<device>.json); the
+measurement behind the packaged auto table (`armfast bench --tune --write-table`,
+results/<device>-tune.json: host-overhead sizes and the design's shapes, every op of the
+table); and the whole-image pipeline against the official-style path (`armfast bench --ops
+pipeline`, results/<device>-pipeline.json).
 """
 from __future__ import annotations
 
@@ -63,7 +66,9 @@ the share of the pipeline's time ARM adds, `batch` the crops per forward pass.
 """
 
 
-PARTS = {"ops": ("{device}.json", []), "pipeline": ("{device}-pipeline.json", ["--ops", "pipeline"])}
+PARTS = {"ops": ("{device}.json", []),
+         "tune": ("{device}-tune.json", ["--tune", "--write-table"]),
+         "pipeline": ("{device}-pipeline.json", ["--ops", "pipeline"])}
 
 
 def measure(device: str, quick: bool, part: str = "ops") -> None:
@@ -94,6 +99,20 @@ def render() -> str:
                          f"On a machine with one: `python benchmarks/make_results.py --devices "
                          f"{device}`.\n")
     for device, title in TITLES.items():
+        path = RESULTS_DIR / f"{device}-tune.json"
+        if path.exists():
+            data = json.loads(path.read_text())
+            parts.append(markdown_section(
+                data, f"{title} auto table: {data['environment']['device_name']}"))
+            parts.append("The packaged `armfast/ops/auto_table.json` holds, per size bucket, the "
+                         "fastest backend of this run; `armfast backends` prints it.\n")
+        else:
+            parts.append(f"## {title} auto table: not yet measured\n\nNo "
+                         f"`benchmarks/results/{device}-tune.json` is stored (`armfast backends` "
+                         f"shows which entries the packaged table holds; without one `auto` "
+                         f"takes `sdpa`). On a machine with a {title}: `python "
+                         f"benchmarks/make_results.py --devices {device} --parts tune`.\n")
+    for device, title in TITLES.items():
         path = RESULTS_DIR / f"{device}-pipeline.json"
         if path.exists():
             data = json.loads(path.read_text())
@@ -113,8 +132,8 @@ def main(argv=None) -> int:
     parser.add_argument("--devices", help="comma-separated from cpu,cuda (default: those present)")
     parser.add_argument("--quick", action="store_true", help="quick shapes and timing")
     parser.add_argument("--render-only", action="store_true", help="only re-render RESULTS.md")
-    parser.add_argument("--parts", default="ops,pipeline",
-                        help="comma-separated from ops,pipeline (default: both)")
+    parser.add_argument("--parts", default="ops,tune,pipeline",
+                        help="comma-separated from ops,tune,pipeline (default: all three)")
     args = parser.parse_args(argv)
     if not args.render_only:
         present = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -68,6 +68,15 @@ def _modes():
     ]
 
 
+def test_an_rgba_array_is_composited_as_its_pil_image():
+    rgba = np.random.default_rng(0).integers(0, 256, (5, 7, 4), dtype=np.uint8)
+    rgba[0, 0, 3], rgba[0, 1, 3] = 0, 255  # fully transparent, fully opaque
+    from_array = to_image_tensor(rgba)
+    assert torch.equal(from_array, to_image_tensor(Image.fromarray(rgba, mode="RGBA")))
+    assert torch.equal(from_array[:, 0, 0], torch.ones(3))  # white under a transparent pixel
+    assert torch.equal(from_array[:, 0, 1], torch.from_numpy(rgba[0, 1, :3]).float() / 255)
+
+
 @pytest.mark.parametrize("name, image, expected", _modes(), ids=[m[0] for m in _modes()])
 def test_every_mode_becomes_the_rgb_a_viewer_shows(tmp_path, name, image, expected):
     expected = np.array(expected, dtype=np.uint8)

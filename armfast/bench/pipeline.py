@@ -101,7 +101,6 @@ class PipelineWorkload:
 
 def build(case: PipelineCase, device: str | torch.device, *, baseline: str = BASELINE,
           seed: int = 0) -> PipelineWorkload:
-    from ..arm import ARM
     from ..clip.text import TextEmbeddings, flatten_classes
     from ..eval.presets import get_preset
     from ..segmentor import Segmentor

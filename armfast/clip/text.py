@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,8 @@ from typing import Callable, Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .._files import atomic_write_bytes
 
 SIMPLE_TEMPLATES = ("a photo of a {}.",)
 ClassSpec = Sequence[Union[str, Sequence[str]]]
@@ -173,7 +174,7 @@ def _read_cache(path: Path) -> dict[str, Tensor]:
 
 
 def _write_cache(path: Path, entries: dict[str, Tensor]) -> None:
-    """Writes (atomically: a temporary file, then a rename) the merged name -> embedding map."""
+    """Writes (atomically, `armfast._files.atomic_write_bytes`) the merged name -> embedding map."""
     from safetensors.torch import save
 
     merged = _read_cache(path)  # another process may have added names meanwhile
@@ -182,14 +183,7 @@ def _write_cache(path: Path, entries: dict[str, Tensor]) -> None:
     data = save({"embeddings": torch.stack([merged[n].float().cpu() for n in names]).contiguous()},
                 metadata={"names": json.dumps(names)})
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, data)
 
 
 def encode_names(model: nn.Module, names: Sequence[str], templates="openai", *, tokenizer=None,

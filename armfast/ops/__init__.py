@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from . import _auto, _registry, _validate
-from ._registry import BACKENDS, Backend, available_backends, resolve, status
+from ._registry import BACKENDS, available_backends, resolve, status
 
 __all__ = ["attention", "patch_text_logits", "self_correlation", "self_correlation_sum",
            "gaussian_self_correlation", "masked_affinity_attention", "available_backends",
@@ -49,7 +49,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None,
     train = work = None
     if backend == "auto":  # the table's key: gradients needed or not, and the size of the work
         train = _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-        work = 4 * B * H * Nq * k.shape[2] * d
+        work = _auto.attention_key(B, H, Nq, k.shape[2], d)[1]
     if _is_compiling():
         name = _backend_name("attention", backend, q.dtype, q.device, _traced_int(d), _traced_int(d), train,
                              _traced_bucket(work))
@@ -71,7 +71,7 @@ def patch_text_logits(x: Tensor, text: Tensor, *, logit_scale: float | Tensor = 
     train = work = None
     if backend == "auto":
         train = _grad_enabled() and (x.requires_grad or text.requires_grad or scale.requires_grad)
-        work = 2 * B * N * text.shape[0] * E
+        work = _auto.patch_text_logits_key(B, N, text.shape[0], E)[1]
     if _is_compiling():
         name = _backend_name("patch_text_logits", backend, x.dtype, x.device, _traced_int(E), None, train,
                              _traced_bucket(work))

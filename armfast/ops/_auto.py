@@ -25,6 +25,8 @@ from typing import Iterable, Optional
 
 import torch
 
+from .._files import atomic_write_text
+
 FALLBACK = "sdpa"
 TABLE_ENV = "ARMFAST_AUTO_TABLE"
 PACKAGED_TABLE = Path(__file__).with_name("auto_table.json")
@@ -238,10 +240,6 @@ def write_table(path: Path, entries: list[dict], measurement: dict) -> dict:
     data["measurements"] = [m for m in data["measurements"]
                             if not (m.get("device") in kinds and m.get("dtype") == measurement.get("dtype"))]
     data["measurements"].append(measurement)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=1) + "\n")
     clear_cache()
     return data

@@ -85,10 +85,6 @@ def available_backends(device: str | torch.device = "cpu") -> list[str]:
     return [name for name, reason in status(device).items() if reason is None]
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
 def _unsupported(b: Backend, op: str, dtype: torch.dtype, device: torch.device,
                  head_dim: Optional[int]) -> Optional[tuple[type, str]]:
     """(error type, message) when `b` cannot run `op` on these inputs, else None."""
@@ -98,9 +94,9 @@ def _unsupported(b: Backend, op: str, dtype: torch.dtype, device: torch.device,
     if op not in b.ops:
         return ValueError, f"backend '{b.name}' has no {op} op"
     if dtype not in b.dtypes[device.type]:
-        names = ", ".join(_dtype_name(d) for d in b.dtypes[device.type])
+        names = ", ".join(_auto.dtype_name(d) for d in b.dtypes[device.type])
         return TypeError, (f"backend '{b.name}' supports dtypes {names} on {device.type}, "
-                           f"got {_dtype_name(dtype)}")
+                           f"got {_auto.dtype_name(dtype)}")
     if head_dim is not None and b.head_dims is not None and head_dim not in b.head_dims:
         dims = b.head_dims
         dims = f"{dims.start}..{dims.stop - 1}" if isinstance(dims, range) else tuple(dims)
@@ -132,7 +128,7 @@ def _pick_auto(op: str, dtype: torch.dtype, device: torch.device, dim: Optional[
         b = load(name) if name in _LOCATIONS else None
         if isinstance(b, Backend) and _unsupported(b, op, dtype, device, head_dim) is None:
             return b
-    raise TypeError(f"no backend can run {op} on {device} with dtype {_dtype_name(dtype)}")
+    raise TypeError(f"no backend can run {op} on {device} with dtype {_auto.dtype_name(dtype)}")
 
 
 _resolved: dict[tuple, Backend] = {}
