@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from test_cuda_compile import ROOT, cuda_bin, demangle, disassembler_path, ptxas_report
+from test_cuda_compile import demangle, disassembler_path, nvcc_cubin
 
 pytestmark = pytest.mark.slow
 
@@ -22,17 +22,9 @@ SPILL_ALLOWED = re.compile(r"SelfCorrConfig<[^,]+, 128, true")
 
 @pytest.fixture(scope="module", params=ARCHS)
 def cubin(request, tmp_path_factory):
-    bin_dir = cuda_bin()
-    if bin_dir is None:
-        pytest.skip("nvcc not found")
     arch = request.param
-    out = tmp_path_factory.mktemp("baseline_cubin") / f"baseline_attention.sm_{arch}.cubin"
-    cmd = [str(bin_dir / "nvcc"), "-cubin", f"-arch=sm_{arch}", "-O3", "-std=c++17", "--expt-relaxed-constexpr",
-           "-DNDEBUG", "-Xptxas", "-v", f"-I{ROOT / 'csrc' / 'include'}", f"-I{ROOT / 'csrc' / 'cuda'}",
-           str(ROOT / "csrc" / "cuda" / "baseline_attention.cu"), "-o", str(out)]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stderr[-4000:]}"
-    return arch, out, ptxas_report(result.stderr)
+    out, report = nvcc_cubin("baseline_attention.cu", arch, tmp_path_factory.mktemp("baseline_cubin"))
+    return arch, out, report
 
 
 def test_resources(cubin):

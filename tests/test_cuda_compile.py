@@ -96,6 +96,21 @@ def built_module():
     return Path(spec.origin) if spec and spec.origin else None
 
 
+def nvcc_cubin(source: str, arch: str, out: Path):
+    """csrc/cuda/`source` compiled with nvcc -cubin for sm_`arch` into folder `out`: (cubin path,
+    resource report from -Xptxas -v). Skips when nvcc is not found."""
+    bin_dir = cuda_bin()
+    if bin_dir is None:
+        pytest.skip("nvcc not found")
+    cubin = out / f"{Path(source).stem}.sm_{arch}.cubin"
+    cmd = [str(bin_dir / "nvcc"), "-cubin", f"-arch=sm_{arch}", "-O3", "-std=c++17", "--expt-relaxed-constexpr",
+           "-DNDEBUG", "-Xptxas", "-v", f"-I{ROOT / 'csrc' / 'include'}", f"-I{ROOT / 'csrc' / 'cuda'}",
+           str(ROOT / "csrc" / "cuda" / source), "-o", str(cubin)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stderr[-4000:]}"
+    return cubin, ptxas_report(result.stderr)
+
+
 @pytest.fixture(scope="session")
 def cubins(tmp_path_factory):
     """{(source, arch): (cubin path, resource report)}: extracted from the built module where it
@@ -106,7 +121,6 @@ def cubins(tmp_path_factory):
     if tools and module:
         inside = subprocess.run(["cuobjdump", "--list-elf", str(module)], capture_output=True, text=True,
                                 env={**os.environ, "PATH": tools}).stdout
-    include = [f"-I{ROOT / 'csrc' / 'include'}", f"-I{ROOT / 'csrc' / 'cuda'}"]
 
     def get(job):
         source, arch = job
@@ -117,11 +131,7 @@ def cubins(tmp_path_factory):
             return job, (out / name, resource_report(out / name, tools))
         if bin_dir is None:
             pytest.skip(f"{name}: not in a built armfast._C_cuda, and nvcc not found")
-        cmd = [str(bin_dir / "nvcc"), "-cubin", f"-arch=sm_{arch}", "-O3", "-std=c++17", "--expt-relaxed-constexpr",
-               "-DNDEBUG", "-Xptxas", "-v", *include, str(ROOT / "csrc" / "cuda" / source), "-o", str(out / name)]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stderr[-4000:]}"
-        return job, (out / name, ptxas_report(result.stderr))
+        return job, nvcc_cubin(source, arch, out)
 
     jobs = [(s, a) for s in SOURCES for a in ARCHS]
     with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
