@@ -301,6 +301,23 @@ def test_patch_text_logits_strided(dtype, poisoned):
     check_logits(x, text, torch.tensor(2.5, device="cuda", requires_grad=True))
 
 
+@pytest.mark.parametrize("n", [7, 1500])  # 1500: dtext's reduction would be split
+def test_patch_text_logits_frozen_text_skips_dtext(n, poisoned):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(2, n, 64, generator=g).to("cuda").requires_grad_()
+    text = torch.randn(19, 64, generator=g).to("cuda")
+    scale = torch.tensor(20.0, device="cuda", requires_grad=True)
+    dout = torch.randn(2, n, 19, generator=g).to("cuda")
+    frozen = torch.autograd.grad(ops.patch_text_logits(x, text, logit_scale=scale, backend="cuda"),
+                                 (x, scale), dout)
+    full = torch.autograd.grad(ops.patch_text_logits(x, text.clone().requires_grad_(),
+                                                     logit_scale=scale, backend="cuda"), (x, scale), dout)
+    for a, b in zip(frozen, full):
+        assert torch.equal(a, b)  # the same kernels for dx and dlogit_scale either way
+    dx, dtext, _ = _extension.cuda_patch_text_logits_backward(dout, x.detach(), text, scale.detach(), False)
+    assert dtext is None and dx.shape == x.shape
+
+
 def test_patch_text_logits_zero_rows_follow_the_eps_clamp():
     g = torch.Generator().manual_seed(13)
     x = torch.randn(1, 4, 8, generator=g)

@@ -297,20 +297,21 @@ def cuda_patch_text_logits_forward(x: Tensor, text: Tensor, logit_scale: Tensor)
 
 
 def cuda_patch_text_logits_backward(dout: Tensor, x: Tensor, text: Tensor, logit_scale: Tensor,
-                                    text_grad: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+                                    text_grad: bool = True) -> tuple[Tensor, Optional[Tensor], Tensor]:
     _check("cuda", CUDA_DTYPES, x=x, text=text, dout=dout)
     module = _module("_C_cuda")
     B, N, E = x.shape
     C = text.shape[0]
     scale = _cuda_logit_scale(logit_scale, x)
     dx = empty(x.shape, x.dtype, x.device)
-    dtext = empty(text.shape, text.dtype, text.device)
+    dtext = empty(text.shape, text.dtype, text.device) if text_grad else None
     dscale = empty((1,), torch.float32, x.device)
     workspace = empty((module.patch_text_logits_workspace(B * N, C, E, True),), torch.float32,
                        x.device)
     module.patch_text_logits_backward(
-        _DTYPE_NAMES[x.dtype], _arg(dout), _arg(x), _arg(text), _arg(scale), _arg(dx), _arg(dtext),
-        _arg(dscale), _arg(workspace), _allow_tf32(x.dtype), *_launch(x))
+        _DTYPE_NAMES[x.dtype], _arg(dout), _arg(x), _arg(text), _arg(scale), _arg(dx),
+        None if dtext is None else _arg(dtext), _arg(dscale), _arg(workspace),
+        _allow_tf32(x.dtype), *_launch(x))
     return dx, dtext, dscale.to(logit_scale.dtype).reshape(logit_scale.shape)
 
 

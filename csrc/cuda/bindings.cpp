@@ -129,7 +129,7 @@ void patch_text_logits_forward(const std::string& dtype, const PyTensor& x, cons
 
 void patch_text_logits_backward(const std::string& dtype, const PyTensor& dout, const PyTensor& x,
                                 const PyTensor& text, const PyTensor& logit_scale,
-                                const PyTensor& dx, const PyTensor& dtext,
+                                const PyTensor& dx, const std::optional<PyTensor>& dtext,
                                 const PyTensor& dlogit_scale, const PyTensor& workspace,
                                 bool allow_tf32, int device, std::uintptr_t stream) {
   const cu::DType dt = parse_dtype(dtype);
@@ -140,14 +140,17 @@ void patch_text_logits_backward(const std::string& dtype, const PyTensor& dout, 
   const TensorArg ga = tensor_arg("dout", dout, {B, N, C});
   const TensorArg sa = tensor_arg("logit_scale", logit_scale, {1});
   const TensorArg dxa = tensor_arg("dx", dx, {B, N, E});
-  const TensorArg dta = tensor_arg("dtext", dtext, {C, E});
+  // dtext None: its gradient is not needed and its pass is skipped (null data pointer)
+  const std::optional<TensorArg> dta =
+      dtext ? std::optional<TensorArg>(tensor_arg("dtext", *dtext, {C, E})) : std::nullopt;
   const TensorArg dsa = tensor_arg("dlogit_scale", dlogit_scale, {1});
   const TensorArg wa = tensor_arg("workspace", workspace, {cu::patch_text_logits_workspace(B * N, C, E, true)});
   require_contiguous("workspace", wa);
   check_device(device);
   py::gil_scoped_release release;
   cu::patch_text_logits_backward(dt, {B, N, C, E}, strided(ga), strided(xa), strided(ta),
-                                 sa.data<const float>(), strided(dxa), strided(dta),
+                                 sa.data<const float>(), strided(dxa),
+                                 dta ? strided(*dta) : cu::Strided{nullptr, {0, 0, 0, 0}},
                                  dsa.data<float>(), wa.data<float>(), allow_tf32, device, stream);
 }
 
@@ -251,7 +254,7 @@ PYBIND11_MODULE(_C_cuda, m) {
         py::arg("dout"), py::arg("x"), py::arg("text"), py::arg("logit_scale"), py::arg("dx"),
         py::arg("dtext"), py::arg("dlogit_scale"), py::arg("workspace"), py::arg("allow_tf32"),
         py::arg("device"), py::arg("stream"),
-        ("Writes dx, dtext and dlogit_scale (float32 [1])." + tensors).c_str());
+        ("Writes dx, dtext (None: skipped) and dlogit_scale (float32 [1])." + tensors).c_str());
   m.def("self_correlation_forward", &self_correlation_forward, py::arg("dtype"), py::arg("x"), py::arg("x2"),
         py::arg("v"), py::arg("out"), py::arg("scale"), py::arg("grid"), py::arg("allow_tf32"), py::arg("device"),
         py::arg("stream"),

@@ -52,7 +52,8 @@ void patch_text_logits_forward(DType dtype, const LogitsShape& s, Strided x, Str
                                const float* logit_scale, Strided out, float* workspace,
                                bool allow_tf32, int device, std::uintptr_t stream);
 
-// Writes dx [B,N,E], dtext [C,E] and dlogit_scale (one float32 on the device).
+// Writes dx [B,N,E], dtext [C,E] (skipped when dtext.data is null) and dlogit_scale (one
+// float32 on the device).
 void patch_text_logits_backward(DType dtype, const LogitsShape& s, Strided dout, Strided x,
                                 Strided text, const float* logit_scale, Strided dx, Strided dtext,
                                 float* dlogit_scale, float* workspace, bool allow_tf32,

@@ -202,24 +202,26 @@ void backward_t(const LogitsShape& s, const Strided& dout, const Strided& x, con
   y.M = rows, y.N = s.E, y.K = s.C;
   launch_gemm<true, false>(y, 1, tensor_cores, "dout text_hat", stream);
 
-  GemmArgs<T, float> z{};  // z = dout^T normalize(x): [C, E], summed over all rows in order
-  z.a = static_cast<const T*>(dout.data), z.a_row = plain(dout.stride[2]), z.a_col = g_row;
-  z.b = static_cast<const T*>(x.data), z.b_row = x_row, z.b_col = plain(x.stride[2]);
-  z.kscale = w.inv_x;
-  z.out = w.z, z.o_row = plain(s.E), z.o_col = 1;
-  z.M = s.C, z.N = s.E, z.K = rows;
-  z.partial = w.partial;
-  launch_gemm<false, false>(z, row_splits(rows), tensor_cores, "dout^T x_hat", stream);
-
   project_rows_kernel<T><<<row_blocks(rows), kRowThreads, 0, stream>>>(
       w.y, s.E, static_cast<const T*>(x.data), x_row, x.stride[2], w.inv_x, w.mask_x, scale,
       static_cast<T*>(dx.data), Index{s.N, dx.stride[0], dx.stride[1]}, dx.stride[2], w.dots, rows);
   check_launch(kernel_name<T>("project_rows_kernel") + " (dx)");
-  project_rows_kernel<T><<<row_blocks(s.C), kRowThreads, 0, stream>>>(
-      w.z, s.E, static_cast<const T*>(text.data), plain(text.stride[0]), text.stride[1], w.inv_t,
-      w.mask_t, scale, static_cast<T*>(dtext.data), plain(dtext.stride[0]), dtext.stride[1],
-      nullptr, s.C);
-  check_launch(kernel_name<T>("project_rows_kernel") + " (dtext)");
+
+  if (dtext.data != nullptr) {  // null: frozen class embeddings, no dtext (a third of the work)
+    GemmArgs<T, float> z{};  // z = dout^T normalize(x): [C, E], summed over all rows in order
+    z.a = static_cast<const T*>(dout.data), z.a_row = plain(dout.stride[2]), z.a_col = g_row;
+    z.b = static_cast<const T*>(x.data), z.b_row = x_row, z.b_col = plain(x.stride[2]);
+    z.kscale = w.inv_x;
+    z.out = w.z, z.o_row = plain(s.E), z.o_col = 1;
+    z.M = s.C, z.N = s.E, z.K = rows;
+    z.partial = w.partial;
+    launch_gemm<false, false>(z, row_splits(rows), tensor_cores, "dout^T x_hat", stream);
+    project_rows_kernel<T><<<row_blocks(s.C), kRowThreads, 0, stream>>>(
+        w.z, s.E, static_cast<const T*>(text.data), plain(text.stride[0]), text.stride[1], w.inv_t,
+        w.mask_t, scale, static_cast<T*>(dtext.data), plain(dtext.stride[0]), dtext.stride[1],
+        nullptr, s.C);
+    check_launch(kernel_name<T>("project_rows_kernel") + " (dtext)");
+  }
   sum_kernel<<<1, kSumThreads, 0, stream>>>(w.dots, rows, dscale);
   check_launch("sum_kernel (dlogit_scale)");
 }
