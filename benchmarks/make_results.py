@@ -85,44 +85,33 @@ def measure(device: str, quick: bool, part: str = "ops") -> None:
         raise SystemExit(f"armfast bench failed on {device} (exit {done.returncode})")
 
 
+# Per part: the heading after the device's title, and what the section says besides the table.
+HEADINGS = {"ops": "", "tune": " auto table", "pipeline": " pipeline"}
+NOTES = {"tune": "\nThe packaged `armfast/ops/auto_table.json` holds, per size bucket, the fastest "
+                 "backend of this run; `armfast backends` prints it.\n"}
+IF_MISSING = {"tune": " `armfast backends` shows which entries the packaged table holds; without "
+                      "one `auto` takes `sdpa`."}
+
+
+def section(part: str, device: str, title: str) -> str:
+    """One part's section for one device, from its stored JSON, or a note that none is stored
+    (no numbers rather than guessed ones)."""
+    name = PARTS[part][0].format(device=device)
+    heading = title + HEADINGS[part]
+    path = RESULTS_DIR / name
+    if not path.exists():
+        return (f"## {heading}: not yet measured\n\nNo `benchmarks/results/{name}` is stored."
+                f"{IF_MISSING.get(part, '')} On a machine with a {title}: `python "
+                f"benchmarks/make_results.py --devices {device} --parts {part}`.\n")
+    data = json.loads(path.read_text())
+    render_part = pipeline.markdown_section if part == "pipeline" else markdown_section
+    return (render_part(data, f"{heading}: {data['environment']['device_name']}")
+            + NOTES.get(part, ""))
+
+
 def render() -> str:
-    parts = [HEADER]
-    for device, title in TITLES.items():
-        path = RESULTS_DIR / f"{device}.json"
-        if path.exists():
-            data = json.loads(path.read_text())
-            parts.append(markdown_section(data, f"{title}: {data['environment']['device_name']}"))
-        else:
-            parts.append(f"## {title}: not yet measured\n\nNo {title} run is stored (there is no "
-                         f"`benchmarks/results/{device}.json`): this file was generated where no "
-                         f"{title} was available, and no numbers are given rather than guessed. "
-                         f"On a machine with one: `python benchmarks/make_results.py --devices "
-                         f"{device}`.\n")
-    for device, title in TITLES.items():
-        path = RESULTS_DIR / f"{device}-tune.json"
-        if path.exists():
-            data = json.loads(path.read_text())
-            parts.append(markdown_section(
-                data, f"{title} auto table: {data['environment']['device_name']}"))
-            parts.append("The packaged `armfast/ops/auto_table.json` holds, per size bucket, the "
-                         "fastest backend of this run; `armfast backends` prints it.\n")
-        else:
-            parts.append(f"## {title} auto table: not yet measured\n\nNo "
-                         f"`benchmarks/results/{device}-tune.json` is stored (`armfast backends` "
-                         f"shows which entries the packaged table holds; without one `auto` "
-                         f"takes `sdpa`). On a machine with a {title}: `python "
-                         f"benchmarks/make_results.py --devices {device} --parts tune`.\n")
-    for device, title in TITLES.items():
-        path = RESULTS_DIR / f"{device}-pipeline.json"
-        if path.exists():
-            data = json.loads(path.read_text())
-            parts.append(pipeline.markdown_section(
-                data, f"{title} pipeline: {data['environment']['device_name']}"))
-        else:
-            parts.append(f"## {title} pipeline: not yet measured\n\nNo "
-                         f"`benchmarks/results/{device}-pipeline.json`. On a machine with a "
-                         f"{title}: `python benchmarks/make_results.py --devices {device} "
-                         f"--parts pipeline`.\n")
+    parts = [HEADER] + [section(part, device, title)
+                        for part in PARTS for device, title in TITLES.items()]
     return "\n".join(parts).rstrip("\n") + "\n"
 
 
