@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import armfast.clip as aclip
 from armfast import ARM, ARMConfig
 from armfast.backbones import (BACKBONES, canonical_name, find_backbone, get_backbone)
-from armfast.segmentor import Segmentor
+from armfast.inference import Segmentor
 from clip_models import tiny_clip, tiny_tower, vit_b16
 
 NAMES = ("ViT-B-16", "ViT-B-32", "ViT-L-14", "ViT-L-14-336")

@@ -59,7 +59,7 @@ def test_miou_matches_an_independent_computation(setup, capsys):
     got = json.loads(out.read_text())["results"][0]
 
     from armfast.clip import load_clip
-    from armfast.segmentor import Segmentor
+    from armfast.inference import Segmentor
 
     clip = load_clip(model)
     protocol = get_protocol("naclip", "cityscapes", short_side=40, crop=32, stride=16)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from armfast import ARM, ops
 from armfast.bench.workloads import randomize_residual_outputs
-from armfast.graphs import Captured, GraphedCall, capture_cuda_graph, relative_difference
+from armfast.inference.graphs import Captured, GraphedCall, capture_cuda_graph, relative_difference
 
 
 class FakeGraph:
@@ -159,7 +159,7 @@ def test_arm_forward_replayed_from_a_graph():
 @pytest.mark.gpu
 @pytest.mark.parametrize("baseline", ["sclip", "clearclip", "naclip", "maskclip"])
 def test_segmentor_graphs_match_eager(baseline):
-    from armfast.segmentor import Segmentor
+    from armfast.inference import Segmentor
     from clip_models import vit_b16
 
     model = copy.deepcopy(vit_b16()).cuda()

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from armfast.data.base import read_image
-from armfast.segmentor import to_image_tensor
+from armfast.inference import to_image_tensor
 
 WHITE = (255, 255, 255)
 

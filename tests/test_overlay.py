@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 
 from armfast.background import Background
-from armfast.result import SegmentationResult
-from armfast.visualize import palette
+from armfast.inference.result import SegmentationResult
+from armfast.inference.visualize import palette
 
 
 def result(labels, photo, names, background=None):
@@ -48,7 +48,7 @@ def test_swatches_match_their_regions():
     labels[:, 75:] = 2  # areas: class 1 > class 0 > class 2
     r = result(labels, photo, ["road", "car", "sky"])
     canvas = np.asarray(r.overlay()).astype(int)
-    from armfast.visualize import legend_metrics
+    from armfast.inference.visualize import legend_metrics
 
     m = legend_metrics(60)
     picture = canvas[:60, :90]
@@ -65,7 +65,7 @@ def test_swatches_match_their_regions():
 
 
 def _near_edge(labels, width):
-    from armfast.visualize import _boundaries
+    from armfast.inference.visualize import _boundaries
 
     return _boundaries(labels, width)
 
@@ -80,7 +80,7 @@ def test_background_is_left_untinted():
 
 
 def test_legend_scales_with_the_image():
-    from armfast.visualize import legend_metrics
+    from armfast.inference.visualize import legend_metrics
 
     small, big = legend_metrics(40), legend_metrics(4000)
     assert small["font"] >= 12 and big["font"] >= 4000 / 40

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from armfast.bench import pipeline
 from armfast.bench.official import OfficialStyle
 from armfast.cli import main
-from armfast.segmentor import Segmentor
+from armfast.background import Background
+from armfast.inference import Segmentor
 from synthetic_datasets import tiny_clip
 
 
@@ -24,7 +25,7 @@ def test_official_style_equals_armfast_float64(baseline):
     # synonyms (7 queries, 4 classes: the one-hot maximum), SCLIP's area_thd and prob_thd
     seg = Segmentor(model, text, class_index=torch.tensor([0, 0, 1, 2, 2, 3, 0]),
                     baseline=baseline, short_side=40, crop=32, stride=16, logit_scale=50.0,
-                    prob_thd=0.3, area_thd=0.1)
+                    background=Background.threshold(0.3, index=0, name=None), area_thd=0.1)
     official = OfficialStyle(seg)
     for h, w in ((40, 56), (64, 48), (30, 90)):
         image = (torch.rand(3, h, w, generator=g) * 255).to(torch.uint8)

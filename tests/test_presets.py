@@ -10,9 +10,9 @@ import pytest
 from armfast.background import SCLIP_BACKGROUND_WORDS, Background
 from armfast.backbones import ALL_BASELINES, BACKBONES
 from armfast.data import get_dataset_class
-from armfast.eval.presets import (EXPECTED_MIOU, check_preset, default_preset, get_preset,
+from armfast.presets import (EXPECTED_MIOU, check_preset, default_preset, get_preset,
                                   preset_from_name, preset_names)
-from armfast.eval.protocols import DATASET_NAMES, Protocol, base_protocol, get_protocol
+from armfast.protocols import DATASET_NAMES, Protocol, base_protocol, get_protocol
 
 # design contract, section 4 (ViT-B/16, OpenAI weights)
 PUBLISHED = {

@@ -13,9 +13,9 @@ from PIL import Image
 import armfast
 from armfast import api
 from armfast.background import SCLIP_BACKGROUND_WORDS, Background, parse_background
-from armfast.eval.presets import default_preset
-from armfast.result import SegmentationResult
-from armfast.segmentor import Segmentor
+from armfast.presets import default_preset
+from armfast.inference.result import SegmentationResult
+from armfast.inference import Segmentor
 from clip_models import tiny_clip
 
 SMALL = dict(templates="simple", short_side=32, crop=32, stride=16)
@@ -33,9 +33,9 @@ def run(image, classes, **kw):
 
 def test_lazy_exports_keep_import_light():
     code = ("import sys, armfast; assert 'open_clip' not in sys.modules; "
-            "assert 'armfast.segmentor' not in sys.modules; "
+            "assert 'armfast.inference' not in sys.modules; "
             "assert armfast.segment.__module__ == 'armfast.api'; "
-            "assert armfast.SegmentationResult.__module__ == 'armfast.result'; "
+            "assert armfast.SegmentationResult.__module__ == 'armfast.inference.result'; "
             "assert armfast.Background.__module__ == 'armfast.background'")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -136,8 +136,9 @@ def test_background_on_an_existing_class_and_tensor_text():
     assert probs.shape == (4, 16, 16) and torch.all(probs[3] == 0)
     with pytest.raises(ValueError, match="past the end of the 3 classes"):
         Segmentor(tiny_clip(), text, background=Background.threshold(0.5, index=4), short_side=0, crop=0)
-    with pytest.raises(ValueError, match="either background= or prob_thd="):
-        Segmentor(tiny_clip(), text, background="thd:0.2", prob_thd=0.3)
+    for legacy in (dict(prob_thd=0.3), dict(background_index=1)):  # one spelling: background=
+        with pytest.raises(TypeError, match="unknown SegmentorConfig field"):
+            Segmentor(tiny_clip(), text, short_side=0, crop=0, **legacy)
 
 
 @pytest.mark.parametrize("spec, expected", [
@@ -197,7 +198,7 @@ def test_clip_cache_loads_once(monkeypatch, image):
 
 
 def test_segment_argument_errors(image, tmp_path):
-    with pytest.raises(TypeError, match=r"unknown keyword arguments \['crops'\]"):
+    with pytest.raises(TypeError, match=r"unknown SegmentorConfig field\(s\) crops"):
         run(image, ["cat"], crops=3)
     with pytest.raises(ValueError, match="backbone 'ViT-L-14' does not match the given clip"):
         armfast.segment(image, ["cat"], clip=_b16(),

@@ -11,7 +11,9 @@ import torch.nn.functional as F
 import armfast
 import armfast.clip as aclip
 from armfast import ARM, ops
-from armfast.segmentor import Segmentor, slide_boxes, to_image_tensor
+from armfast.background import Background
+from armfast.inference import Segmentor, to_image_tensor
+from armfast.inference.windows import slide_boxes
 from clip_models import tiny_clip, vit_b16
 
 
@@ -121,9 +123,11 @@ def test_synonyms_take_the_max(text, image):
     assert seg.predict(image).shape == (48, 64)
 
 
-def test_prob_thd_and_background_index(text, image):
-    assert torch.all(make(text, crop=0, prob_thd=1.0).predict(image) == 0)
-    assert torch.all(make(text, crop=0, prob_thd=1.0, background_index=2).predict(image) == 2)
+def test_threshold_onto_an_existing_class(text, image):
+    assert torch.all(make(text, crop=0, background=Background.threshold(1.0, name=None))
+                     .predict(image) == 0)
+    on_two = make(text, crop=0, background=Background.threshold(1.0, index=2, name=None))
+    assert torch.all(on_two.predict(image) == 2) and on_two.num_classes == 4
     seg = make(text, crop=0)
     probs = seg.probabilities(image)
     assert torch.equal(seg.predict(image), probs.argmax(0))
@@ -160,7 +164,8 @@ def test_class_names_with_tiny_clip():
 
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(class_index=torch.tensor([0, 2, 2, 3])), ValueError, "cover every class"),
-    (dict(background_index=4), ValueError, "background_index"),
+    (dict(background=Background.threshold(0.5, index=4, name=None)), ValueError,
+     "background index must be a class index in"),
     (dict(crop=(32, 0)), ValueError, "crop"),
     (dict(logit_scale=-1.0), ValueError, "logit_scale"),
     (dict(crop_batch_size=0), ValueError, "crop_batch_size"),
@@ -188,10 +193,10 @@ def test_cuda_float32_matches_cpu_and_bf16_runs(text, image):
     model = copy.deepcopy(vit_b16()).cuda()
     kw = dict(baseline="naclip", short_side=0, crop=32, stride=16)
     cpu = make(text, **kw)
-    gpu = Segmentor(model, text, amp=False, **kw)
+    gpu = Segmentor(model, text, precision="fp32", **kw)
     # TF32/fused kernels on the GPU: cosine logits x 40 agree to a few hundredths
     torch.testing.assert_close(gpu.logits(image).cpu(), cpu.logits(image), rtol=0, atol=0.1)
     for baseline in ("vanilla", "maskclip", "sclip", "clearclip", "naclip"):
-        bf16 = Segmentor(model, text, amp=True, **dict(kw, baseline=baseline), arm=ARM())
+        bf16 = Segmentor(model, text, precision="bf16", **dict(kw, baseline=baseline), arm=ARM())
         probs = bf16.probabilities(image)
         assert probs.is_cuda and probs.shape == (4, 48, 64) and torch.isfinite(probs).all()

@@ -17,7 +17,8 @@ from armfast.train import TrainConfig, load_checkpoint, save_checkpoint, train
 from armfast.train.checkpoint import atomic_write_bytes, list_checkpoints
 from armfast.train.data import ResumableBatchSampler, baseline_for_step
 from armfast.train.schedule import build_scheduler, load_scheduler_state, scheduler_state, warmup_cosine
-from armfast.train.trainer import class_logits, segmentation_loss
+from armfast.inference.queries import TextQueries
+from armfast.train.trainer import segmentation_loss
 from synthetic_datasets import (TINY_ARM, TINY_SHALLOW, tiny_clip, write_dataset,
                                 write_learnable_coco, write_tiny_clip_dir)
 
@@ -174,7 +175,7 @@ def test_schedule_and_data_order():
 def test_loss_helpers():
     q = torch.randn(2, 4, 5, requires_grad=True)
     idx = torch.tensor([0, 1, 1, 2, 2])
-    c = class_logits(q, idx, 3)
+    c = TextQueries(torch.zeros(5, 8), idx, 3, ["a", "b", "c"]).per_class_max(q, dim=-1)
     assert torch.equal(c[..., 1], q[..., 1:3].amax(-1)) and torch.equal(c[..., 0], q[..., 0])
     masks = torch.full((2, 8, 8), 255)
     loss = segmentation_loss(c, (2, 2), masks)  # nothing labelled: zero, not NaN
@@ -197,7 +198,7 @@ def test_config_errors(tmp_path):
 
 @pytest.mark.gpu
 def test_trains_on_cuda_with_bf16(coco_root, tmp_path):
-    cfg = config(coco_root, tmp_path / "gpu", steps=4, device="cuda", amp=True, ckpt_every=2)
+    cfg = config(coco_root, tmp_path / "gpu", steps=4, device="cuda", precision="auto", ckpt_every=2)
     result = run(cfg)
     assert result.arm.logit_scale.device.type == "cuda"
     assert all(np.isfinite(result.losses)) and len(result.losses) == 4

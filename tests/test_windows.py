@@ -9,11 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from armfast import ARM, ARMConfig, crop_budget, precision
+from armfast import ARM, ARMConfig, precision
+from armfast.inference import crop_budget
 from armfast.bench.workloads import randomize_residual_outputs
 from armfast.eval.metric import MeanIoU
-from armfast.segmentor import Prepared, Preparer, Segmentor, slide_boxes
-from armfast.windows import WindowStream
+from armfast.inference import Preparer, Segmentor, SegmentorConfig
+from armfast.inference.windows import slide_boxes
+from armfast.inference.windows import WindowStream
 from clip_models import vit_b16
 from synthetic_datasets import TINY_ARM, TINY_SHALLOW, tiny_clip
 
@@ -43,7 +45,7 @@ def segmentor(dtype=torch.float64, **kw):
 
 def one_window_at_a_time(seg: Segmentor, image) -> torch.Tensor:
     """The official slide inference: each window alone, upsampled, summed, averaged, resized,
-    scaled -- written out independently of armfast.windows."""
+    scaled -- written out independently of armfast.inference.windows."""
     p = seg.prepare(image)
     x = p.pixels
     H, W = x.shape[-2:]
@@ -104,7 +106,7 @@ def test_batched_windows_float32_vit_b16():
 
 def test_memory_cap_splits_batches_and_changes_nothing():
     big = segmentor(crop_batch_size=64)
-    per_crop = big._crop_bytes((32, 32))
+    per_crop = big.crop_bytes((32, 32))
     capped = segmentor(max_memory=3 * per_crop + 1)
     assert capped.crops_per_batch((32, 32)) == 3 and big.crops_per_batch((32, 32)) == 64
     assert segmentor().max_memory == crop_budget.CPU_BUDGET
@@ -174,7 +176,7 @@ def test_crop_bytes_bounds_the_measured_peak():
             peak = peak_memory(lambda: seg._batch_logits(crops), "cpu")
         if peak is None:
             pytest.skip("the profiler gave no memory events")
-        estimate = 4 * seg._crop_bytes((96, 96))
+        estimate = 4 * seg.crop_bytes((96, 96))
         assert peak <= estimate <= 4 * peak, (baseline, peak, estimate)
 
 
@@ -204,13 +206,12 @@ def test_precision_settings():
         precision.autocast_dtype("fp16", "cpu")
     with pytest.raises(ValueError, match="precision must be one of"):
         precision.check_precision("fp8")
-    assert precision.from_amp(False) == "fp32" and precision.from_amp(True, "bf16") == "bf16"
-    with pytest.raises(ValueError, match="disagree"):
-        precision.from_amp(False, "bf16")
     seg = segmentor(torch.float32)
-    assert seg.autocast_dtype is None and not seg.amp and seg.config()["precision"] == "float32"
+    assert seg.autocast_dtype is None and seg.config()["precision"] == "float32"
     assert not seg.config()["cuda_graphs"]  # a CPU model: the eager path, untouched
-    assert segmentor(torch.float32, amp=False).precision == "fp32"
+    assert segmentor(torch.float32, precision="FP32").precision == "fp32"
+    with pytest.raises(TypeError, match="unknown SegmentorConfig field.*amp"):
+        segmentor(torch.float32, amp=False)  # the one spelling is precision=
 
 
 def test_bf16_on_cpu_is_close_and_logits_stay_float32():
@@ -242,8 +243,9 @@ def test_evaluate_with_workers_matches_in_process(tmp_path):
     write_dataset("cityscapes", tmp_path / "data", n=3, size=(40, 48), splits=("val",))
     data = build_dataset("cityscapes", tmp_path / "data", "val")
     protocol = get_protocol("sclip", "cityscapes", short_side=40, crop=32, stride=16)
-    runs = [evaluate(tiny_clip(), data, baseline="sclip", protocol=protocol, workers=w,
-                     progress=False, crop_batch_size=b) for w, b in ((0, 1), (2, 5))]
+    config = SegmentorConfig(baseline="sclip", protocol=protocol)
+    runs = [evaluate(tiny_clip(), data, config, workers=w, progress=False, crop_batch_size=b)
+            for w, b in ((0, 1), (2, 5))]
     assert runs[0]["per_class"] == pytest.approx(runs[1]["per_class"], nan_ok=True)
     assert runs[0]["pixels"] == runs[1]["pixels"] > 0
     assert runs[1]["images_per_s"] > 0 and runs[1]["peak_gpu_bytes"] is None

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import torch
 
-from ._files import atomic_write_bytes, atomic_write_text
+from .._files import atomic_write_bytes, atomic_write_text
+from .._version import __version__
+from .config import ARMConfig
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -26,8 +28,6 @@ CARD = "README.md"
 
 def model_card(arm, where: str = "PATH", training: dict | None = None) -> str:
     """The README of an ARM folder: what it is, how to load it, its config."""
-    from ._version import __version__
-
     c = arm.config
     n_params = sum(p.numel() for p in arm.parameters())
     tau = float(arm.logit_scale.detach().exp())
@@ -85,7 +85,7 @@ def model_card(arm, where: str = "PATH", training: dict | None = None) -> str:
     return "\n".join(lines)
 
 
-def save_arm_folder(arm, directory: str | os.PathLike, *, training: dict | None = None) -> Path:
+def save_folder(arm, directory: str | os.PathLike, *, training: dict | None = None) -> Path:
     """Write `arm` to `directory` (weights, config, README); returns the folder."""
     from safetensors.torch import save
 
@@ -99,9 +99,7 @@ def save_arm_folder(arm, directory: str | os.PathLike, *, training: dict | None 
     return directory
 
 
-def _read_config(directory: Path):
-    from .arm import ARMConfig
-
+def _read_config(directory: Path) -> ARMConfig:
     path = directory / CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: {directory} is not an ARM folder "
@@ -164,17 +162,12 @@ def check_state(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor
                              f"inf); the ARM is unusable (a diverged training run?)")
 
 
-def load_arm_folder(directory: str | os.PathLike, map_location="cpu"):
-    """The `armfast.ARM` saved in `directory`, every file checked (module docstring)."""
-    from .arm import ARM
-
+def read_folder(directory: str | os.PathLike) -> tuple[ARMConfig, dict[str, torch.Tensor], str]:
+    """``(config, weights, weights path)`` of the ARM folder `directory`, each file checked
+    (module docstring); `check_state` against the module built from the config does the rest."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"no ARM folder at {directory}")
     config = _read_config(directory)
-    arm = ARM(config)
     path = directory / WEIGHTS
-    state = read_weights(path)
-    check_state(state, arm.state_dict(), str(path))
-    arm.load_state_dict(state, strict=True)
-    return arm.to(map_location).eval()
+    return config, read_weights(path), str(path)

@@ -12,109 +12,17 @@ Wo, Wo2 and the MLP's last layer start at zero, so an untrained ARM returns D ex
 from __future__ import annotations
 
 import math
-import numbers
 import os
-from dataclasses import asdict, dataclass, fields
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import Tensor, nn
 
-from . import ops
-
-
-@dataclass
-class ARMConfig:
-    """ARM hyper-parameters; defaults are for CLIP ViT-B/16."""
-
-    shallow_layers: tuple[int, ...] = (4, 6, 8)  # 0-based vision blocks whose tokens are fused
-    width: int = 768  # W, the ViT width of the shallow tokens
-    embed_dim: int = 512  # E, CLIP's output dim of the deep features
-    num_heads: int = 8
-    head_dim: int = 64
-    mlp_ratio: float = 4.0
-    ln_eps: float = 1e-5
-    logit_scale_init: float = 40.0  # tau at initialisation (stored as its log)
-    backbone: str = "ViT-B-16"  # the CLIP model the module was built for
-
-    def __post_init__(self):
-        self.shallow_layers = tuple(int(i) for i in self.shallow_layers)  # JSON gives lists
-        for name in ("width", "embed_dim", "num_heads", "head_dim"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"ARMConfig.{name} must be a positive integer, got {value!r}")
-        if not self.shallow_layers:
-            raise ValueError("ARMConfig.shallow_layers must name at least one layer")
-        for name in ("mlp_ratio", "ln_eps", "logit_scale_init"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Real):
-                raise TypeError(f"ARMConfig.{name} must be a real number, got {value!r}")
-            if not math.isfinite(value) or value <= 0:
-                raise ValueError(f"ARMConfig.{name} must be finite and > 0, got {value}")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ARMConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def split_heads(t: Tensor, num_heads: int) -> Tensor:
-    """[B, N, h*d] -> [B, h, N, d] as a strided view (the kernels take strides, no copy)."""
-    return t.unflatten(-1, (num_heads, -1)).transpose(1, 2)
-
-
-def merge_heads(t: Tensor) -> Tensor:
-    """[B, h, N, d] -> [B, N, h*d] (a copy; attention with ``layout="bnhd"`` avoids it)."""
-    return t.transpose(1, 2).flatten(2)
-
-
-class CrossAttention(nn.Module):
-    """Queries from one sequence, keys and values from another: ``Wo MHA(x Wq, c Wk, c Wv)``."""
-
-    def __init__(self, query_dim: int, context_dim: int, num_heads: int, head_dim: int,
-                 out_dim: int):
-        super().__init__()
-        inner = num_heads * head_dim
-        self.num_heads = num_heads
-        self.q = nn.Linear(query_dim, inner)
-        self.k = nn.Linear(context_dim, inner)
-        self.v = nn.Linear(context_dim, inner)
-        self.out = nn.Linear(inner, out_dim)
-
-    def forward(self, x: Tensor, context: Tensor, backend: str = "auto") -> Tensor:
-        h = self.num_heads
-        q, k, v = split_heads(self.q(x), h), split_heads(self.k(context), h), split_heads(self.v(context), h)
-        return self.out(ops.attention(q, k, v, backend=backend, layout="bnhd").flatten(2))
-
-
-class SelfAttention(nn.Module):
-    """``Wo MHA(x Wq, x Wk, x Wv)`` with one fused input projection."""
-
-    def __init__(self, dim: int, num_heads: int, head_dim: int):
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * num_heads * head_dim)
-        self.out = nn.Linear(num_heads * head_dim, dim)
-
-    def forward(self, x: Tensor, backend: str = "auto") -> Tensor:
-        qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each [B, h, N, d], strided
-        return self.out(ops.attention(q, k, v, backend=backend, layout="bnhd").flatten(2))
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+from .. import ops
+from . import folder
+from .config import ARMConfig
+from .layers import CrossAttention, Mlp, SelfAttention
 
 
 class ARM(
@@ -151,32 +59,30 @@ class ARM(
             nn.init.zeros_(residual_out.weight)
             nn.init.zeros_(residual_out.bias)
 
-    # ---- files (armfast.arm_folder): a local folder is read and checked by armfast, without
+    # ---- files (`armfast.arm.folder`): a local folder is read and checked by armfast, without
     # Hugging Face's loader (which prints, and fills missing tensors at random); Hub ids go
     # through the mixin, strictly, and are checked the same way
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "ARM":
-        from .arm_folder import check_state, load_arm_folder
-
         if os.path.isdir(pretrained_model_name_or_path):
-            return load_arm_folder(pretrained_model_name_or_path, kwargs.get("map_location", "cpu"))
+            config, state, source = folder.read_folder(pretrained_model_name_or_path)
+            arm = cls(config)
+            folder.check_state(state, arm.state_dict(), source)
+            arm.load_state_dict(state, strict=True)
+            return arm.to(kwargs.get("map_location", "cpu")).eval()
         kwargs.setdefault("strict", True)
         arm = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         state = arm.state_dict()
-        check_state(state, state, f"ARM {pretrained_model_name_or_path}")
+        folder.check_state(state, state, f"ARM {pretrained_model_name_or_path}")
         return arm
 
     def _save_pretrained(self, save_directory) -> None:
-        from .arm_folder import save_arm_folder
-
-        save_arm_folder(self, save_directory)
+        folder.save_folder(self, save_directory)
 
     def generate_model_card(self, *args, **kwargs):
         from huggingface_hub import ModelCard
 
-        from .arm_folder import model_card
-
-        return ModelCard(model_card(self))
+        return ModelCard(folder.model_card(self))
 
     def fuse(self, shallow: Sequence[Tensor]) -> Tensor:
         """S = sum_l softmax(alpha)_l * LN_l(H_l)."""

@@ -1,7 +1,7 @@
 """Named protocol presets: everything a benchmark number depends on, with the number itself.
 
 A preset is one (baseline, dataset, backbone): the inference protocol of
-`armfast.eval.protocols` (short side, crop, stride, logit scale, ``area_thd``), the background
+`armfast.protocols` (short side, crop, stride, logit scale, ``area_thd``), the background
 rule (`armfast.background.Background`), the class-name file, and the mIoU the baseline's paper
 reports for it. ``dataset=None`` is the preset for images outside the benchmarks (what
 `armfast.segment` and ``armfast segment`` use): the baseline's own defaults, no background.
@@ -29,8 +29,8 @@ import warnings
 from dataclasses import dataclass, replace
 from typing import Optional
 
-from ..backbones import get_backbone
-from ..background import Background, SCLIP_BACKGROUND_WORDS, parse_background
+from .backbones import get_backbone
+from .background import Background, SCLIP_BACKGROUND_WORDS, parse_background
 from .protocols import DATASET_NAMES, Protocol, base_protocol, get_protocol
 
 DEFAULT_BACKBONE = "ViT-B-16"
@@ -67,7 +67,7 @@ EXPECTED_PRETRAINED = "openai"  # the weights the published numbers were measure
 
 
 def _dataset_class(dataset: str):
-    from ..data import get_dataset_class
+    from .data import get_dataset_class
 
     return get_dataset_class(dataset)
 
@@ -89,7 +89,7 @@ class Preset:
         background rule adds it; None when the caller names the classes."""
         if self.classnames is None:
             return None
-        from ..data import load_class_names
+        from .data import load_class_names
 
         classes = load_class_names(self.classnames)
         if self.background.adds_class:
@@ -164,7 +164,7 @@ def get_preset(baseline: str, dataset: Optional[str] = None, backbone: str = DEF
     ``expected_miou`` is the published number only for the published setting: the registered
     backbone and weights it was measured with and no override.
     """
-    from ..clip import get_baseline
+    from .clip import get_baseline
 
     baseline = get_baseline(baseline).name
     spec = get_backbone(backbone)
@@ -205,7 +205,7 @@ def default_preset(baseline: str, backbone: Optional[str] = None) -> Preset:
 
 def preset_names(backbone: str = DEFAULT_BACKBONE) -> list[str]:
     """Every named preset on `backbone`, benchmarks first."""
-    from ..backbones import ALL_BASELINES
+    from .backbones import ALL_BASELINES
 
     return ([f"{b}/{d}/{backbone}" for b in ALL_BASELINES for d in DATASET_NAMES]
             + [f"{b}/{backbone}" for b in ALL_BASELINES])
@@ -236,7 +236,7 @@ def check_preset(preset: Preset, *, has_background: Optional[bool] = None) -> li
     if has_background is None:
         has_background = _has_background(preset.dataset)
     if preset.background.enabled and has_background is False:
-        from ..data import load_class_names
+        from .data import load_class_names
 
         index = preset.background.index
         target = f"class {index}"

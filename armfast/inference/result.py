@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .background import Background
+from ..background import Background
 
 KINDS = ("labels", "overlay")
 OVERLAY_SUFFIXES = (".jpg", ".jpeg", ".webp", ".bmp")
@@ -80,7 +80,7 @@ class SegmentationResult:
 
     def overlay(self):
         """The photo under the colour map with a legend (a PIL RGB image): see
-        `armfast.visualize.overlay`."""
+        `armfast.inference.visualize.overlay`."""
         from PIL import Image
 
         from .visualize import overlay

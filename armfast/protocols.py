@@ -108,7 +108,7 @@ def base_protocol(baseline: str) -> Protocol:
 
 def get_protocol(baseline: str, dataset: str, **overrides) -> Protocol:
     """The published protocol of `baseline` on `dataset`, with optional field overrides."""
-    from ..data import get_dataset_class
+    from .data import get_dataset_class
 
     dataset = get_dataset_class(dataset).name  # resolves aliases, rejects unknown names
     key = (str(baseline).lower(), dataset)
