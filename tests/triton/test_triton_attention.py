@@ -80,7 +80,7 @@ def test_large_scores_stay_finite():
         assert_close(g, w, atol=1e-4, rtol=1e-4, name=name)
 
 
-@pytest.mark.skipif(not INTERPRETED, reason="float64 is a CPU-interpreter dtype")
+@pytest.mark.interpreter_only
 def test_float64_and_gradcheck():
     torch.manual_seed(3)
     q, k, v = make_qkv(1, 2, 9, 20, 8, dtype=torch.float64, device=DEVICE, requires_grad=True)
