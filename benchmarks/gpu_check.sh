@@ -4,47 +4,87 @@
 # root:
 #
 #   bash ../shared/tools/gpu-wheels.sh          # here, once: open_clip's wheels into .whl/
-#   device run: bash benchmarks/gpu_check.sh    # carry [".whl"], timeout_s 600
+#   device run: ARMFAST_SOURCE_COMMIT=<commit> bash benchmarks/gpu_check.sh
+#               # carry [".whl"], timeout_s 600; the whole check keeps within 480 s
+#   device run: bash benchmarks/gpu_check.sh --only bench,pipeline   # a short second call
 #
-# It builds armfast for sm_90 only (pip --no-build-isolation), runs the GPU tests (the
-# GPU-marked ones and tests/triton), then `armfast bench --tune` on every op in bfloat16 (the
-# host-overhead shapes and the design's shapes, every backend against reference and sdpa, with
-# the device's measured ceilings), and writes into $OUT (default ./gpu-check):
+# Steps, in order of value (each one's limit in seconds; `--list` prints them):
+#   build         pip install --no-build-isolation for sm_90 only (skipped by --only when the
+#                 installed build already matches this tree)
+#   tests         the GPU-marked tests (pytest -m gpu tests)
+#   bench         `armfast bench --tune` on every op in bfloat16: every backend checked against
+#                 the reference on every shape before it is timed, the device's measured
+#                 ceilings, the GPU entries of the auto table
+#   triton-tests  pytest tests/triton on the GPU
+#   pipeline      the whole-image pipeline against the official-style path
+#   first-calls   cold first calls of the fused backends, per dtype/head dim/bucket
+# and, only when named by --only: triton-vs-sdpa (do_bench table of triton against SDPA).
+#
+# Outputs in $OUT (default ./gpu-check):
 #   cuda.json        the raw benchmark (copy to benchmarks/results/cuda.json)
 #   auto_table.json  armfast/ops/auto_table.json with this GPU's entries (copy it back)
 #   RESULTS.md       benchmarks/RESULTS.md with the GPU section rendered from cuda.json
-#   first_calls.json cold first-call costs of the fused backends, per dtype/head dim/bucket
-#   triton_vs_sdpa.json  issue 13's table (do_bench medians, triton against SDPA)
-#   cuda-pipeline.json   issue 16's whole-image pipeline against the official-style path
-#                    (copy to benchmarks/results/cuda-pipeline.json)
-#   check.log        everything the steps printed
-# and prints a compact summary table last. Each step has its own time limit, cut to what is left
-# of the whole check's budget (ARMFAST_GPU_CHECK_BUDGET seconds, default 540, under the device
-# tool's 600 s per command), so a hang in one step still leaves the others' results. The steps
-# run in order of value: build, benchmark (every backend is checked against the reference on
-# every shape before it is timed), issue 16's pipeline, GPU tests, Triton tests, issue 13's
-# table, cold first calls.
+#   cuda-pipeline.json  the pipeline (copy to benchmarks/results/cuda-pipeline.json)
+#   first_calls.json, triton_vs_sdpa.json, summary.txt
+#   check.log        everything the steps printed, with each step's time
+# and prints a compact summary table last. Each step's limit is cut to what is left of the
+# whole check's budget (ARMFAST_GPU_CHECK_BUDGET seconds, default 480, so that the device
+# tool's 600 s per command leaves room), so a hang in one step still leaves the others'
+# results and a late step is skipped, not half-run. ARMFAST_SOURCE_COMMIT names the commit in
+# the results (the device's copy of the tree has no .git); `git rev-parse` is tried first.
 #
 # ARMFAST_GPU_CHECK_DRY=1 runs the same steps on the CPU with toy shapes and no build (to test
 # this script on a machine without a GPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+
+# name:limit, in order of value; OPTIONAL ones run only when --only names them
+STEPS=(build:150 tests:100 bench:150 triton-tests:100 pipeline:60 first-calls:40)
+OPTIONAL=(triton-vs-sdpa:60)
+
+usage() {
+    echo "usage: bash benchmarks/gpu_check.sh [--only STEP[,STEP...]] [--list]" >&2
+    exit 2
+}
+names() { local s; for s in "$@"; do echo -n "${s%%:*} "; done; }
+
+only=""
+while [ $# -gt 0 ]; do
+    case $1 in
+        --only) [ $# -ge 2 ] || usage; only=$2; shift 2 ;;
+        --only=*) only=${1#--only=}; shift ;;
+        --list) for s in "${STEPS[@]}" "${OPTIONAL[@]}"; do echo "${s%%:*} ${s#*:}s"; done; exit 0 ;;
+        *) usage ;;
+    esac
+done
+known=" $(names "${STEPS[@]}" "${OPTIONAL[@]}")"
+for s in ${only//,/ }; do
+    [[ "$known" == *" $s "* ]] || { echo "--only: unknown step '$s'; steps:$known" >&2; exit 2; }
+done
+wanted() {  # wanted STEP: whether this run does STEP
+    if [ -z "$only" ]; then [[ " $(names "${STEPS[@]}")" == *" $1 "* ]]; else [[ ",$only," == *",$1,"* ]]; fi
+}
+limit_of() { local s; for s in "${STEPS[@]}" "${OPTIONAL[@]}"; do [ "${s%%:*}" = "$1" ] && echo "${s#*:}"; done; }
+
 OUT=${OUT:-$PWD/gpu-check}
 mkdir -p "$OUT"
 LOG="$OUT/check.log"
 : > "$LOG"
 DRY=${ARMFAST_GPU_CHECK_DRY:-0}
+BUDGET=${ARMFAST_GPU_CHECK_BUDGET:-480}
 export PYTHONUNBUFFERED=1
+commit=$(git rev-parse --short HEAD 2> /dev/null || true)
+export ARMFAST_SOURCE_COMMIT=${commit:-${ARMFAST_SOURCE_COMMIT:-}}
 # python3 -P: never import armfast from this source tree (it has no compiled modules and no
-# armfast.kernels); always the build pip just installed.
+# armfast.kernels); always the build pip installed.
 failures=()
 
-BUDGET=${ARMFAST_GPU_CHECK_BUDGET:-540}
-
-step() {  # step NAME SECONDS COMMAND...: runs with a time limit, logs, records a failure
-    local name=$1 limit=$2
-    shift 2
-    local t0=$SECONDS left=$((BUDGET - SECONDS - 15))  # 15 s kept for the summary
+step() {  # step NAME COMMAND...: runs with its time limit, logs, records a failure
+    local name=$1
+    shift
+    wanted "$name" || return 0
+    local limit t0=$SECONDS left=$((BUDGET - SECONDS - 15))  # 15 s kept for the summary
+    limit=$(limit_of "$name")
     [ "$left" -lt "$limit" ] && limit=$left
     if [ "$limit" -lt 10 ]; then
         echo "=== $name: skipped, the check's budget is spent" | tee -a "$LOG"
@@ -68,28 +108,42 @@ if [ "$DRY" = 1 ]; then
     device=cpu dtype=float32 shapes=(--shapes tiny) tests=(tests/test_ops_dispatch.py) fused=cpu
 else
     device=cuda dtype=bfloat16 shapes=(--tune) tests=(-m gpu tests) fused=triton,cuda
-    step build 200 env ARMFAST_CUDA_ARCH_LIST="${ARMFAST_CUDA_ARCH_LIST:-9.0}" \
-        ARMFAST_NVCC_THREADS="$(nproc)" python3 -m pip install -v --no-build-isolation --no-deps . \
-        || { echo "build failed: see $LOG"; tail -n 40 "$LOG"; exit 1; }
+    # The build a warm machine may keep from an earlier call counts only if it is this tree's.
+    stamp=$(find armfast kernels csrc setup.py pyproject.toml -type f -not -path '*/__pycache__/*' \
+            -print0 | sort -z | xargs -0 sha1sum | sha1sum | cut -c1-16)
+    if [ -n "$only" ] && ! wanted build && { [ "$(cat /tmp/armfast-build.stamp 2> /dev/null)" != "$stamp" ] \
+            || ! python3 -P -c "import armfast._C_cuda" 2> /dev/null; }; then
+        only="build,$only"
+    fi
+    if wanted build; then
+        step build env ARMFAST_CUDA_ARCH_LIST="${ARMFAST_CUDA_ARCH_LIST:-9.0}" \
+            ARMFAST_NVCC_THREADS="$(nproc)" python3 -m pip install -v --no-build-isolation --no-deps . \
+            || { echo "build failed: see $LOG"; tail -n 40 "$LOG"; exit 1; }
+        echo "$stamp" > /tmp/armfast-build.stamp
+    fi
     python3 -P -m armfast.cli backends >> "$LOG" 2>&1
 fi
 
-cp armfast/ops/auto_table.json "$OUT/auto_table.json"
-step bench 240 python3 -P -m armfast.cli bench --device "$device" --dtype "$dtype" "${shapes[@]}" --quick \
-    --ops "$(python3 -P -c 'from armfast.bench.cases import OPS; print(",".join(OPS))')" \
-    --json "$OUT/$device.json" --write-table "$OUT/auto_table.json"
-
-step pipeline 120 python3 -P -m armfast.cli bench --device "$device" --ops pipeline \
-    $([ "$DRY" = 1 ] && echo "--shapes tiny --rounds 1") --json "$OUT/$device-pipeline.json"
-
 pytest=(python3 -P -m pytest -q -p no:cacheprovider)
 python3 -c "import pytest_timeout" 2> /dev/null && pytest+=(--timeout=120)  # one hung test is not all
-step tests 120 "${pytest[@]}" "${tests[@]}"
-if [ "$DRY" != 1 ]; then
-    step triton-tests 120 "${pytest[@]}" tests/triton
-    step triton-vs-sdpa 90 python3 -P tests/triton/bench_vs_sdpa.py --json "$OUT/triton_vs_sdpa.json"
+
+step tests "${pytest[@]}" "${tests[@]}"
+if wanted bench; then
+    cp armfast/ops/auto_table.json "$OUT/auto_table.json"
+    step bench python3 -P -m armfast.cli bench --device "$device" --dtype "$dtype" "${shapes[@]}" --quick \
+        --ops "$(python3 -P -c 'from armfast.bench.cases import OPS; print(",".join(OPS))')" \
+        --json "$OUT/$device.json" --write-table "$OUT/auto_table.json"
 fi
-step first-calls 60 python3 -P -m armfast.bench.first_calls --device "$device" --backends "$fused" --json "$OUT/first_calls.json"
+if [ "$DRY" != 1 ]; then
+    step triton-tests "${pytest[@]}" tests/triton
+fi
+step pipeline python3 -P -m armfast.cli bench --device "$device" --ops pipeline \
+    $([ "$DRY" = 1 ] && echo "--shapes tiny --rounds 1") --json "$OUT/$device-pipeline.json"
+step first-calls python3 -P -m armfast.bench.first_calls --device "$device" --backends "$fused" \
+    --json "$OUT/first_calls.json"
+if [ "$DRY" != 1 ]; then
+    step triton-vs-sdpa python3 -P tests/triton/bench_vs_sdpa.py --json "$OUT/triton_vs_sdpa.json"
+fi
 
 if [ -f "$OUT/$device.json" ]; then
     python3 -P - "$OUT/$device.json" "$OUT/RESULTS.md" >> "$LOG" 2>&1 <<'EOF'
@@ -107,11 +161,13 @@ with tempfile.TemporaryDirectory() as tmp:  # render without touching the checko
     make_results.RESULTS_DIR = Path(tmp)
     dst.write_text(make_results.render())
 EOF
-    summary=(python3 -P benchmarks/summary.py "$OUT/$device.json")
-    [ -f "$OUT/first_calls.json" ] && summary+=(--first-calls "$OUT/first_calls.json")
-    [ -f "$OUT/$device-pipeline.json" ] && summary+=(--pipeline "$OUT/$device-pipeline.json")
-    "${summary[@]}" | tee "$OUT/summary.txt"
 fi
+summary=(python3 -P benchmarks/summary.py)
+[ -f "$OUT/$device.json" ] && summary+=("$OUT/$device.json")
+[ -f "$OUT/first_calls.json" ] && summary+=(--first-calls "$OUT/first_calls.json")
+[ -f "$OUT/$device-pipeline.json" ] && summary+=(--pipeline "$OUT/$device-pipeline.json")
+[ ${#summary[@]} -gt 3 ] && "${summary[@]}" | sed '/./,$!d' | tee "$OUT/summary.txt"
+grep -E "^=== .*: (exit|skipped)" "$LOG"
 echo "elapsed ${SECONDS}s; outputs in $OUT: $(ls "$OUT" | tr '\n' ' ')"
 if [ ${#failures[@]} -gt 0 ]; then
     echo "FAILED: ${failures[*]} (see $LOG)"

@@ -93,17 +93,32 @@ IF_MISSING = {"tune": " `armfast backends` shows which entries the packaged tabl
                       "one `auto` takes `sdpa`."}
 
 
+def _stored(part: str, device: str) -> Path:
+    """The JSON of one part. The GPU check measures ops and auto table in one `--tune
+    --write-table` run stored as <device>.json: that run is also the auto table's."""
+    path = RESULTS_DIR / PARTS[part][0].format(device=device)
+    if part == "tune" and not path.exists():
+        ops = RESULTS_DIR / PARTS["ops"][0].format(device=device)
+        if ops.exists() and "--write-table" in json.loads(ops.read_text())["command"]:
+            return ops
+    return path
+
+
 def section(part: str, device: str, title: str) -> str:
     """One part's section for one device, from its stored JSON, or a note that none is stored
     (no numbers rather than guessed ones)."""
     name = PARTS[part][0].format(device=device)
     heading = title + HEADINGS[part]
-    path = RESULTS_DIR / name
+    path = _stored(part, device)
     if not path.exists():
         return (f"## {heading}: not yet measured\n\nNo `benchmarks/results/{name}` is stored."
                 f"{IF_MISSING.get(part, '')} On a machine with a {title}: `python "
                 f"benchmarks/make_results.py --devices {device} --parts {part}`.\n")
     data = json.loads(path.read_text())
+    if part == "tune" and path.name != name:  # the ops section above shows the same run
+        return (f"## {heading}: {data['environment']['device_name']}\n\nMeasured by the run of "
+                f"the section {title}: {data['environment']['device_name']} above "
+                f"(`benchmarks/results/{path.name}`, `--write-table`).{NOTES[part]}")
     render_part = pipeline.markdown_section if part == "pipeline" else markdown_section
     return (render_part(data, f"{heading}: {data['environment']['device_name']}")
             + NOTES.get(part, ""))

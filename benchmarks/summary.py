@@ -4,6 +4,7 @@ first calls of `armfast.bench.first_calls` and the whole-image pipeline (issue 1
 The last thing the GPU check prints.
 
     python benchmarks/summary.py gpu-check/cuda.json --first-calls gpu-check/first_calls.json
+    python benchmarks/summary.py --pipeline gpu-check/cuda-pipeline.json
 """
 from __future__ import annotations
 
@@ -71,11 +72,12 @@ def first_call_table(data: dict) -> list[str]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("bench_json")
+    parser.add_argument("bench_json", nargs="?", help="armfast bench --json (optional: a short "
+                        "run of the GPU check may have measured only the other parts)")
     parser.add_argument("--first-calls", metavar="JSON")
     parser.add_argument("--pipeline", metavar="JSON", help="armfast bench --ops pipeline --json")
     args = parser.parse_args(argv)
-    lines = bench_table(json.loads(Path(args.bench_json).read_text()))
+    lines = bench_table(json.loads(Path(args.bench_json).read_text())) if args.bench_json else []
     if args.first_calls and Path(args.first_calls).exists():
         lines += [""] + first_call_table(json.loads(Path(args.first_calls).read_text()))
     if args.pipeline and Path(args.pipeline).exists():

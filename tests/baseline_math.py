@@ -1,5 +1,9 @@
 """Independent float64 formulas of the baseline attentions and inputs for them, shared by the CPU,
 Triton and CUDA tests (tests/test_baseline_ops.py, tests/triton/, tests/test_cuda_baseline_ops.py).
+
+Every formula computes on its inputs' device and makes nothing on another one: the GPU tests
+call them with CUDA tensors. tests/test_helpers_device_clean.py checks that on a fake CUDA
+device, without a GPU.
 """
 from __future__ import annotations
 
@@ -28,13 +32,13 @@ def self_correlation_sum_f64(q, k, v, scale=None):
     return (_softmax(scale * q @ q.transpose(-1, -2)) + _softmax(scale * k @ k.transpose(-1, -2))) @ v
 
 
-def grid_gaussian_f64(h, w, sigma, class_token):
+def grid_gaussian_f64(h, w, sigma, class_token, device="cpu"):
     """G [T, T] from each patch's (row, column) = divmod(patch index, w)."""
     first = int(class_token)
-    index = torch.arange(h * w)
+    index = torch.arange(h * w, device=device)
     row, col = (index // w).double(), (index % w).double()
     dist2 = (row[:, None] - row[None, :]) ** 2 + (col[:, None] - col[None, :]) ** 2
-    G = torch.zeros(h * w + first, h * w + first, dtype=torch.float64)
+    G = torch.zeros(h * w + first, h * w + first, dtype=torch.float64, device=device)
     G[first:, first:] = torch.exp(-dist2 / (2 * sigma ** 2))
     return G
 
@@ -42,7 +46,7 @@ def grid_gaussian_f64(h, w, sigma, class_token):
 def gaussian_self_correlation_f64(x, v, grid, sigma=5.0, class_token=True, scale=None):
     x, v = x.double(), v.double()
     scale = x.shape[-1] ** -0.5 if scale is None else scale
-    G = grid_gaussian_f64(*grid, sigma, class_token)
+    G = grid_gaussian_f64(*grid, sigma, class_token, device=x.device)
     return _softmax(scale * x @ x.transpose(-1, -2) + G) @ v
 
 
@@ -51,7 +55,7 @@ def masked_affinity_f64(f, v, beta=1.2, gamma=3.0):
     fn = f / f.norm(dim=-1, keepdim=True)
     S = fn @ fn.transpose(-1, -2)
     A = gamma * (S - beta * S.mean(dim=(1, 2), keepdim=True))
-    off_diagonal = ~torch.eye(S.shape[-1], dtype=torch.bool)
+    off_diagonal = ~torch.eye(S.shape[-1], dtype=torch.bool, device=S.device)
     A = A.masked_fill((A < 0) & off_diagonal, float("-inf"))
     return _softmax(A).unsqueeze(1) @ v
 

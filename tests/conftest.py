@@ -15,6 +15,41 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
 AWKWARD_N = (1, 7, 197, 785)
 
 
+def _blas_core() -> str:
+    """The OpenBLAS kernel numpy runs (the Triton interpreter's tl.dot is numpy's matmul, so its
+    rounding follows this), or why it is unknown."""
+    try:
+        import ctypes
+        import glob
+
+        import numpy
+        libs = glob.glob(os.path.join(os.path.dirname(numpy.__file__) + ".libs", "*openblas*"))
+        for name in ("scipy_openblas_get_corename64_", "scipy_openblas_get_corename",
+                     "openblas_get_corename64_", "openblas_get_corename"):
+            for lib in libs:
+                fn = getattr(ctypes.CDLL(lib), name, None)
+                if fn is not None:
+                    fn.restype = ctypes.c_char_p
+                    return f"OpenBLAS {fn().decode()}"
+    except (ImportError, OSError) as exc:
+        return f"unknown ({exc})"
+    return "unknown (no OpenBLAS in numpy)"
+
+
+def pytest_report_header(config):
+    """Versions that change numerics, so that a red run tells a version change from a bug."""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "absent"
+    import numpy
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    return (f"armfast numerics: torch {torch.__version__}, triton {triton_version}, numpy "
+            f"{numpy.__version__} (BLAS: {_blas_core()}), GPU: {gpu}, "
+            f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}")
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -297,7 +297,8 @@ def markdown_section(data: dict, title: str) -> str:
     env, records = data["environment"], data["pipeline"]
     lines = [f"## {title}", "",
              f"- device: {env['device_name']} ({env['device']}; {env['cpu_count']} CPUs, "
-             f"{env['torch_threads']} torch threads); date {env['date']}; torch {env['torch']}",
+             f"{env['torch_threads']} torch threads); date {env['date']}; torch {env['torch']}"
+             + (f"; armfast commit {env['commit']}" if env.get("commit") else ""),
              f"- command: `{data['command']}`",
              f"- load average (1/5/15 min) at the start: {_loads(env.get('load_average'))}; at the "
              f"end: {_loads(env.get('load_average_end'))}",

@@ -157,7 +157,8 @@ def markdown_section(data: dict, title: str) -> str:
         f"- device: {env['device_name']} ({env['device']}; {env['cpu_count']} CPUs, "
         f"{env['torch_threads']} torch threads)",
         f"- date: {env['date']}",
-        f"- versions: armfast {env['armfast']}, torch {env['torch']}, triton {env['triton']}, "
+        f"- versions: armfast {env['armfast']}"
+        + (f" (commit {env['commit']})" if env.get("commit") else "") + f", torch {env['torch']}, triton {env['triton']}, "
         f"open_clip {env['open_clip']}, python {env['python']}"
         + (f", CUDA {env['cuda']}" if env.get("cuda") else ""),
         f"- command: `{data['command']}`",

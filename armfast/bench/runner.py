@@ -153,6 +153,24 @@ def device_name(device: str | torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
+def source_commit() -> Optional[str]:
+    """The commit of the code measured: ARMFAST_SOURCE_COMMIT (the GPU check sets it; a copied
+    tree may have no .git), else the git checkout armfast runs from (an editable install), else
+    None."""
+    commit = os.environ.get("ARMFAST_SOURCE_COMMIT")
+    if commit:
+        return commit
+    import subprocess
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=5, cwd=os.path.dirname(__file__))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if done.returncode != 0:
+        return None
+    return done.stdout.strip() or None
+
+
 def environment(device: str | torch.device) -> dict:
     """What the numbers depend on: hardware, software versions, date."""
     device = torch.device(device)
@@ -168,6 +186,7 @@ def environment(device: str | torch.device) -> dict:
         "triton": _version("triton"),
         "open_clip": _version("open_clip"),
         "armfast": __version__,
+        "commit": source_commit(),
         "backends": backend_status(device),
         "argv": sys.argv,
         # the machine may be shared: a busy one makes every number slower and noisier

@@ -49,6 +49,17 @@ def triton_unavailable_reason() -> str | None:
     return backend_status(DEVICE)["triton"]
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `interpreter_only` use what only the interpreter has (float64): skipped on a
+    GPU."""
+    if DEVICE.type == "cpu":
+        return
+    skip = pytest.mark.skip(reason="interpreter only (float64 has no Triton GPU path)")
+    for item in items:
+        if "interpreter_only" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _triton_ready(monkeypatch):
     """Skips when the backend cannot run here; poisons every buffer the wrappers allocate with NaN
@@ -56,8 +67,24 @@ def _triton_ready(monkeypatch):
     reason = triton_unavailable_reason()
     if reason is not None:
         pytest.skip(f"triton backend unavailable on {DEVICE}: {reason}")
-    from armfast.ops import _triton
     monkeypatch.setattr(_library, "POISON_ALLOCATIONS", True)
+
+
+@pytest.fixture(autouse=True)
+def _gpu_dtype_contract(request):
+    """Under the interpreter, the triton backend takes only the dtypes it also takes on a GPU,
+    unless the test is marked `interpreter_only`: a test that hands it float64 without saying so
+    fails here, on the CPU, instead of on the next GPU (it did, once)."""
+    from armfast.ops import _registry, _triton
+    dtypes = _triton.BACKEND.dtypes
+    if DEVICE.type != "cpu" or "interpreter_only" in request.keywords:
+        yield
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(dtypes, "cpu", tuple(dt for dt in dtypes["cpu"] if dt in dtypes["cuda"]))
+        _registry.clear_cache()  # resolved choices are cached per dtype
+        yield
+    _registry.clear_cache()
 
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -1,6 +1,7 @@
 """The Triton kernels of the baseline attentions against independent float64 formulas, and the
 baselines' features on them against the reference backend. Without a GPU they run under the
-interpreter (float32 and float64); the half-precision tests are marked gpu."""
+interpreter (float32 and float64); the half-precision tests are marked gpu. Everything is made on
+DEVICE: the same tests run on a GPU."""
 from __future__ import annotations
 
 import pytest
@@ -17,7 +18,8 @@ from conftest import DEVICE, assert_close
 # float64 math to about 1e-7, not 1e-15.
 TOL = {torch.float32: dict(atol=3e-5, rtol=1e-4), torch.float64: dict(atol=1e-6, rtol=1e-6),
        torch.float16: dict(atol=3e-3, rtol=1e-2), torch.bfloat16: dict(atol=2e-2, rtol=3e-2)}
-INTERPRETER_DTYPES = (torch.float32, torch.float64)
+# float64 runs only under the interpreter; on a GPU float32 alone
+DTYPES = (torch.float32, pytest.param(torch.float64, marks=pytest.mark.interpreter_only))
 HALF = [pytest.param(dt, marks=pytest.mark.gpu) for dt in (torch.float16, torch.bfloat16)]
 
 
@@ -54,7 +56,7 @@ def test_matches_float64_formulas(grid):
                    d=32 if big else 64, seed=sum(grid)), torch.float32)
 
 
-@pytest.mark.parametrize("dtype", INTERPRETER_DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("grid", [(1, 1), (7, 5), (5, 9)])
 def test_without_class_token_and_dtypes(grid, dtype):
     _check(run_all(grid, False, dtype, d=40, seed=3), dtype)

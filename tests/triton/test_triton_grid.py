@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from armfast.ops import _triton, attention
-from conftest import assert_close, attention_f64
+from conftest import DEVICE, assert_close, attention_f64
 
 # CLIP ViT-B's last block on 5462 crops: B * H = 65544 passes axis 1's limit of 65535.
 CROPS, HEADS = 5462, 12
@@ -49,8 +49,9 @@ def launches(monkeypatch):
 
 
 def _tiny(*shape):
-    """A tensor of `shape` that owns one element: the wrappers only read shapes and strides."""
-    return torch.zeros((1,) * len(shape)).expand(*shape)
+    """A tensor of `shape` that owns one element: the wrappers only read shapes and strides (and
+    the device: on a GPU it must be a CUDA tensor, as the launchers tune per CUDA device)."""
+    return torch.zeros((1,) * len(shape), device=DEVICE).expand(*shape)
 
 
 def _programs(launch):
@@ -88,7 +89,7 @@ def test_patch_text_logits_grids_stay_within_limits(launches):
     # 5462 crops x 577 tokens: 3.2 million rows, ~98k row tiles; then as many text rows.
     for B, N, C in ((CROPS, 577, 3), (1, 2, CROPS * 577)):
         launches.clear()
-        x, text, scale = _tiny(B, N, 1), _tiny(C, 1), torch.ones(())
+        x, text, scale = _tiny(B, N, 1), _tiny(C, 1), torch.ones((), device=DEVICE)
         out = _triton.patch_text_logits_forward(x, text, scale)
         _triton.patch_text_logits_backward(out, x, text, scale)
         assert set(launches) == set(LOGITS_KERNELS)

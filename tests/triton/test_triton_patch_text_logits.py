@@ -8,7 +8,6 @@ import torch
 from armfast.ops import _reference, _triton, patch_text_logits
 from conftest import DEVICE, assert_close, max_err, patch_text_logits_f64
 
-INTERPRETED = DEVICE.type == "cpu"
 
 # (B, N, E, C, strided). Under the interpreter the tiles are 32 rows x 32 classes x 32 features:
 # lengths 1, 7, 197, 785 cover one partial tile and several tiles with a partial last one.
@@ -92,7 +91,7 @@ def test_python_number_scale_and_public_api():
     assert_close(out, patch_text_logits_f64(x, text, 2.0), atol=1e-5, rtol=1e-5, name="out")
 
 
-@pytest.mark.skipif(not INTERPRETED, reason="float64 is a CPU-interpreter dtype")
+@pytest.mark.interpreter_only
 def test_float64_and_gradcheck():
     torch.manual_seed(4)
     x, text, scale = _inputs(2, 5, 12, 3, True, dtype=torch.float64)

@@ -1,0 +1,90 @@
+"""The float64 oracles and input builders that the GPU tests share, run on a fake CUDA device.
+
+These helpers were written on machines without a GPU, where every tensor is a CPU tensor, so a
+`torch.zeros(...)` without `device=` inside an oracle passed here and failed on the first GPU
+(46 failures, once). Under `FakeTensorMode` a tensor can claim `device="cuda"` without a GPU:
+ops compute only shapes, and mixing it with a CPU tensor raises as on a real GPU. Each helper
+runs so here; a new public helper in tests/baseline_math.py must be added to `CALLS`. Builders
+that compute on their data (a fake tensor has none) are called with device="meta" instead and
+must return tensors there.
+"""
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+import baseline_math
+import conftest
+
+fake_tensor = pytest.importorskip("torch._subclasses.fake_tensor")
+
+CUDA = torch.device("cuda", 0)
+
+
+def _qkv(B=1, H=2, N=10, d=8):
+    return [torch.randn(B, H, N, d, dtype=torch.float32, device=CUDA) for _ in range(3)]
+
+
+def _affinity():
+    return torch.randn(1, 12, 16, device=CUDA), torch.randn(1, 2, 12, 8, device=CUDA)
+
+
+# helper name -> a call of it on fake CUDA inputs, returning its tensors
+CALLS = {
+    "self_correlation_f64": lambda: baseline_math.self_correlation_f64(*_qkv()[:2]),
+    "self_correlation_sum_f64": lambda: baseline_math.self_correlation_sum_f64(*_qkv()),
+    "grid_gaussian_f64": lambda: baseline_math.grid_gaussian_f64(3, 4, 5.0, True, device=CUDA),
+    "gaussian_self_correlation_f64": lambda: baseline_math.gaussian_self_correlation_f64(
+        *_qkv(N=13)[:2], (3, 4)),
+    "masked_affinity_f64": lambda: baseline_math.masked_affinity_f64(*_affinity()),
+    "heads": lambda: baseline_math.heads(1, 2, 5, 8, device=CUDA, strided=True),
+    "two_cluster_features": lambda: [baseline_math.two_cluster_features(3, 4).to(CUDA)],
+    "make_qkv": lambda: conftest.make_qkv(1, 2, 5, 7, 8, device=CUDA, strided=True),
+    "attention_f64": lambda: conftest.attention_f64(*_qkv()),
+    "patch_text_logits_f64": lambda: conftest.patch_text_logits_f64(
+        torch.randn(1, 5, 8, device=CUDA), torch.randn(3, 8, device=CUDA),
+        torch.tensor(2.0, device=CUDA)),
+}
+
+
+# builders that look at their random data (thresholds from sorted affinities), by device
+DATA_BUILDERS = {
+    "affinity_inputs": lambda device: baseline_math.affinity_inputs(1, 12, 16, 2, 8, device=device,
+                                                                    strided=True)[:2],
+}
+
+
+def _public_functions(module) -> set[str]:
+    return {name for name, obj in vars(module).items()
+            if inspect.isfunction(obj) and obj.__module__ == module.__name__
+            and not name.startswith("_")}
+
+
+def test_every_shared_helper_is_checked():
+    helpers = _public_functions(baseline_math) | {
+        name for name in _public_functions(conftest) if name.endswith("_f64") or name == "make_qkv"}
+    assert helpers - set(CALLS) - set(DATA_BUILDERS) == set(), "add these helpers to CALLS"
+
+
+@pytest.mark.parametrize("name", sorted(CALLS))
+def test_helper_keeps_to_the_inputs_device(name):
+    with fake_tensor.FakeTensorMode():
+        result = CALLS[name]()
+        tensors = [result] if isinstance(result, torch.Tensor) else list(result)
+        assert tensors and all(t.device == CUDA for t in tensors), name
+
+
+@pytest.mark.parametrize("name", sorted(DATA_BUILDERS))
+def test_builder_returns_tensors_on_the_device_asked(name):
+    tensors = DATA_BUILDERS[name](torch.device("meta"))
+    assert tensors and all(t.device.type == "meta" for t in tensors), name
+
+
+def test_fake_cuda_catches_a_cpu_tensor():
+    """The check itself: the mistake it exists for raises."""
+    with fake_tensor.FakeTensorMode():
+        x = torch.randn(4, 4, device=CUDA)
+        with pytest.raises(Exception, match="device"):
+            x + torch.zeros(4, 4)
