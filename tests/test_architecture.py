@@ -153,3 +153,20 @@ def test_no_module_of_the_package_is_over_450_lines():
     long = {name: n for name, (path, _) in module_files().items()
             if (n := len(path.read_text(encoding="utf-8").splitlines())) > 450}
     assert long == {}
+
+
+def test_op_specs_belong_to_no_backend_and_no_backend_imports_another():
+    graph = import_graph()
+    backends = "armfast.ops._backends"
+    assert not [t for t in graph["armfast.ops._specs"] if t.startswith(backends)]
+    shared = {backends, f"{backends}._extension"}
+
+    def backend_of(module):
+        return ".".join(module.split(".")[:4]) if module.startswith(backends + ".") else None
+    crossing = sorted((m, t) for m, targets in graph.items() if backend_of(m)
+                      for t in targets if backend_of(t) and t not in shared
+                      and backend_of(t) != backend_of(m))
+    assert crossing == []
+    # the op layer reaches the backends only through the registry (by name, at run time)
+    ops_modules = [m for m in graph if m.startswith("armfast.ops") and not backend_of(m)]
+    assert not [(m, t) for m in ops_modules for t in graph[m] if backend_of(t)]

@@ -276,12 +276,12 @@ def test_bad_arguments(call_it, error, match):
 def test_auto_follows_the_table(tmp_path, monkeypatch):
     import json
 
-    from armfast.ops import _auto
+    from armfast.ops import _auto, _specs
 
     path = tmp_path / "auto_table.json"
     monkeypatch.setenv(_auto.TABLE_ENV, str(path))
     q, k, v = heads(1, 2, 17, 16, count=3)
-    dim, work = _auto.self_correlation_sum_key(*q.shape)
+    dim, work = _specs.self_correlation_sum_key(*q.shape)
     entry = {"op": "self_correlation_sum", "device": "cpu", "dtype": "float32", "dim": dim, "mode": "forward",
              "bucket": _auto.bucket(work), "backend": "cpu", "vs_sdpa": 1.5, "shapes": ["x"]}
     path.write_text(json.dumps({"format": 1, "measurements": [], "entries": [entry]}))

@@ -4,8 +4,8 @@ import torch
 
 from armfast import ops
 from armfast.ops import _library
-from armfast.ops import _extension
-from armfast.ops._extension import CPU_BACKEND
+from armfast.ops._backends import _extension, cuda as cuda_backend
+from armfast.ops._backends.cpu import BACKEND as CPU_BACKEND
 
 from conftest import AWKWARD_N, attention_f64, make_qkv, patch_text_logits_f64
 
@@ -247,7 +247,7 @@ def test_extension_checks_shapes_itself():
     from armfast import _C
     q, k, v = make_qkv(1, 2, 4, 5, 8)
     out, lse = torch.empty(1, 2, 4, 8), torch.empty(1, 2, 4)
-    arg = _extension._arg
+    arg = _extension.arg
     with pytest.raises(ValueError, match=r"k: expected shape \(1, 2, -1, 8\)"):
         _C.attention_forward("float32", arg(q), arg(k[..., :4]), arg(v), arg(out), arg(lse), 1.0)
     with pytest.raises(TypeError, match="float32 or float64"):
@@ -266,4 +266,4 @@ def test_extension_checks_shapes_itself():
     ("12.0f", (12, 1), True), ("8.0, 12.0f", (12, 1), True), ("", (8, 0), False),
 ])
 def test_arch_list_compatibility(archs, capability, runs):
-    assert _extension._arch_runs(archs, capability) is runs
+    assert cuda_backend._arch_runs(archs, capability) is runs

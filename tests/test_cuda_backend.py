@@ -12,8 +12,8 @@ import torch
 
 from armfast import ops
 from armfast.ops import _library
-from armfast.ops import _extension
-from armfast.ops._extension import CUDA_BACKEND
+from armfast.ops._backends import cuda as cuda_backend
+from armfast.ops._backends.cuda import BACKEND as CUDA_BACKEND
 
 from conftest import AWKWARD_N, attention_f64, make_qkv, patch_text_logits_f64
 
@@ -142,7 +142,7 @@ def test_attention_writes_through_the_strides_of_out(dtype):
     # The op layer passes out as a [B, H, Nq, d] view of a [B, Nq, H, d] buffer (merging heads is a view).
     q, k, v = (t.detach() for t in cuda_qkv(2, 3, 197, 150, 64, dtype, strided=True))
     buf = torch.full((2, 197, 3, 64), float("nan"), dtype=dtype, device="cuda")
-    _extension.cuda_attention_forward(q, k, v, 0.125, buf.transpose(1, 2))
+    cuda_backend.cuda_attention_forward(q, k, v, 0.125, buf.transpose(1, 2))
     assert torch.isfinite(buf).all()
     assert_close_to_truth(buf.transpose(1, 2), attention_f64(q, k, v, 0.125), attention_peer(q, k, v, 0.125), "out")
     out, _ = CUDA_BACKEND.attention.run_forward(q, k, v, 0.125, True)  # the op layer's heads-last output
@@ -231,12 +231,12 @@ def test_attention_too_little_shared_memory_is_a_clear_error(monkeypatch):
                                          r"of shared memory per block, but cuda:\d+ allows 40000 "
                                          r"\(the cap set by ARMFAST_CUDA_MAX_SHARED_MEMORY\); use "
                                          r"backend='triton' or backend='sdpa'"):
-        _extension.CUDA_BACKEND.attention.run_forward(q, k, v, 0.125, False)
+        CUDA_BACKEND.attention.run_forward(q, k, v, 0.125, False)
     monkeypatch.setenv("ARMFAST_CUDA_MAX_SHARED_MEMORY", "64k")
     with pytest.raises(ValueError, match="ARMFAST_CUDA_MAX_SHARED_MEMORY must be a number of bytes"):
-        _extension.CUDA_BACKEND.attention.run_forward(q, k, v, 0.125, False)
+        CUDA_BACKEND.attention.run_forward(q, k, v, 0.125, False)
     monkeypatch.delenv("ARMFAST_CUDA_MAX_SHARED_MEMORY")
-    out, _ = _extension.CUDA_BACKEND.attention.run_forward(q, k, v, 0.125, False)
+    out, _ = CUDA_BACKEND.attention.run_forward(q, k, v, 0.125, False)
     assert_close_to_truth(out, attention_f64(q, k, v, 0.125), attention_peer(q, k, v, 0.125), "out")
 
 
@@ -314,7 +314,7 @@ def test_patch_text_logits_frozen_text_skips_dtext(n, poisoned):
                                                      logit_scale=scale, backend="cuda"), (x, scale), dout)
     for a, b in zip(frozen, full):
         assert torch.equal(a, b)  # the same kernels for dx and dlogit_scale either way
-    dx, dtext, _ = _extension.cuda_patch_text_logits_backward(dout, x.detach(), text, scale.detach(), False)
+    dx, dtext, _ = cuda_backend.cuda_patch_text_logits_backward(dout, x.detach(), text, scale.detach(), False)
     assert dtext is None and dx.shape == x.shape
 
 

@@ -1,5 +1,6 @@
 """The op layer: the eager fast path against the custom-op path, output layouts, torch.compile,
-and `auto` choosing from the measured table (issue 12)."""
+`auto` choosing from the measured table (issue 12), `explain` saying why, and each backend's
+limits, declared once, refusing the same calls on the eager and the compiled path."""
 from __future__ import annotations
 
 import json
@@ -277,3 +278,91 @@ def test_bench_tune_writes_the_table_and_backends_shows_it(table, monkeypatch, c
     assert str(table) in shown and "anything else" in shown
     for e in data["entries"]:
         assert f"-> {e['backend']}" in shown
+
+
+# ---- explain: which backend a call runs on, and why not the others -----------------------------
+
+def _verdicts(why) -> dict:
+    return {c.backend: c.verdict for c in why.candidates}
+
+
+def test_explain_agrees_with_the_call_and_runs_nothing(table, monkeypatch):
+    q, k, v = make_qkv(1, 2, 9, 9, 32)
+    work = 4 * 2 * 81 * 32
+    _write(table, [_entry("cpu", work=work)])
+    why = ops.explain(ops.attention, q, k, v)
+    assert why.backend == ops.resolve_backend("attention", "auto", q, work=work) == "cpu"
+    assert why.table.backend == "cpu" and why.table.source.startswith("measured: 1.50x sdpa")
+    assert _verdicts(why) == {"cpu": "picked", "sdpa": "not tried", "reference": "not tried",
+                              "triton": "not considered", "cuda": "not considered"}
+    reasons = {c.backend: c.reasons for c in why.candidates}
+    assert "runs on cuda tensors, not cpu" in reasons["cuda"][0] and reasons["cpu"] == ()
+    # the call as written: with gradients needed it is another key of the table (no entry)
+    q.requires_grad_()
+    assert ops.explain("attention", q, k, v).backend == "sdpa"
+
+    def boom(*args, **kwargs):
+        raise AssertionError("explain ran the op")
+    monkeypatch.setitem(_registry.load("cpu").ops, "attention", boom)
+    assert ops.explain(ops.attention, q.detach(), k, v).backend == "cpu"
+    text = str(ops.explain(ops.attention, q.detach(), k, v))
+    assert text.splitlines()[0].startswith("attention on cpu, float32, dim 32, forward")
+    assert "cuda       not considered" in text and "-> cpu" in text.splitlines()[0]
+
+
+def test_explain_says_why_the_table_choice_lost(table, monkeypatch):
+    x, v = torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16)
+    work = 4 * 2 * 81 * 16
+    _write(table, [_entry("cpu", op="self_correlation", dim=16, work=work)])
+    monkeypatch.setitem(_registry._loaded, "cpu", "failed to load (ImportError: no armfast._C)")
+    _registry.clear_cache()
+    why = ops.explain(ops.self_correlation, x, v)
+    assert why.backend == "sdpa" == ops.resolve_backend("self_correlation", "auto", v, work=work)
+    assert _verdicts(why)["cpu"] == "cannot run" and _verdicts(why)["sdpa"] == "picked"
+    (lost,) = [c for c in why.candidates if c.backend == "cpu"]
+    assert lost.reasons == ("backend 'cpu' is not available: failed to load (ImportError: no "
+                            "armfast._C)",)
+
+
+def test_explain_an_explicit_backend_and_bad_calls():
+    x, text = torch.randn(2, 3, 8, dtype=torch.bfloat16), torch.randn(4, 8, dtype=torch.bfloat16)
+    why = ops.explain("patch_text_logits", x, text, backend="cpu")
+    assert why.backend is None and why.table is None
+    assert why.candidates[0].reasons == ("backend 'cpu' supports dtypes float32, float64 on cpu, "
+                                         "got bfloat16",)
+    assert ops.explain("patch_text_logits", x, text, backend="sdpa").backend == "sdpa"
+    with pytest.raises(ValueError, match="op must be one of the ops attention, "):
+        ops.explain(torch.matmul, x, x)
+    with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
+        ops.explain("patch_text_logits", x, text, backend="fast")
+    with pytest.raises(ValueError, match="text must have x's embedding dim"):  # validated as called
+        ops.explain(ops.patch_text_logits, x, text[:, :4])
+
+
+def test_limits_are_declared_once_and_checked_on_both_paths():
+    for name in ("reference", "sdpa", "triton", "cuda", "cpu"):
+        backend = _registry.load(name)
+        if isinstance(backend, str):
+            continue
+        for op, impl in backend.ops.items():
+            assert getattr(impl, "limits", backend.limits) is backend.limits, (name, op)
+    q, k, v = make_qkv(1, 1, 4, 4, 8, dtype=torch.bfloat16)
+    cpu = _registry.load("cpu")
+    message = "backend 'cpu' supports dtypes float32, float64 on cpu, got bfloat16"
+    with pytest.raises(TypeError, match=message):
+        ops.attention(q, k, v, backend="cpu")  # eager: resolved once, then cached
+    with pytest.raises(TypeError, match=message):
+        cpu.attention.forward_op(q, k, v, 0.5)  # the custom op, as torch.compile calls it
+    with pytest.raises(TypeError, match=message):
+        cpu.ops["self_correlation"].forward_op(q, v, 0.5, False)
+
+
+def test_head_dim_limit_on_the_custom_op():
+    triton = _registry.load("triton")
+    if isinstance(triton, str):
+        pytest.skip(triton)
+    q = torch.randn(1, 1, 4, 130)
+    with pytest.raises(ValueError, match=r"backend 'triton' supports head dims 1\.\.128, got d=130"):
+        triton.attention.forward_op(q, q, q, 0.1)
+    with pytest.raises(ValueError, match=r"supports head dims 1\.\.128, got d=130"):
+        triton.ops["self_correlation"].forward_op(q, q, 0.1, False)

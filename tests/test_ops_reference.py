@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from armfast import ops
-from armfast.ops._reference import BACKEND as REFERENCE
+from armfast.ops._backends.reference import BACKEND as REFERENCE
 
 from conftest import AWKWARD_N, attention_f64, make_qkv, patch_text_logits_f64
 

@@ -69,6 +69,24 @@ def test_same_as_the_benchmark_path(image):
     assert (plain.short_side, plain.crop, plain.stride) == ((448, 448), (448, 448), (224, 224))
 
 
+def test_one_config_for_segmentor_segment_and_keywords(image):
+    config = armfast.SegmentorConfig(baseline="naclip", background="thd:0.7", **SMALL)
+    assert config.background == Background.threshold(0.7)  # a spec is parsed once, here
+    by_config = armfast.segment(image, ["cat", "dog"], config=config, clip=tiny_clip())
+    by_keywords = run(image, ["cat", "dog"], baseline="naclip", background="thd:0.7")
+    assert torch.equal(by_config.labels, by_keywords.labels) and by_config.config == by_keywords.config
+    seg = Segmentor(tiny_clip(), ["cat", "dog"], config, short_side=0)  # keywords override it
+    assert seg.settings == config.replace(short_side=0) and seg.short_side is None
+    assert seg.class_names == ["background", "cat", "dog"] and seg.baseline == "naclip"
+    with pytest.raises(TypeError, match=r"unknown SegmentorConfig field\(s\) amp; the fields are "
+                                        r"baseline, protocol, short_side"):
+        config.replace(amp=False)
+    with pytest.raises(ValueError, match="precision must be one of auto, bf16, fp16, fp32"):
+        armfast.SegmentorConfig(precision="half")
+    with pytest.raises(TypeError, match="config must be a SegmentorConfig"):
+        Segmentor(tiny_clip(), ["cat"], {"baseline": "sclip"})
+
+
 def test_save_by_extension(image, tmp_path):
     r = run(image, ["cat", "dog", "sky"])
     png = r.save(tmp_path / "out" / "x.png")

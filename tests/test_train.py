@@ -186,6 +186,35 @@ def test_loss_helpers():
     assert torch.isfinite(loss) and q.grad is not None
 
 
+def test_training_runs_the_inference_crop_forward():
+    """The trainer's step (frozen features, then the head DDP wraps, then each class's best
+    synonym) computes what the Segmentor's crop forward does, with gradients to ARM only."""
+    from armfast import ARM, ARMConfig
+    from armfast.bench.workloads import randomize_residual_outputs
+    from armfast.inference import CropModel, Segmentor
+
+    clip = tiny_clip()
+    torch.manual_seed(0)
+    arm = randomize_residual_outputs(ARM(ARMConfig(shallow_layers=TINY_SHALLOW, width=64,
+                                                   embed_dim=32, **TINY_ARM)),
+                                     torch.Generator().manual_seed(1))
+    text, index = torch.randn(5, 32), torch.tensor([0, 1, 1, 2, 2])
+    seg = Segmentor(clip, text, class_index=index, baseline="naclip", arm=arm, short_side=0,
+                    crop=0)
+    crops = torch.randn(2, 3, 32, 32)
+    model = CropModel(clip, baseline="sclip", arm=arm)
+    with torch.no_grad():
+        shallow, deep, grid = model.features(crops, "naclip")  # the step's baseline
+    logits = model.head(shallow, deep, seg.text)  # ARM's tau: logit_scale=None
+    torch.testing.assert_close(logits.transpose(1, 2).unflatten(-1, grid),
+                               seg.crop_logits(crops, scaled=True))
+    per_class = seg.queries.per_class_max(logits, dim=-1)
+    assert per_class.shape == (2, grid[0] * grid[1], 3) and torch.equal(per_class[..., 1], logits[..., 1:3].amax(-1))
+    per_class.sum().backward()
+    assert arm.logit_scale.grad is not None and arm.cross_attn.q.weight.grad is not None
+    assert all(p.grad is None for p in clip.parameters())
+
+
 def test_config_errors(tmp_path):
     with pytest.raises(ValueError, match="--baselines: unknown nope"):
         TrainConfig(data_root="x", out="y", baselines="sclip,nope")

@@ -16,18 +16,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compile_only import compile_only  # noqa: E402
 from compile_for_gpu import DTYPES  # noqa: E402
 
-from armfast.ops import _triton  # noqa: E402
+from armfast.ops._backends import triton as _triton  # noqa: E402
 
 
 def baseline_kernels(dtype: torch.dtype, d: int) -> None:
     """ClearCLIP, SCLIP and NACLIP at a 448 px crop (785 tokens), ProxyCLIP on a 28 x 28 VFM grid."""
     x, k, v = (torch.randn(2, 12, 785, d, dtype=dtype) for _ in range(3))
     out = torch.empty_like(x)
-    _triton.self_correlation_forward(x, v, d ** -0.5, out)
-    _triton.self_correlation_sum_forward(x, k, v, d ** -0.5, out)
-    _triton.gaussian_self_correlation_forward(x, v, d ** -0.5, 28, 28, 5.0, True, out)
+    _triton.baselines.self_correlation_forward(x, v, d ** -0.5, out)
+    _triton.baselines.self_correlation_sum_forward(x, k, v, d ** -0.5, out)
+    _triton.baselines.gaussian_self_correlation_forward(x, v, d ** -0.5, 28, 28, 5.0, True, out)
     f, vf = torch.randn(2, 784, 768, dtype=dtype), torch.randn(2, 12, 784, d, dtype=dtype)
-    _triton.masked_affinity_forward(f, vf, 1.2, 3.0, torch.empty_like(vf))
+    _triton.baselines.masked_affinity_forward(f, vf, 1.2, 3.0, torch.empty_like(vf))
 
 
 def main(argv=None) -> int:

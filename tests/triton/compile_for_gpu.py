@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compile_only import compile_only  # noqa: E402
 
-from armfast.ops import _triton  # noqa: E402
+from armfast.ops._backends import triton as _triton  # noqa: E402
 
 DTYPES = ("float16", "bfloat16", "float32")
 
@@ -33,11 +33,11 @@ def attention_kernels(dtype: torch.dtype, d: int) -> None:
     q = torch.randn(2, 48, 785, d, dtype=dtype)
     k = torch.randn(2, 48, 700, d, dtype=dtype)
     out, lse = _triton.BACKEND.attention.run_forward(q, k, k, d ** -0.5, False)
-    _triton.attention_backward(out, q, k, k, out, lse, d ** -0.5)
+    _triton.attention.attention_backward(out, q, k, k, out, lse, d ** -0.5)
     deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        _triton.attention_backward(out, q, k, k, out, lse, d ** -0.5)
+        _triton.attention.attention_backward(out, q, k, k, out, lse, d ** -0.5)
     finally:
         torch.use_deterministic_algorithms(deterministic)
 
@@ -46,8 +46,8 @@ def logits_kernels(dtype: torch.dtype) -> None:
     x = torch.randn(2, 197, 512, dtype=dtype)
     text = torch.randn(171, 512, dtype=dtype)
     scale = torch.tensor(10.0)
-    out = _triton.patch_text_logits_forward(x, text, scale)
-    _triton.patch_text_logits_backward(out, x, text, scale)
+    out = _triton.patch_text_logits.patch_text_logits_forward(x, text, scale)
+    _triton.patch_text_logits.patch_text_logits_backward(out, x, text, scale)
 
 
 def main(argv=None) -> int:

@@ -1,6 +1,6 @@
 """The real GPU launch path without a GPU: a stand-in for Triton's CUDA driver.
 
-Inside `compile_only(arch)`, armfast's triton backend (armfast/ops/_triton.py), its tuner and
+Inside `compile_only(arch)`, armfast's triton backend (armfast/ops/_backends/triton/), its tuner and
 Triton's JIT run as they would on a GPU of compute capability `arch`, on CPU tensors: arguments
 are specialised as at run time, kernels are compiled for that GPU (Triton ships ptxas), and every
 launch only records what it would have run. What this gives without a GPU:
@@ -162,9 +162,9 @@ def compile_only(arch: int = 90):
     from armfast.kernels import _common, _tuning
     if _common.interpreting():
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter builds no GPU code")
-    from armfast.ops import _triton
+    from armfast.ops._backends import triton as _triton
     fake = Driver(arch)
-    _triton._kernels.cache_clear()  # fresh tuners: nothing chosen for another GPU survives
+    _triton.clear_tuners()  # fresh tuners: nothing chosen for another GPU survives
     saved = (knobs.runtime.kernel_load_start_hook, knobs.runtime.jit_post_compile_hook,
              _tuning.measure, _tuning.device_facts, os.environ.get(_tuning.CACHE_ENV),
              os.environ.get(_tuning.AUTOTUNE_ENV))
@@ -179,7 +179,7 @@ def compile_only(arch: int = 90):
     try:
         yield fake
     finally:
-        _triton._kernels.cache_clear()
+        _triton.clear_tuners()
         active.reset_active() if _has_default_driver(active) else setattr(active, "_active", None)
         (knobs.runtime.kernel_load_start_hook, knobs.runtime.jit_post_compile_hook,
          _tuning.measure, _tuning.device_facts, cache, autotune) = saved

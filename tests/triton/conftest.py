@@ -1,7 +1,7 @@
 """Tests of the Triton backend. Without a GPU they run the kernels under the Triton interpreter.
 
 Triton picks compiled or interpreted kernels when `@triton.jit` runs, i.e. when armfast.kernels
-is imported (armfast.ops._triton does that at the first launch). Pytest loads this conftest
+is imported (the triton backend does that at the first launch). Pytest loads this conftest
 before the test modules of this directory, so setting TRITON_INTERPRET here is early enough
 both for `pytest tests/triton` and for a run of the whole suite.
 """
@@ -75,8 +75,9 @@ def _gpu_dtype_contract(request):
     """Under the interpreter, the triton backend takes only the dtypes it also takes on a GPU,
     unless the test is marked `interpreter_only`: a test that hands it float64 without saying so
     fails here, on the CPU, instead of on the next GPU (it did, once)."""
-    from armfast.ops import _registry, _triton
-    dtypes = _triton.BACKEND.dtypes
+    from armfast.ops import _registry
+    from armfast.ops._backends import triton as _triton
+    dtypes = _triton.BACKEND.limits.dtypes
     if DEVICE.type != "cpu" or "interpreter_only" in request.keywords:
         yield
         return

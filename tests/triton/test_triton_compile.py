@@ -59,19 +59,19 @@ COUNT_COMPILES = r"""
 import json, torch
 from compile_only import compile_only
 from armfast.kernels import attention, patch_text_logits as logits
-from armfast.ops import _triton
+from armfast.ops._backends import triton as _triton
 
 def attention_call(B, H, N, d=64, dtype=torch.bfloat16):
     q = torch.randn(B, H, N, d, dtype=dtype)
     k = torch.randn(B, H, N + 3, d, dtype=dtype)
     out, lse = _triton.BACKEND.attention.run_forward(q, k, k, 0.125, False)
-    _triton.attention_backward(out, q, k, k, out, lse, 0.125)
+    _triton.attention.attention_backward(out, q, k, k, out, lse, 0.125)
 
 def logits_call(B, N, C, E=512, dtype=torch.bfloat16):
     x = torch.randn(B, N, E, dtype=dtype)
     text = torch.randn(C, E, dtype=dtype)
-    out = _triton.patch_text_logits_forward(x, text, torch.tensor(10.0))
-    _triton.patch_text_logits_backward(out, x, text, torch.tensor(10.0))
+    out = _triton.patch_text_logits.patch_text_logits_forward(x, text, torch.tensor(10.0))
+    _triton.patch_text_logits.patch_text_logits_backward(out, x, text, torch.tensor(10.0))
 
 # (call, first arguments, more in the same buckets, others in new buckets)
 CASES = {"attention": (attention_call, (2, 8, 197), [(2, 8, 150), (2, 8, 250), (2, 8, 129)],
@@ -80,14 +80,15 @@ CASES = {"attention": (attention_call, (2, 8, 197), [(2, 8, 150), (2, 8, 250), (
                     [(1, 7, 21), (16, 785, 171), (1, 196, 1000)])}
 steps = {}
 with compile_only(90) as driver:
-    ks = _triton._kernels()
+    ks = {"attn_fwd": _triton.attention.kernels().fwd,
+          "ptl_fwd": _triton.patch_text_logits.kernels().fwd}
     for name, (call, first, same, other) in CASES.items():
         for step, calls in (("first", [first]), ("same bucket", same), ("other buckets", other)):
             for args in calls:
                 call(*args)
             steps[f"{name} {step}"] = {
                 "compiles": dict(driver.compiles),
-                "measures": {t: getattr(ks, t).measures for t in ("attn_fwd", "ptl_fwd")}}
+                "measures": {t: tuner.measures for t, tuner in ks.items()}}
 print(json.dumps({"steps": steps,
                   "fwd": len(attention.fwd_configs("sm90", "half", 64)),
                   "fwd_tma": len(attention.fwd_tma_configs("sm90", "half", 64)),

@@ -1,19 +1,22 @@
-"""`reference` backend: plain PyTorch with the softmax written out, the ground truth.
+"""The ops themselves, owned by no backend: their math, the forward-only specs of the baseline
+attentions, and the key each call has in the auto table (`OpSpec`, `OPS`).
 
-Half-precision inputs are computed in float32, float64 in float64. It materialises the
-``Nq x Nk`` score matrix; the fused backends exist to avoid exactly that.
+The math is plain PyTorch with the softmax written out, as the official code writes it: the
+`reference` backend runs it, the fused backends are checked against it, and the baseline
+attentions' gradients recompute it (`ForwardOnlyOp`). Half-precision inputs are computed in
+float32, float64 in float64; it materialises the ``Nq x Nk`` score matrix, which the fused
+backends exist to avoid.
 """
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
-from ._library import (NORM_EPS, ForwardOnlyOp, define_attention, define_patch_text_logits,
-                       lse_dtype, plain)
-from ._registry import ANY_DTYPE, Backend
+from ._library import NORM_EPS, ForwardOnlyOp, lse_dtype
 
 
 
@@ -155,19 +158,80 @@ MASKED_AFFINITY = ForwardOnlyOp("masked_affinity_attention", "Tensor f, Tensor v
 BASELINE_OPS = (SELF_CORRELATION, SELF_CORRELATION_SUM, GAUSSIAN_SELF_CORRELATION, MASKED_AFFINITY)
 
 
-def _reference_op(op: ForwardOnlyOp) -> Callable:
-    """The reference backend's op: the math itself (torch autograd), in the requested layout."""
-    def run(*args):
-        out = op.math(*args[:-1])
-        return out.transpose(1, 2) if args[-1] else out
-    return plain(run)
+# ---------------------------------------------------------------------------------------------
+# Each call's key in the auto table: (dim, forward FLOPs), the dim being the op's width
+# ---------------------------------------------------------------------------------------------
+
+def attention_key(B: int, H: int, Nq: int, Nk: int, d: int) -> tuple[int, int]:
+    """(dim, forward FLOPs) of an attention call."""
+    return d, 4 * B * H * Nq * Nk * d
 
 
-BACKEND = Backend(
-    name="reference",
-    ops={"attention": define_attention("reference", attention_forward, attention_backward),
-         "patch_text_logits": define_patch_text_logits(
-             "reference", patch_text_logits_forward, patch_text_logits_backward),
-         **{op.name: _reference_op(op) for op in BASELINE_OPS}},
-    dtypes={device: ANY_DTYPE for device in ("cpu", "cuda", "mps", "xpu")},
-)
+def patch_text_logits_key(B: int, N: int, C: int, E: int) -> tuple[int, int]:
+    """(dim, forward FLOPs) of a patch_text_logits call."""
+    return E, 2 * B * N * C * E
+
+
+def self_correlation_key(B: int, H: int, N: int, d: int) -> tuple[int, int]:
+    """(head dim, forward FLOPs) of softmax(s X X^T) V, with or without NACLIP's bias: one
+    attention of N x N per head."""
+    return d, 4 * B * H * N * N * d
+
+
+def self_correlation_sum_key(B: int, H: int, N: int, d: int) -> tuple[int, int]:
+    """(head dim, forward FLOPs) of SCLIP's (softmax(s QQ^T) + softmax(s KK^T)) V: two score
+    products and one product of the summed map with V, as written. (The fused kernels do a
+    second value product, 8 N^2 d in all: each softmax's normaliser is known only at the end.)"""
+    return d, 6 * B * H * N * N * d
+
+
+def masked_affinity_key(B: int, n: int, C: int, H: int, d: int) -> tuple[int, int]:
+    """(head dim, forward FLOPs) of ProxyCLIP's attention: the affinities S (2 n^2 C per image),
+    then one n x n map applied to all H heads of v (2 n^2 H d)."""
+    return d, 2 * B * n * n * (C + H * d)
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """What every backend of an op shares.
+
+    sizes: the names of the sizes `key` takes (a benchmark case's shape holds them);
+    key: sizes -> (dim, forward FLOPs), the call's key in the auto table;
+    call_sizes: the call's tensors -> those sizes;
+    head_dim: whether dim is a head dim (checked against each backend's head-dim limits);
+    layout: whether the op takes ``layout=`` (its output may be ``[B, N, H, d]``);
+    forward_only: the baseline attentions' spec (math and recomputed backward).
+    """
+
+    name: str
+    sizes: tuple[str, ...]
+    key: Callable[..., tuple[int, int]]
+    call_sizes: Callable[..., tuple[int, ...]]
+    head_dim: bool = True
+    layout: bool = True
+    forward_only: Optional[ForwardOnlyOp] = None
+
+    def call_key(self, tensors: tuple[Tensor, ...]) -> tuple[int, int]:
+        """(dim, forward FLOPs) of a call on `tensors`."""
+        return self.key(*self.call_sizes(*tensors))
+
+
+def _heads(*tensors: Tensor) -> tuple[int, ...]:
+    return tuple(tensors[0].shape)
+
+
+OPS = {spec.name: spec for spec in (
+    OpSpec("attention", ("B", "H", "Nq", "Nk", "d"), attention_key,
+           lambda q, k, v: (q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3])),
+    OpSpec("patch_text_logits", ("B", "N", "C", "E"), patch_text_logits_key,
+           lambda x, text, logit_scale: (x.shape[0], x.shape[1], text.shape[0], x.shape[2]),
+           head_dim=False, layout=False),
+    OpSpec("self_correlation", ("B", "H", "N", "d"), self_correlation_key, _heads,
+           forward_only=SELF_CORRELATION),
+    OpSpec("self_correlation_sum", ("B", "H", "N", "d"), self_correlation_sum_key, _heads,
+           forward_only=SELF_CORRELATION_SUM),
+    OpSpec("gaussian_self_correlation", ("B", "H", "N", "d"), self_correlation_key, _heads,
+           forward_only=GAUSSIAN_SELF_CORRELATION),
+    OpSpec("masked_affinity_attention", ("B", "n", "C", "H", "d"), masked_affinity_key,
+           lambda f, v: (*f.shape, v.shape[1], v.shape[3]), forward_only=MASKED_AFFINITY),
+)}

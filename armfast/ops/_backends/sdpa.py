@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._reference import NORM_EPS, gaussian_bias
-from ._library import plain
-from ._registry import ANY_DTYPE, Backend
+from .._library import NORM_EPS, plain
+from .._limits import ANY_DTYPE, Limits
+from .._registry import Backend
+from .._specs import gaussian_bias
 
 
 @plain
@@ -79,5 +80,5 @@ BACKEND = Backend(
          "self_correlation": self_correlation, "self_correlation_sum": self_correlation_sum,
          "gaussian_self_correlation": gaussian_self_correlation,
          "masked_affinity_attention": masked_affinity_attention},
-    dtypes={device: ANY_DTYPE for device in ("cpu", "cuda", "mps", "xpu")},
+    limits=Limits({device: ANY_DTYPE for device in ("cpu", "cuda", "mps", "xpu")}),
 )
