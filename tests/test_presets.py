@@ -131,7 +131,7 @@ def test_warnings_say_why():
 
 @pytest.fixture(scope="module")
 def voc(tmp_path_factory):
-    from synthetic_datasets import write_dataset, write_tiny_clip_dir
+    from helpers.synthetic_datasets import write_dataset, write_tiny_clip_dir
 
     root = tmp_path_factory.mktemp("presets")
     write_dataset("voc21", root / "data", n=1, size=(40, 48), splits=("val",))

@@ -102,13 +102,21 @@ def gaussian_bias(h: int, w: int, sigma: float, class_token: bool = True, device
     sigma^2))`` with d the distance between two patches on the row-major grid (in patches), 0 on
     the class token's row and column. Cached, except while compiling (it is then part of the
     graph)."""
-    build = _gaussian_bias.__wrapped__ if torch.compiler.is_compiling() else _gaussian_bias
+    build = _build_gaussian_bias if torch.compiler.is_compiling() else _gaussian_bias
     return build(h, w, sigma, class_token, device, dtype)
 
 
 @functools.lru_cache(maxsize=32)
 def _gaussian_bias(h: int, w: int, sigma: float, class_token: bool, device: str,
                    dtype: torch.dtype) -> Tensor:
+    # a normal tensor even when first asked for under inference mode: an inference tensor in
+    # the cache would fail every later call that autograd records (SDPA saves its mask)
+    with torch.inference_mode(False):
+        return _build_gaussian_bias(h, w, sigma, class_token, device, dtype)
+
+
+def _build_gaussian_bias(h: int, w: int, sigma: float, class_token: bool, device: str,
+                         dtype: torch.dtype) -> Tensor:
     r, c = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64),
                           indexing="ij")
     pos = torch.stack((r.flatten(), c.flatten()), dim=1)

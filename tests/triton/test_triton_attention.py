@@ -11,7 +11,7 @@ import torch
 
 from armfast.ops._backends import triton as _triton
 from armfast.ops import attention
-from conftest import DEVICE, assert_close, attention_f64, make_qkv, max_err
+from helpers.tensors import DEVICE, assert_close, attention_f64, make_qkv, max_err
 
 INTERPRETED = DEVICE.type == "cpu"
 

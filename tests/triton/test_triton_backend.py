@@ -9,7 +9,7 @@ import torch
 
 from armfast.ops._backends import triton as _triton
 from armfast.ops import attention, backend_status, resolve_backend
-from conftest import DEVICE, make_qkv
+from helpers.tensors import DEVICE, make_qkv
 
 
 def test_available_here():

@@ -1,5 +1,5 @@
 """What the kernels compile to for Hopper (sm_90), checked without a GPU through the backend's
-real launch path (compile_only.py): tensor-core wgmma products, TMA in the TMA forward and no
+real launch path (tools/compile_only.py): tensor-core wgmma products, TMA in the TMA forward and no
 spills for every candidate config; and one compile per config: a new length, batch or class
 count never recompiles.
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).resolve().parent
+TOOLS = Path(__file__).resolve().parents[2] / "tools"  # compile_only.py, compile_for_gpu.py
 # kernels whose products must run on wgmma (row_norm and attn_bwd_preprocess have no dot)
 DOT_KERNELS = {"attn_fwd", "attn_fwd_tma", "attn_bwd", "attn_bwd_dq", "ptl_fwd", "ptl_bwd_gcos",
                "ptl_bwd_dx", "ptl_bwd_dtext"}
@@ -30,7 +30,7 @@ def _needs_nvidia_backend():
 def _python(args, timeout=900) -> str:
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     result = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env,
-                            timeout=timeout, cwd=HERE)
+                            timeout=timeout, cwd=TOOLS)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result.stdout
 

@@ -15,7 +15,7 @@ import torch
 
 from armfast.ops._backends import triton as _triton
 from armfast.ops import attention
-from conftest import DEVICE, assert_close, attention_f64
+from helpers.tensors import DEVICE, assert_close, attention_f64
 
 # CLIP ViT-B's last block on 5462 crops: B * H = 65544 passes axis 1's limit of 65535.
 CROPS, HEADS = 5462, 12

@@ -7,7 +7,7 @@ import torch
 
 from armfast.ops import _specs, patch_text_logits
 from armfast.ops._backends import triton as _triton
-from conftest import DEVICE, assert_close, max_err, patch_text_logits_f64
+from helpers.tensors import DEVICE, assert_close, max_err, patch_text_logits_f64
 
 
 # (B, N, E, C, strided). Under the interpreter the tiles are 32 rows x 32 classes x 32 features:

@@ -146,7 +146,7 @@ def test_tunes_on_the_gpu_and_remembers(monkeypatch, cache_file):
     choice lands in the cache file, and a fresh process would read it instead of measuring."""
     from armfast.ops import attention
     from armfast.ops._backends import triton as _triton
-    from conftest import attention_f64, make_qkv, max_err
+    from helpers.tensors import attention_f64, make_qkv, max_err
     monkeypatch.setenv(_tuning.AUTOTUNE_ENV, "1")
     _triton.clear_tuners()  # fresh tuners, nothing chosen yet
     try:
