@@ -62,6 +62,9 @@ class Segmentor:
         vfm: proxyclip's vision foundation model (object or checkpoint path).
         **overrides: `SegmentorConfig` fields, replacing the config's
             (``Segmentor(clip, classes, baseline="naclip", crop=0)``).
+
+    ``settings`` is the `SegmentorConfig` it runs with; `config()` the effective values (the
+    resolved protocol, ARM's tau, the memory budget) for printouts and result files.
     """
 
     def __init__(self, clip_model: nn.Module, classes, config: Optional[SegmentorConfig] = None,

@@ -20,6 +20,7 @@ from ._specs import OpSpec
 
 _is_compiling = torch.compiler.is_compiling
 _grad_enabled = torch.is_grad_enabled
+_resolve, _bucket = _registry.resolve, _auto.bucket  # bound once: run() is on every call's path
 _explaining = 0  # threads inside `explaining()`; the fast path reads only this
 _local = threading.local()
 
@@ -29,13 +30,12 @@ def run(spec: OpSpec, backend: str, layout, tensors: tuple[Tensor, ...], args: t
     dtype and device) with `backend`; ``layout`` is the op's ``layout=`` (None without one)."""
     heads_last = layout != "bhnd" and _validate.heads_last(layout) if spec.layout else None
     x = tensors[0]
-    dim, work = spec.call_key(tensors)
+    dim = tensors[spec.dim_of].shape[-1]
     head_dim = dim if spec.head_dim else None
-    train = None
+    train = work = None
     if backend == "auto":  # the table's key: gradients needed or not, and the size of the work
-        train = _grad_enabled() and any(t.requires_grad for t in tensors)
-    else:
-        work = None
+        train = _grad_enabled() and _any_requires_grad(tensors)
+        work = spec.key(*spec.call_sizes(*tensors))[1]
     if _explaining and getattr(_local, "on", False):
         return _registry.explain(spec.name, backend, x.dtype, x.device, dim=dim,
                                  head_dim=head_dim, train=train, bucket=work and _auto.bucket(work))
@@ -44,10 +44,16 @@ def run(spec: OpSpec, backend: str, layout, tensors: tuple[Tensor, ...], args: t
                              head_dim and _traced_int(head_dim), train, _traced_bucket(work))
         impl = _registry.load(name).ops[spec.name].compiled
     else:
-        impl = _registry.resolve(spec.name, backend, x.dtype, x.device, dim=dim,
-                                 head_dim=head_dim, train=train,
-                                 bucket=work and _auto.bucket(work)).ops[spec.name]
+        impl = _resolve(spec.name, backend, x.dtype, x.device, dim, head_dim, train,
+                        work and _bucket(work)).ops[spec.name]
     return impl(*args) if heads_last is None else impl(*args, heads_last)
+
+
+def _any_requires_grad(tensors: tuple[Tensor, ...]) -> bool:
+    for t in tensors:  # a loop, not any(generator): this runs on every auto call
+        if t.requires_grad:
+            return True
+    return False
 
 
 @contextlib.contextmanager

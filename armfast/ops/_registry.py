@@ -140,7 +140,7 @@ def _pick_auto(op: str, dtype: torch.dtype, device: torch.device, dim: Optional[
 _resolved: dict[tuple, Backend] = {}
 
 
-def resolve(op: str, backend, dtype: torch.dtype, device: torch.device, *,
+def resolve(op: str, backend, dtype: torch.dtype, device: torch.device,
             dim: Optional[int] = None, head_dim: Optional[int] = None,
             train: Optional[bool] = False, bucket: Optional[int] = None) -> Backend:
     """Picks the backend for one call, or raises an error that says why it cannot run.

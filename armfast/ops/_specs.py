@@ -206,6 +206,8 @@ class OpSpec:
     sizes: the names of the sizes `key` takes (a benchmark case's shape holds them);
     key: sizes -> (dim, forward FLOPs), the call's key in the auto table;
     call_sizes: the call's tensors -> those sizes;
+    dim_of: which of the call's tensors holds dim as its last size (read without `key`, which
+        only `auto` needs);
     head_dim: whether dim is a head dim (checked against each backend's head-dim limits);
     layout: whether the op takes ``layout=`` (its output may be ``[B, N, H, d]``);
     forward_only: the baseline attentions' spec (math and recomputed backward).
@@ -215,6 +217,7 @@ class OpSpec:
     sizes: tuple[str, ...]
     key: Callable[..., tuple[int, int]]
     call_sizes: Callable[..., tuple[int, ...]]
+    dim_of: int = 0
     head_dim: bool = True
     layout: bool = True
     forward_only: Optional[ForwardOnlyOp] = None
@@ -224,15 +227,25 @@ class OpSpec:
         return self.key(*self.call_sizes(*tensors))
 
 
+# the sizes `key` takes, read off a call's tensors (each shape read once: this runs on every
+# call with backend="auto")
+def _attention_sizes(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, ...]:
+    B, H, Nq, d = q.shape
+    return B, H, Nq, k.shape[2], d
+
+
+def _logits_sizes(x: Tensor, text: Tensor, logit_scale: Tensor) -> tuple[int, ...]:
+    B, N, E = x.shape
+    return B, N, text.shape[0], E
+
+
 def _heads(*tensors: Tensor) -> tuple[int, ...]:
     return tuple(tensors[0].shape)
 
 
 OPS = {spec.name: spec for spec in (
-    OpSpec("attention", ("B", "H", "Nq", "Nk", "d"), attention_key,
-           lambda q, k, v: (q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3])),
-    OpSpec("patch_text_logits", ("B", "N", "C", "E"), patch_text_logits_key,
-           lambda x, text, logit_scale: (x.shape[0], x.shape[1], text.shape[0], x.shape[2]),
+    OpSpec("attention", ("B", "H", "Nq", "Nk", "d"), attention_key, _attention_sizes),
+    OpSpec("patch_text_logits", ("B", "N", "C", "E"), patch_text_logits_key, _logits_sizes,
            head_dim=False, layout=False),
     OpSpec("self_correlation", ("B", "H", "N", "d"), self_correlation_key, _heads,
            forward_only=SELF_CORRELATION),
@@ -241,5 +254,5 @@ OPS = {spec.name: spec for spec in (
     OpSpec("gaussian_self_correlation", ("B", "H", "N", "d"), self_correlation_key, _heads,
            forward_only=GAUSSIAN_SELF_CORRELATION),
     OpSpec("masked_affinity_attention", ("B", "n", "C", "H", "d"), masked_affinity_key,
-           lambda f, v: (*f.shape, v.shape[1], v.shape[3]), forward_only=MASKED_AFFINITY),
+           lambda f, v: (*f.shape, v.shape[1], v.shape[3]), dim_of=1, forward_only=MASKED_AFFINITY),
 )}
