@@ -5,12 +5,12 @@ from .arm import ARM, ARMConfig
 from .ops import available_backends, backend_status
 
 __all__ = ["__version__", "ops", "ARM", "ARMConfig", "available_backends", "backend_status",
-           "Segmentor", "segment", "SegmentationResult", "Background"]
+           "Segmentor", "SegmentorConfig", "segment", "SegmentationResult", "Background"]
 
 # name -> module that defines it; these pull in the CLIP hooks, so they load on first use and
 # `import armfast` stays light
-_LAZY = {"Segmentor": "segmentor", "segment": "api", "SegmentationResult": "result",
-         "Background": "background"}
+_LAZY = {"Segmentor": "inference.segmentor", "SegmentorConfig": "inference.config",
+         "segment": "api", "SegmentationResult": "inference.result", "Background": "background"}
 
 
 def __getattr__(name):

@@ -6,25 +6,27 @@
     result.save("street_overlay.jpg")  # photo + colour map + legend
 
 It runs the benchmark path with the default preset of the baseline on the backbone
-(`armfast.eval.presets.default_preset`: resizing, sliding windows, logit scale), so an image of
+(`armfast.presets.default_preset`: resizing, sliding windows, logit scale), so an image of
 your own is segmented the way the benchmarks are. The CLIP model is loaded once per
 (backbone, weights, device) and kept for the next call.
 """
 from __future__ import annotations
 
 import threading
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from .inference.config import SegmentorConfig
 
 # (backbone, pretrained, device) -> loaded CLIP; weights stay in memory until clear_clip_cache()
 _CLIP_CACHE: dict[tuple, nn.Module] = {}
 _LOCK = threading.Lock()
 
 DEFAULT_BACKBONE = "ViT-B-16"
-PROTOCOL_KEYS = ("short_side", "crop", "stride", "logit_scale", "prob_thd", "area_thd")
-SEGMENTOR_KEYS = ("crop_batch_size", "max_memory", "precision", "amp", "cuda_graphs")
+PROTOCOL_FIELDS = ("short_side", "crop", "stride", "logit_scale", "area_thd")  # preset overrides
 
 
 def default_device() -> torch.device:
@@ -54,43 +56,46 @@ def clear_clip_cache() -> None:
         _CLIP_CACHE.clear()
 
 
-def segment(image, classes, baseline: str = "sclip", arm=None, *,
-            backbone: Optional[str] = None, pretrained: Optional[str] = "openai", clip=None,
-            device=None, background=None, templates="openai", vfm=None, backend: str = "auto",
-            **overrides):
-    """Segments one image into `classes`; returns a `armfast.result.SegmentationResult`.
+def segment(image, classes, baseline: Optional[str] = None, arm=None, *,
+            config: Optional[SegmentorConfig] = None, backbone: Optional[str] = None,
+            pretrained: Optional[str] = "openai", clip=None, device=None, vfm=None,
+            prob_thd: Optional[float] = None, **overrides):
+    """Segments one image into `classes`; returns a `armfast.inference.result.SegmentationResult`.
 
     Args:
         image: a path, a PIL image, an ``HxWx3`` uint8 array or a ``[3, H, W]`` tensor.
         classes: class names; a list per class for synonyms (``["cat", ["person", "people"]]``).
-        baseline: vanilla, maskclip, sclip, clearclip, naclip or proxyclip (needs ``vfm``).
+        baseline: vanilla, maskclip, sclip (default), clearclip, naclip or proxyclip (needs
+            ``vfm``); the `SegmentorConfig` field.
         arm: an `armfast.ARM` or its ``save_pretrained`` directory; it must have been trained
             for this backbone.
+        config, **overrides: a `SegmentorConfig` and its fields (``background``,
+            ``templates``, ``backend``, ``short_side``, ``crop``, ``stride``, ``logit_scale``,
+            ``area_thd``, ``precision``, ``crop_batch_size``, ``max_memory``,
+            ``cuda_graphs``). ``background`` is `armfast.background.Background` or a spec:
+            ``"none"`` (default), ``"thd:0.3"``, ``"words"`` (SCLIP's background set),
+            ``"words:sky,wall"``, ``"words:sky,wall+thd:0.2"``; any rule but none adds a class
+            "background" at index 0, before `classes`. Without a ``protocol`` the preset's is
+            used.
         backbone: open_clip model name (``"ViT-B-16"`` unless ``clip`` is given; also
             ``"ViT-B-32"``, ``"ViT-L-14"``, ``"ViT-L-14-336"``, OpenAI's ``"ViT-B/16"`` names).
         pretrained: open_clip weights tag or a weights file; None for random weights.
         clip: an already loaded CLIP to use instead (then ``backbone``/``pretrained`` are not
             used to load one; a ``backbone`` that differs from the model's is an error).
         device: where to run (default: CUDA when available, else CPU; ``clip``'s device).
-        background: `armfast.background.Background` or a spec: ``"none"`` (default),
-            ``"thd:0.3"``, ``"words"`` (SCLIP's background set), ``"words:sky,wall"``,
-            ``"words:sky,wall+thd:0.2"``. Any rule but none adds a class "background" at index
-            0, before `classes`.
-        templates: prompt templates ('openai' = the 80 ImageNet ones, 'simple', or a list).
-        **overrides: protocol fields (``short_side``, ``crop``, ``stride``, ``logit_scale``,
-            ``area_thd``; ``prob_thd=p`` is short for a ``thd:p`` background, or adds the
-            threshold to a words background) and the `Segmentor`'s ``crop_batch_size``,
-            ``max_memory``, ``precision``, ``cuda_graphs`` (``amp``).
+        vfm: proxyclip's vision foundation model.
+        prob_thd: the preset's protocol field: a ``thd:p`` background, or the threshold of a
+            words background.
     """
+    from .arm import load_arm
     from .clip.model import backbone_of
-    from .eval.presets import get_preset, warn_preset
-    from .segmentor import Segmentor, load_arm
+    from .inference.config import make_config
+    from .inference.segmentor import Segmentor
+    from .presets import get_preset, warn_preset
 
-    unknown = sorted(set(overrides) - set(PROTOCOL_KEYS) - set(SEGMENTOR_KEYS))
-    if unknown:
-        raise TypeError(f"segment() got unknown keyword arguments {unknown}; protocol fields: "
-                        f"{', '.join(PROTOCOL_KEYS)}; segmentor: "
-                        f"{', '.join(SEGMENTOR_KEYS)}")
+    if baseline is not None:
+        overrides["baseline"] = baseline
+    config = make_config(config, overrides)
     if isinstance(classes, (list, tuple)):  # a name in two classes: the second never wins
         from .clip.text import normalize_classes
         from .data.classnames import check_unique
@@ -111,11 +116,10 @@ def segment(image, classes, baseline: str = "sclip", arm=None, *,
         if device is not None:
             model = model.to(device)
     spec = backbone_of(model)  # an unregistered CLIP gets ViT-B/16's preset: the same protocol
-    protocol = {k: overrides.pop(k) for k in PROTOCOL_KEYS if k in overrides}
-    preset = get_preset(baseline, None, spec.name if spec else DEFAULT_BACKBONE,
-                        background=background, **protocol)
+    preset = get_preset(config.baseline, None, spec.name if spec else DEFAULT_BACKBONE,
+                        background=config.background, prob_thd=prob_thd,
+                        **{k: getattr(config, k) for k in PROTOCOL_FIELDS})
     warn_preset(preset)
-    segmentor = Segmentor(model, classes, baseline=baseline, arm=arm, vfm=vfm,
-                          protocol=preset.protocol, background=preset.background,
-                          templates=templates, backend=backend, **overrides)
-    return segmentor.segment(image)
+    config = config.replace(protocol=config.protocol or preset.protocol,
+                            background=preset.background)
+    return Segmentor(model, classes, config, arm=arm, vfm=vfm).segment(image)

@@ -35,16 +35,6 @@ def autocast_dtype(precision: str, device: torch.device | str) -> Optional[torch
     return dtype
 
 
-def from_amp(amp: Optional[bool], precision: str = "auto") -> str:
-    """The precision that the older ``amp=`` switch asks for: False is ``"fp32"``; True or None
-    leave `precision` as it is."""
-    if amp is None or amp:
-        return check_precision(precision)
-    if check_precision(precision) not in ("auto", "fp32"):
-        raise ValueError(f"amp=False and precision={precision!r} disagree; give precision alone")
-    return "fp32"
-
-
 def autocast(device: torch.device | str, dtype: Optional[torch.dtype]):
     """``torch.autocast`` for `dtype` (a no-op context for None). The weight-cast cache is off:
     CUDA graphs must not read casts that autocast frees when its region ends, and in inference

@@ -105,7 +105,7 @@ if [ -d .whl ] && ls .whl/*.whl > /dev/null 2>&1; then  # open_clip_torch and wh
 fi
 
 if [ "$DRY" = 1 ]; then
-    device=cpu dtype=float32 shapes=(--shapes tiny) tests=(tests/test_ops_dispatch.py) fused=cpu
+    device=cpu dtype=float32 shapes=(--shapes tiny) tests=(tests/ops/test_ops_dispatch.py) fused=cpu
 else
     device=cuda dtype=bfloat16 shapes=(--tune) tests=(-m gpu tests) fused=triton,cuda
     # The build a warm machine may keep from an earlier call counts only if it is this tree's.
@@ -142,7 +142,7 @@ step pipeline python3 -P -m armfast.cli bench --device "$device" --ops pipeline 
 step first-calls python3 -P -m armfast.bench.first_calls --device "$device" --backends "$fused" \
     --json "$OUT/first_calls.json"
 if [ "$DRY" != 1 ]; then
-    step triton-vs-sdpa python3 -P tests/triton/bench_vs_sdpa.py --json "$OUT/triton_vs_sdpa.json"
+    step triton-vs-sdpa python3 -P benchmarks/triton_vs_sdpa.py --json "$OUT/triton_vs_sdpa.json"
 fi
 
 if [ -f "$OUT/$device.json" ]; then

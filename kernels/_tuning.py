@@ -4,9 +4,10 @@ bucket, remembered on disk.
 `triton.autotune` compiles and times every config of a kernel for every new key and forgets the
 result when the process ends; its per-call bookkeeping also costs host time that matters when a
 kernel runs for microseconds. Here each kernel module offers a few configs per GPU family
-(`family()`), the wrapper in armfast/ops/_triton.py keys them on size buckets (`bucket()`), and
-a `Tuner` keeps the winner per key: in memory (one dict lookup per call), and in a small JSON
-file shared across processes, keyed by kernel, kernel source, Triton version and device.
+(`family()`), the launchers in armfast/ops/_backends/triton/ key them on size buckets
+(`bucket()`), and a `Tuner` keeps the winner per key: in memory (one dict lookup per call),
+and in a small JSON file shared across processes, keyed by kernel, kernel source, Triton
+version and device.
 
 Environment:
   ARMFAST_TRITON_TUNING_CACHE  path of that JSON file (default

@@ -73,7 +73,7 @@ BLOCK_M_PREPROCESS = 64
 # Config lists, (BLOCK_M, BLOCK_N, num_warps, num_stages), first = the default when nothing is
 # measured. Each list is short because every entry is one more compile on a cold first call.
 # tests/triton/test_triton_compile.py checks that the sm90 half-precision ones emit wgmma and
-# spill nothing (tests/triton/compile_for_gpu.py prints the facts for any target). "wide" rows
+# spill nothing (tools/compile_for_gpu.py prints the facts for any target). "wide" rows
 # (d = 128, or TF32 float32) need twice the registers and shared memory. "fp32" (float32
 # without TF32) has no tensor-core path; Triton's FMA dot holds whole operand rows per thread,
 # so its tiles are small and its kernels still spill a little: a float32 check path, not a

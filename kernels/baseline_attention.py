@@ -34,8 +34,8 @@ from .attention import _log2e
 INTERPRET = interpreting()
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages), measured once per size bucket by the Tuner of
-# armfast/ops/_triton.py; SCLIP holds two accumulators, so a config that runs out of registers
-# or shared memory is dropped there.
+# armfast/ops/_backends/triton/baselines.py; SCLIP holds two accumulators, so a config that runs
+# out of registers or shared memory is dropped there.
 _SELF_CORR = [(128, 64, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 2)]
 # (BLOCK_M, BLOCK_N, BLOCK_C, BLOCK_DV, num_warps, num_stages)
 _AFFINITY = [(64, 64, 64, 128, 4, 3), (128, 64, 64, 128, 8, 3), (64, 64, 64, 256, 8, 2),

@@ -13,7 +13,7 @@ specialised (`do_not_specialize`): a new B, N or class count never recompiles.
 Offsets into tensors are int64 throughout, so no index * stride product wraps around at 2**31.
 
 Backward, with xn = x / rx, tn = t / rt, cos = <xn, tn> and g = dout (see
-armfast/ops/_reference.py, patch_text_logits_backward):
+armfast/ops/_specs.py, patch_text_logits_backward):
   `row_norm`:      |x| per row and |t| per text row (unclamped; the kernels clamp);
   `ptl_bwd_gcos`:  g * cos, the [R, C] tile product, recomputed like the forward; torch sums it
                    to gc_row (sum over c), gc_col (sum over rows) and dlogit_scale (sum of all);

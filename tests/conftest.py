@@ -1,4 +1,5 @@
-"""Shared fixtures and helpers: fresh random inputs, strided views, float64 ground truth."""
+"""Pytest hooks and fixtures of the whole suite; the helpers tests import live in `helpers/`
+(importable as `helpers.*`: pyproject.toml puts tests/ on the path)."""
 from __future__ import annotations
 
 import os
@@ -11,9 +12,6 @@ import torch
 collect_ignore = []
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     collect_ignore.append("triton")
-
-AWKWARD_N = (1, 7, 197, 785)
-
 
 def _blas_core() -> str:
     """The OpenBLAS kernel numpy runs (the Triton interpreter's tl.dot is numpy's matmul, so its
@@ -59,37 +57,22 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-def make_qkv(B, H, Nq, Nk, d, *, dtype=torch.float32, device="cpu", strided=False,
-             requires_grad=False, generator=None):
-    """q [B,H,Nq,d], k/v [B,H,Nk,d]; strided=True gives non-contiguous views (as from a
-    fused qkv projection: [B, N, H, d] transposed)."""
-    def one(n):
-        if strided:
-            base = torch.randn(B, n, H, 2 * d, dtype=torch.float64, generator=generator)
-            t = base.to(device=device, dtype=dtype)[..., ::2].transpose(1, 2)
-            assert not t.is_contiguous() and t.stride(-1) == 2
-        else:
-            t = torch.randn(B, H, n, d, dtype=torch.float64, generator=generator).to(device=device, dtype=dtype)
-        return t.requires_grad_(requires_grad) if requires_grad else t
-    return one(Nq), one(Nk), one(Nk)
-
-
-def attention_f64(q, k, v, scale=None):
-    """Independent float64 attention with torch autograd, the ground truth of every test."""
-    q, k, v = (t.double() for t in (q, k, v))
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return torch.softmax(q @ k.transpose(-2, -1) * scale, dim=-1) @ v
-
-
-def patch_text_logits_f64(x, text, logit_scale):
-    x, text = x.double(), text.double()
-    scale = logit_scale.double() if isinstance(logit_scale, torch.Tensor) else logit_scale
-    xn = x / x.norm(dim=-1, keepdim=True)
-    tn = text / text.norm(dim=-1, keepdim=True)
-    return scale * xn @ tn.t()
-
-
 @pytest.fixture
 def seed():
     torch.manual_seed(0)
     return 0
+
+
+@pytest.fixture(autouse=True)
+def _text_cache_env(monkeypatch):
+    """An in-process `--text-cache` run points ARMFAST_TEXT_CACHE at its folder for the rest of
+    the process (as a command does); each test starts and ends with the variable as it was, so
+    that no later test reads embeddings a test before it cached (and skips its progress bar)."""
+    from armfast.clip.text import TEXT_CACHE_ENV
+
+    original = os.environ.get(TEXT_CACHE_ENV)
+    # setenv records the variable's state, so that teardown puts it back whatever the test did
+    # (a delenv of an absent variable records nothing)
+    monkeypatch.setenv(TEXT_CACHE_ENV, original or "")
+    if original is None:
+        monkeypatch.delenv(TEXT_CACHE_ENV)

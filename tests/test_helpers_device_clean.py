@@ -4,9 +4,9 @@ These helpers were written on machines without a GPU, where every tensor is a CP
 `torch.zeros(...)` without `device=` inside an oracle passed here and failed on the first GPU
 (46 failures, once). Under `FakeTensorMode` a tensor can claim `device="cuda"` without a GPU:
 ops compute only shapes, and mixing it with a CPU tensor raises as on a real GPU. Each helper
-runs so here; a new public helper in tests/baseline_math.py must be added to `CALLS`. Builders
-that compute on their data (a fake tensor has none) are called with device="meta" instead and
-must return tensors there.
+runs so here; a new public helper in tests/helpers/baseline_math.py must be added to `CALLS`.
+Builders that compute on their data (a fake tensor has none) are called with device="meta"
+instead and must return tensors there.
 """
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import inspect
 import pytest
 import torch
 
-import baseline_math
-import conftest
+from helpers import baseline_math
+from helpers import tensors
 
 fake_tensor = pytest.importorskip("torch._subclasses.fake_tensor")
 
@@ -41,9 +41,9 @@ CALLS = {
     "masked_affinity_f64": lambda: baseline_math.masked_affinity_f64(*_affinity()),
     "heads": lambda: baseline_math.heads(1, 2, 5, 8, device=CUDA, strided=True),
     "two_cluster_features": lambda: [baseline_math.two_cluster_features(3, 4).to(CUDA)],
-    "make_qkv": lambda: conftest.make_qkv(1, 2, 5, 7, 8, device=CUDA, strided=True),
-    "attention_f64": lambda: conftest.attention_f64(*_qkv()),
-    "patch_text_logits_f64": lambda: conftest.patch_text_logits_f64(
+    "make_qkv": lambda: tensors.make_qkv(1, 2, 5, 7, 8, device=CUDA, strided=True),
+    "attention_f64": lambda: tensors.attention_f64(*_qkv()),
+    "patch_text_logits_f64": lambda: tensors.patch_text_logits_f64(
         torch.randn(1, 5, 8, device=CUDA), torch.randn(3, 8, device=CUDA),
         torch.tensor(2.0, device=CUDA)),
 }
@@ -64,7 +64,7 @@ def _public_functions(module) -> set[str]:
 
 def test_every_shared_helper_is_checked():
     helpers = _public_functions(baseline_math) | {
-        name for name in _public_functions(conftest) if name.endswith("_f64") or name == "make_qkv"}
+        name for name in _public_functions(tensors) if name.endswith("_f64") or name == "make_qkv"}
     assert helpers - set(CALLS) - set(DATA_BUILDERS) == set(), "add these helpers to CALLS"
 
 

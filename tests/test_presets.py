@@ -10,9 +10,9 @@ import pytest
 from armfast.background import SCLIP_BACKGROUND_WORDS, Background
 from armfast.backbones import ALL_BASELINES, BACKBONES
 from armfast.data import get_dataset_class
-from armfast.eval.presets import (EXPECTED_MIOU, check_preset, default_preset, get_preset,
+from armfast.presets import (EXPECTED_MIOU, check_preset, default_preset, get_preset,
                                   preset_from_name, preset_names)
-from armfast.eval.protocols import DATASET_NAMES, Protocol, base_protocol, get_protocol
+from armfast.protocols import DATASET_NAMES, Protocol, base_protocol, get_protocol
 
 # design contract, section 4 (ViT-B/16, OpenAI weights)
 PUBLISHED = {
@@ -131,7 +131,7 @@ def test_warnings_say_why():
 
 @pytest.fixture(scope="module")
 def voc(tmp_path_factory):
-    from synthetic_datasets import write_dataset, write_tiny_clip_dir
+    from helpers.synthetic_datasets import write_dataset, write_tiny_clip_dir
 
     root = tmp_path_factory.mktemp("presets")
     write_dataset("voc21", root / "data", n=1, size=(40, 48), splits=("val",))

@@ -25,7 +25,7 @@ inputs. FLOP and byte counts follow the design contract (ARM_DESIGN.md, section 
   for self_correlation and gaussian_self_correlation (one attention; NACLIP's bias is
   element-wise), ``6 N^2 d`` for self_correlation_sum (two score products, one value product);
   masked_affinity_attention ``2 n^2 C`` per image for the affinities plus ``2 n^2 d`` per head
-  (`armfast.ops._auto` holds these key functions). Memory floor: read the inputs, write the
+  (`armfast.ops._specs` holds these key functions). Memory floor: read the inputs, write the
   output (x, v, out: ``3 N d`` per head; SCLIP ``4 N d``; ProxyCLIP ``n C`` per image plus
   ``2 n d`` per head).
 """
@@ -36,7 +36,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 
-from ..ops._auto import OP_KEYS
+from ..ops._specs import OPS as OP_SPECS
 
 BASELINE_OPS = ("self_correlation", "self_correlation_sum", "gaussian_self_correlation",
                 "masked_affinity_attention")
@@ -120,8 +120,8 @@ class Case:
         if self.op == "patch_text_logits":
             return patch_text_logits_flops(s["B"], s["N"], s["C"], s["E"], backward=train)
         if self.op in BASELINE_OPS:
-            names, key = OP_KEYS[self.op]
-            return key(*(s[n] for n in names))[1]
+            spec = OP_SPECS[self.op]
+            return spec.key(*(s[n] for n in spec.sizes))[1]
         if self.op == "arm":
             return arm_flops(s["B"], s["N"], width=s["W"], embed_dim=s["E"], heads=s["h"],
                              head_dim=s["d"], classes=s["C"], train=train)

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ..clip import model as clip_model
 from ..clip.baselines import NACLIP_SIGMA
-from ..ops._reference import gaussian_bias
+from ..ops._specs import gaussian_bias
 from ..clip.blocks import run_block_module, transformer_batch_first
 
 BASELINES = ("sclip", "clearclip", "naclip")

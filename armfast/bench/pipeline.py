@@ -90,7 +90,7 @@ class PipelineWorkload:
     def check(self) -> tuple[float, float]:
         """(max relative error of armfast's float32 logits against the official-style path's,
         share of pixels with the same label) on the first image."""
-        from ..graphs import relative_difference
+        from ..inference.graphs import relative_difference
 
         image = self.images[0]
         expected = self.official.logits(image) * self.reference.logit_scale
@@ -102,8 +102,8 @@ class PipelineWorkload:
 def build(case: PipelineCase, device: str | torch.device, *, baseline: str = BASELINE,
           seed: int = 0) -> PipelineWorkload:
     from ..clip.text import TextEmbeddings, flatten_classes
-    from ..eval.presets import get_preset
-    from ..segmentor import Segmentor
+    from ..inference import Segmentor, SegmentorConfig
+    from ..presets import get_preset
     from .official import OfficialStyle
     from .workloads import _clip_model, randomize_residual_outputs, seeded_arm
 
@@ -117,12 +117,12 @@ def build(case: PipelineCase, device: str | torch.device, *, baseline: str = BAS
                                                                     generator=g), dim=-1),
                           index, tuple(names))
     # background words (VOC, Context): encoded by the random CLIP with one template
-    kw = dict(protocol=preset.protocol, background=preset.background, templates="simple",
-              baseline=baseline)
-    reference = Segmentor(model, text, precision="fp32", cuda_graphs=False, **kw)
+    config = SegmentorConfig(baseline=baseline, protocol=preset.protocol,
+                             background=preset.background, templates="simple")
+    reference = Segmentor(model, text, config.replace(precision="fp32", cuda_graphs=False))
     arm = randomize_residual_outputs(seeded_arm(_arm_config(model), seed), g)
-    segmentors = {"armfast": Segmentor(model, text, **kw),
-                  "armfast+arm": Segmentor(model, text, arm=arm, **kw)}
+    segmentors = {"armfast": Segmentor(model, text, config),
+                  "armfast+arm": Segmentor(model, text, config, arm=arm)}
     if device.type == "cpu":  # the default there is the reference configuration itself
         segmentors["armfast"] = reference
     images = [synthetic_image(h, w, g) for h, w in case.sizes]

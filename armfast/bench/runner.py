@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-from .. import __version__
+from .._version import __version__
 from ..ops import available_backends, backend_status
 from .cases import Case
 from .memory import peak_memory

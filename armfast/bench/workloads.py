@@ -111,7 +111,7 @@ def attention_call(backend: str) -> Callable:
 def logits_call(backend: str) -> Callable:
     """``fn(x, text, logit_scale)`` of `backend`; sdpa is the plain torch composition itself."""
     if backend == "sdpa":
-        from ..ops._sdpa import patch_text_logits
+        from ..ops._backends.sdpa import patch_text_logits
 
         return patch_text_logits
     return lambda x, text, scale: ops.patch_text_logits(x, text, logit_scale=scale, backend=backend)
@@ -182,8 +182,8 @@ def baseline_call(op: str, backend: str) -> Callable:
     """``fn(*inputs, **params)`` of `backend`'s baseline attention `op`; sdpa is the SDPA
     composition itself, with no armfast layer in between (as `attention_call`)."""
     if backend == "sdpa":
-        from ..ops import _sdpa
-        fn = getattr(_sdpa, op)
+        from ..ops._backends import sdpa
+        fn = getattr(sdpa, op)
         if op == "gaussian_self_correlation":
             return lambda x, v, *, grid, scale: fn(x, v, scale, *grid, 5.0, True)
         if op == "masked_affinity_attention":

@@ -15,13 +15,11 @@ import sys
 import warnings
 
 from .._version import __version__
+from ._errors import USER_ERRORS, error_message
 
 # subcommand modules, in the order `armfast --help` lists them
 COMMANDS = ("backends", "bench", "segment", "train", "eval", "check-dataset")
 DEBUG_ENV = "ARMFAST_DEBUG"
-# what a user's input or machine causes (a path, a value, a download, a diverging run): their
-# message is the whole report; anything else is a bug and says so
-USER_ERRORS = (ValueError, OSError, ImportError, FloatingPointError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,20 +35,6 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"show the traceback of an error (also: {DEBUG_ENV}=1)")
         p.set_defaults(_run=module.run)
     return parser
-
-
-def error_message(exc: BaseException) -> str:
-    """One line for an exception: its message (an OSError's reason and file, without the
-    errno prefix), and for an unexpected kind, its type and where to report it."""
-    if isinstance(exc, OSError) and exc.strerror:
-        text = exc.strerror + "".join(f": {f}" for f in (exc.filename, exc.filename2) if f)
-    else:
-        text = str(exc) or type(exc).__name__
-    text = " ".join(text.split())
-    if not isinstance(exc, USER_ERRORS):
-        text = (f"{type(exc).__name__}: {text} (unexpected: rerun with --debug for the "
-                f"traceback and report it)")
-    return text
 
 
 class _OneLineLog(logging.Handler):

@@ -14,7 +14,6 @@ def add_speed_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto (default): bf16 autocast on CUDA, float32 on CPU; fp32: float32 "
                         "everywhere")
-    g.add_argument("--no-amp", action="store_true", help="same as --precision fp32")
     g.add_argument("--max-memory", metavar="SIZE",
                    help="memory a batch of crops may take, e.g. 4GiB (default: half the free "
                         "GPU memory, 2GiB on CPU)")
@@ -30,14 +29,13 @@ def add_speed_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def speed_options(args) -> dict:
-    """The `Segmentor`/`evaluate` keywords of `add_speed_arguments` (checked); points the text
+    """The `SegmentorConfig` fields of `add_speed_arguments` (checked); points the text
     cache at ``--text-cache``."""
-    from ..crop_budget import parse_bytes
-    from ..precision import from_amp
+    from ..inference.crop_budget import parse_bytes
 
     if args.crop_batch_size is not None and args.crop_batch_size < 1:
         raise ValueError(f"--crop-batch-size must be a positive integer, got {args.crop_batch_size}")
-    options = dict(precision=from_amp(not args.no_amp, args.precision),
+    options = dict(precision=args.precision,
                    max_memory=None if args.max_memory is None else parse_bytes(args.max_memory),
                    crop_batch_size=args.crop_batch_size, cuda_graphs=args.cuda_graphs)
     if args.text_cache:  # every encoding of this run: class names and background words

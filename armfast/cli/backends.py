@@ -13,9 +13,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def auto_lines(device) -> list[str]:
-    """What auto picks on `device`: one line per table entry of its kind, then the rule for
+    """What auto picks on `device`: one line per table entry of its kind (and, where the
+    measured backend cannot run here, what auto takes instead and why), then the rule for
     everything else."""
-    from ..ops import _auto
+    import torch
+
+    from ..ops import _auto, _registry
+    from ..ops._specs import OPS
 
     kind = _auto.device_kind(device)
     table = _auto.table()
@@ -29,7 +33,19 @@ def auto_lines(device) -> list[str]:
             lines.append(f"  {e['op']:<17} {e['dtype']:<8} dim={e['dim']:<4} {e['mode']:<7} "
                          f"{_auto.bucket_range(e['bucket']):<20} -> {e['backend']:<9} "
                          f"({e['vs_sdpa']:.2f}x sdpa at {'; '.join(e['shapes'])})")
+            spec = OPS.get(e["op"])
+            if spec is None:
+                continue
+            why = _registry.explain(e["op"], "auto", getattr(torch, e["dtype"]), device,
+                                    dim=e["dim"], head_dim=e["dim"] if spec.head_dim else None,
+                                    train=e["mode"] == "train", bucket=e["bucket"])
+            if why.backend != e["backend"]:
+                lost = next(c for c in why.candidates if c.backend == e["backend"])
+                lines.append(f"  {'':<17} here auto takes {why.backend}: "
+                             f"{'; '.join(lost.reasons)}")
     lines.append(f"  anything else      -> {_auto.FALLBACK} (not measured on this device kind)")
+    lines.append("  (armfast.ops.explain(op, *args) says which backend a given call runs on, "
+                 "and why each other one does not)")
     return lines
 
 

@@ -4,7 +4,7 @@
         --pretrained openai --arm runs/arm/arm --json results.json
 
 One call gives a table over every (baseline, dataset) pair, each under its preset
-(armfast.eval.presets: the protocol its baseline published, the background rule, the class
+(armfast.presets: the protocol its baseline published, the background rule, the class
 file), printed in full before the run, with the paper's mIoU beside the measured one; with
 --arm each baseline runs with and without it. ``--dataset folder --images DIR --masks DIR
 --class-file F`` evaluates your own data. Runs under torchrun too: images are sharded and the
@@ -155,7 +155,7 @@ def _dataset_names(names: list[str]) -> list[str]:
 
 
 def _baseline_names(names: list[str]) -> list[str]:
-    from ..eval.protocols import base_protocol
+    from ..protocols import base_protocol
 
     for b in names:
         try:
@@ -167,7 +167,7 @@ def _baseline_names(names: list[str]) -> list[str]:
 
 def _presets(args, datasets, baselines, backbone, folder, tag):
     """(dataset, baseline) -> the preset it runs under, the overrides applied."""
-    from ..eval.presets import get_preset
+    from ..presets import get_preset
 
     overrides = dict(short_side=args.short_side, crop=args.crop, stride=args.stride,
                      logit_scale=args.logit_scale, prob_thd=args.prob_thd)
@@ -228,12 +228,13 @@ def run(args) -> int:
     from .._files import atomic_write_text, ensure_writable_file
     from ..clip import encode_classes, load_clip
     from ..data import build_dataset
-    from ..eval.presets import DEFAULT_BACKBONE, warn_preset
+    from ..arm import load_arm
     from ..eval.runner import evaluate, throughput_line
+    from ..inference import SegmentorConfig
     from ..preflight import check_arm_fits, check_backend, clip_geometry, resolve_device
-    from ..segmentor import load_arm
+    from ..presets import DEFAULT_BACKBONE, warn_preset
     from ..train.distributed import cleanup, init_distributed
-    from . import error_message
+    from ._errors import error_message
 
     # everything that can be checked without CLIP: a mistake fails here, in seconds
     datasets = _dataset_names(args.dataset)
@@ -295,12 +296,13 @@ def run(args) -> int:
                                                 progress=main and not args.no_progress)
                 for a in variants:
                     method = b + ("+arm" if a is not None else "")
-                    r = evaluate(model, built[d], baseline=b, protocol=preset.protocol, arm=a,
-                                 text_embeddings=texts[key], background=preset.background,
-                                 vfm=args.vfm, backend=args.backend,
-                                 rank=info.rank, world_size=info.world_size,
-                                 workers=args.workers, progress=not args.no_progress,
-                                 desc=f"{d}/{method}", templates=args.templates, **speed)
+                    config = SegmentorConfig(
+                        baseline=b, protocol=preset.protocol, background=preset.background,
+                        backend=args.backend, templates=args.templates, **speed)
+                    r = evaluate(model, built[d], config, arm=a, vfm=args.vfm,
+                                 text_embeddings=texts[key], rank=info.rank,
+                                 world_size=info.world_size, workers=args.workers,
+                                 progress=not args.no_progress, desc=f"{d}/{method}")
                     r.update(dataset=d, baseline=b, arm=a is not None, method=method,
                              protocol=preset.protocol.to_dict(), preset=preset.to_dict(),
                              expected_miou=preset.expected_miou)

@@ -4,7 +4,7 @@ For each IMAGE, OUTDIR receives ``<stem>.png`` (the label map, a palette PNG who
 are class indices) and ``<stem>_overlay.png`` (the photo under the colour map, with a legend);
 stems get a ``_2``, ``_3`` suffix where two images would write the same file. Images are read
 as a viewer shows them (EXIF orientation, transparency on white, 16-bit).
-The defaults are the baseline's preset for the backbone (armfast.eval.presets), the values the
+The defaults are the baseline's preset for the backbone (armfast.presets), the values the
 benchmarks run with; the effective configuration is printed first. A background rule
 (--background) adds a class "background" as class 0, before the named classes.
 Every flag and file is checked before CLIP is loaded. A problem with one image is reported on
@@ -76,9 +76,10 @@ def _segmentor(args, classes, out_dir: Path):
     from .._files import ensure_writable_dir
     from ..clip import load_clip, load_vfm
     from ..clip.vfm import DEFAULT_VFM_ARCH
-    from ..eval.presets import DEFAULT_BACKBONE, get_preset, warn_preset
+    from ..arm import load_arm
+    from ..inference import Segmentor, SegmentorConfig
     from ..preflight import check_arm_fits, check_backend, clip_geometry, resolve_device
-    from ..segmentor import Segmentor, load_arm
+    from ..presets import DEFAULT_BACKBONE, get_preset, warn_preset
 
     speed = speed_options(args)
     device = resolve_device(args.device)
@@ -101,9 +102,10 @@ def _segmentor(args, classes, out_dir: Path):
     clip = load_clip(args.model, pretrained, device, quick_gelu=quick_gelu(args))
     vfm = load_vfm(args.vfm, args.vfm_arch or DEFAULT_VFM_ARCH) if args.vfm else None
     warn_preset(preset)
-    segmentor = Segmentor(clip, classes, baseline=args.baseline, arm=arm, vfm=vfm,
-                          protocol=preset.protocol, background=preset.background,
-                          templates=args.templates, backend=args.backend, **speed)
+    config = SegmentorConfig(baseline=args.baseline, protocol=preset.protocol,
+                             background=preset.background, templates=args.templates,
+                             backend=args.backend, **speed)
+    segmentor = Segmentor(clip, classes, config, arm=arm, vfm=vfm)
     print(f"{PROG}: {preset.describe()}")
     print("  effective: " + ", ".join(f"{k} {v}" for k, v in segmentor.config().items()
                                         if k not in ("arm",)))

@@ -74,7 +74,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
     p.add_argument("--precision", choices=PRECISIONS, default=d.precision,
                    help="auto (default): bf16 autocast on CUDA, float32 on CPU; fp32: float32 everywhere")
-    p.add_argument("--no-amp", action="store_true", help="same as --precision fp32")
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a bar")
     p.add_argument("--no-label-check", action="store_true",
                    help="skip reading every training mask for out-of-range labels before step 1")
@@ -122,7 +121,7 @@ def config_from_args(args):
                                          ("crop", args.val_crop), ("stride", args.val_stride))
                       if v is not None} or None,
         resume=args.resume,
-        stop_at=args.stop_at, backend=args.backend, device=args.device, amp=not args.no_amp,
+        stop_at=args.stop_at, backend=args.backend, device=args.device,
         precision=args.precision, progress=not args.no_progress,
         check_labels=not args.no_label_check)
     cfg.pretrained = clip_weights(args, warn=False)  # the trainer warns about random weights

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from ..ops._reference import gaussian_bias  # noqa: F401  (NACLIP's G as a tensor, for inspection)
+from ..ops._specs import gaussian_bias  # noqa: F401  (NACLIP's G as a tensor, for inspection)
 from .blocks import (attention_branch, block_forward, merge_heads, mlp_residual, qkv,
                      require_standard_block, value)
 from .vfm import VisionFoundationModel

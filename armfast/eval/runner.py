@@ -11,18 +11,21 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.base import SegDataset
+from ..inference.config import SegmentorConfig, make_config
+from ..inference.segmentor import Segmentor
 from .metric import MeanIoU
 
 PREFETCH_PER_WORKER = 4  # images each worker prepares ahead: a Cityscapes image is ~50 windows
 
 
 class PreparedImages(Dataset):
-    """``dataset[i]`` prepared for a segmentor: `armfast.segmentor.Prepared` with the mask as
+    """``dataset[i]`` prepared for a segmentor: `armfast.inference.Prepared` with the mask as
     ``meta``. Runs in the DataLoader's workers."""
 
     def __init__(self, dataset: SegDataset, preparer):
@@ -36,27 +39,24 @@ class PreparedImages(Dataset):
         return self.preparer(item["image"], meta=item["mask"])
 
 
-def evaluate(clip_model, dataset: SegDataset, *, baseline: str, protocol, arm=None,
-             text_embeddings=None, class_index=None, classes=None, background=None, vfm=None,
-             backend: str = "auto", rank: int = 0, world_size: int = 1, workers: int = 0,
-             progress: bool = True, autocast: bool = True, precision: str = "auto",
-             max_memory=None, crop_batch_size=None, cuda_graphs=None,
-             desc: str | None = None, templates="openai") -> dict:
-    """mIoU of `baseline` (+ `arm`) on `dataset` under `protocol`.
+def evaluate(clip_model, dataset: SegDataset, config: Optional[SegmentorConfig] = None, *,
+             arm=None, vfm=None, text_embeddings=None, class_index=None, classes=None,
+             rank: int = 0, world_size: int = 1, workers: int = 0, progress: bool = True,
+             desc: str | None = None, **overrides) -> dict:
+    """mIoU of a `Segmentor` (`config`, its fields overridden by keyword, e.g.
+    ``baseline="sclip", protocol=get_protocol("sclip", "voc21")``; + `arm`) on `dataset`.
 
     Text: `text_embeddings` (a `TextEmbeddings`, or a ``[S, E]`` tensor with `class_index`, or
     with ``classes`` = the synonym lists it was built from), else `classes` are encoded, else
-    the dataset's class-name file, in `templates` (background words too). ``background`` (an `armfast.background.Background`, e.g. a
-    preset's) is the background rule; None keeps the protocol's ``prob_thd`` onto class 0 of
-    the class list. ``precision``, ``max_memory``, ``crop_batch_size`` and ``cuda_graphs`` go
-    to the `Segmentor` (``autocast=False`` is ``precision="fp32"``). Returns
-    MeanIoU.compute()'s dict plus ``images``, ``seconds``, ``images_per_s`` (this process) and
-    ``peak_gpu_bytes`` (None off the GPU).
+    the dataset's class-name file, in the config's ``templates`` (background words too). The
+    config's ``background`` (an `armfast.background.Background`, e.g. a preset's) is the
+    background rule; None keeps the protocol's ``prob_thd`` onto class 0 of the class list.
+    Returns MeanIoU.compute()'s dict plus ``images``, ``seconds``, ``images_per_s`` (this
+    process) and ``peak_gpu_bytes`` (None off the GPU).
     """
     from ..data.classnames import flatten_class_names, load_class_names
-    from ..precision import from_amp
-    from ..segmentor import Segmentor
 
+    config = make_config(config, overrides)
     if text_embeddings is None:
         text = classes if classes is not None else load_class_names(dataset.classnames)
         class_index = None
@@ -64,10 +64,7 @@ def evaluate(clip_model, dataset: SegDataset, *, baseline: str, protocol, arm=No
         text = text_embeddings
         if isinstance(text, torch.Tensor) and class_index is None and classes is not None:
             class_index = torch.tensor(flatten_class_names(classes)[1])
-    seg = Segmentor(clip_model, text, class_index=class_index, baseline=baseline, arm=arm, vfm=vfm,
-                    protocol=protocol, background=background, backend=backend,
-                    precision=from_amp(autocast, precision), max_memory=max_memory,
-                    crop_batch_size=crop_batch_size, cuda_graphs=cuda_graphs, templates=templates)
+    seg = Segmentor(clip_model, text, config, arm=arm, vfm=vfm, class_index=class_index)
     if seg.num_classes != dataset.num_classes:
         raise ValueError(f"the class names give {seg.num_classes} classes but {dataset.name} has "
                          f"{dataset.num_classes}")
@@ -81,7 +78,7 @@ def evaluate(clip_model, dataset: SegDataset, *, baseline: str, protocol, arm=No
     if progress and rank == 0:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(indices), desc=desc or f"{dataset.name}/{baseline}",
+        bar = tqdm(total=len(indices), desc=desc or f"{dataset.name}/{seg.baseline}",
                    dynamic_ncols=True, file=sys.stderr, leave=False, unit="img")
     if cuda:
         torch.cuda.reset_peak_memory_stats(seg.device)

@@ -14,24 +14,33 @@ kernels; gradients recompute the reference math):
 - `masked_affinity_attention(f, v)`: softmax(gamma (S - beta mean S)), S = cos(f_i, f_j), entries
   below 0 masked, applied to every head of v (ProxyCLIP).
 
-Each call validates its arguments, resolves the backend (cached per kind of call) and runs the
-backend's eager fast path; under `torch.compile`/`torch.export` it runs the backend's
-`torch.library` custom ops instead (see `armfast.ops._library`).
+Each call validates its arguments and goes through one dispatch (`armfast.ops._dispatch`): it
+resolves the backend (cached per kind of call) and runs the backend's eager fast path; under
+`torch.compile`/`torch.export` it runs the backend's `torch.library` custom ops instead (see
+`armfast.ops._library`). `explain` says, for a call as written at its call site, which backend
+runs it and why each other one does not.
+
+Where things live: `_specs` (each op's math, its forward-only spec and its auto-table key, owned
+by no backend), `_dispatch`, `_registry` (backends, their reasons, `auto`'s order), `_auto` (the
+measured table), `_limits` (each backend's dtypes and head dims), `_library` (autograd and
+custom-op plumbing), `_validate` (argument errors), `_backends/<name>` (one module per backend).
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from . import _auto, _registry, _validate
-from ._registry import BACKENDS, available_backends, resolve, status
+from . import _auto, _dispatch, _validate
+from ._registry import BACKENDS, Candidate, Explanation, available_backends, resolve, status
+from ._specs import OPS
 
 __all__ = ["attention", "patch_text_logits", "self_correlation", "self_correlation_sum",
            "gaussian_self_correlation", "masked_affinity_attention", "available_backends",
-           "backend_status", "BACKENDS", "resolve_backend", "auto_choice"]
+           "backend_status", "BACKENDS", "resolve_backend", "auto_choice", "explain",
+           "Explanation", "Candidate"]
 
-_is_compiling = torch.compiler.is_compiling
-_grad_enabled = torch.is_grad_enabled
+_run = _dispatch.run
+_ATTENTION, _LOGITS = OPS["attention"], OPS["patch_text_logits"]
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None,
@@ -44,19 +53,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None,
     ``out.flatten(2)`` merges the heads without a copy). Gradients flow to q, k and v.
     """
     scale = _validate.attention_args(q, k, v, scale)
-    heads_last = layout != "bhnd" and _validate.heads_last(layout)
-    B, H, Nq, d = q.shape
-    train = work = None
-    if backend == "auto":  # the table's key: gradients needed or not, and the size of the work
-        train = _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-        work = _auto.attention_key(B, H, Nq, k.shape[2], d)[1]
-    if _is_compiling():
-        name = _backend_name("attention", backend, q.dtype, q.device, _traced_int(d), _traced_int(d), train,
-                             _traced_bucket(work))
-        return _registry.load(name).attention.compiled(q, k, v, scale, heads_last)
-    impl = resolve("attention", backend, q.dtype, q.device, dim=d, head_dim=d, train=train,
-                   bucket=work and _auto.bucket(work)).attention
-    return impl(q, k, v, scale, heads_last)
+    return _run(_ATTENTION, backend, layout, (q, k, v), (q, k, v, scale))
 
 
 def patch_text_logits(x: Tensor, text: Tensor, *, logit_scale: float | Tensor = 1.0,
@@ -67,18 +64,7 @@ def patch_text_logits(x: Tensor, text: Tensor, *, logit_scale: float | Tensor = 
     or a one-element tensor (gradients flow to it). Returns ``[B, N, C]`` in x's dtype.
     """
     scale = _validate.patch_text_logits_args(x, text, logit_scale)
-    B, N, E = x.shape
-    train = work = None
-    if backend == "auto":
-        train = _grad_enabled() and (x.requires_grad or text.requires_grad or scale.requires_grad)
-        work = _auto.patch_text_logits_key(B, N, text.shape[0], E)[1]
-    if _is_compiling():
-        name = _backend_name("patch_text_logits", backend, x.dtype, x.device, _traced_int(E), None, train,
-                             _traced_bucket(work))
-        return _registry.load(name).patch_text_logits.compiled(x, text, scale)
-    impl = resolve("patch_text_logits", backend, x.dtype, x.device, dim=E, train=train,
-                   bucket=work and _auto.bucket(work)).patch_text_logits
-    return impl(x, text, scale)
+    return _run(_LOGITS, backend, None, (x, text, scale), (x, text, scale))
 
 
 def self_correlation(x: Tensor, v: Tensor, *, scale: float | None = None, backend: str = "auto",
@@ -91,8 +77,7 @@ def self_correlation(x: Tensor, v: Tensor, *, scale: float | None = None, backen
     """
     _validate.same_shape_heads(("x", "v"), (x, v))
     scale = _validate.softmax_scale(scale, x.shape[-1])
-    return _baseline_op("self_correlation", backend, layout, (x, v), (x, v, scale),
-                        _auto.self_correlation_key(*x.shape))
+    return _run(OPS["self_correlation"], backend, layout, (x, v), (x, v, scale))
 
 
 def self_correlation_sum(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None,
@@ -105,8 +90,7 @@ def self_correlation_sum(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None
     """
     _validate.same_shape_heads(("q", "k", "v"), (q, k, v))
     scale = _validate.softmax_scale(scale, q.shape[-1])
-    return _baseline_op("self_correlation_sum", backend, layout, (q, k, v), (q, k, v, scale),
-                        _auto.self_correlation_sum_key(*q.shape))
+    return _run(OPS["self_correlation_sum"], backend, layout, (q, k, v), (q, k, v, scale))
 
 
 def gaussian_self_correlation(x: Tensor, v: Tensor, *, grid: tuple[int, int], sigma: float = 5.0,
@@ -123,8 +107,8 @@ def gaussian_self_correlation(x: Tensor, v: Tensor, *, grid: tuple[int, int], si
     _validate.same_shape_heads(("x", "v"), (x, v))
     h, w, sigma, class_token = _validate.grid_args(grid, sigma, class_token, x.shape[2])
     scale = _validate.softmax_scale(scale, x.shape[-1])
-    return _baseline_op("gaussian_self_correlation", backend, layout, (x, v),
-                        (x, v, scale, h, w, sigma, class_token), _auto.self_correlation_key(*x.shape))
+    return _run(OPS["gaussian_self_correlation"], backend, layout, (x, v),
+                (x, v, scale, h, w, sigma, class_token))
 
 
 def masked_affinity_attention(f: Tensor, v: Tensor, *, beta: float = 1.2, gamma: float = 3.0,
@@ -139,56 +123,7 @@ def masked_affinity_attention(f: Tensor, v: Tensor, *, beta: float = 1.2, gamma:
     n x n map. gamma must be > 0.
     """
     beta, gamma = _validate.affinity_args(f, v, beta, gamma)
-    B, n, C = f.shape
-    return _baseline_op("masked_affinity_attention", backend, layout, (f, v), (f, v, beta, gamma),
-                        _auto.masked_affinity_key(B, n, C, v.shape[1], v.shape[3]))
-
-
-def _baseline_op(op: str, backend: str, layout: str, tensors: tuple[Tensor, ...], args: tuple,
-                 key: tuple[int, int]) -> Tensor:
-    """Resolves and runs a baseline op; `key` is its (dim, forward FLOPs) in the auto table."""
-    heads_last = layout != "bhnd" and _validate.heads_last(layout)
-    x = tensors[0]
-    dim, work = key
-    train = bucket = None
-    if backend == "auto":
-        train = _grad_enabled() and any(t.requires_grad for t in tensors)
-        bucket = work
-    if _is_compiling():
-        d = _traced_int(dim)
-        name = _backend_name(op, backend, x.dtype, x.device, d, d, train, _traced_bucket(bucket))
-        return _registry.load(name).ops[op].compiled(*args, heads_last)
-    impl = resolve(op, backend, x.dtype, x.device, dim=dim, head_dim=dim, train=train,
-                   bucket=bucket and _auto.bucket(bucket)).ops[op]
-    return impl(*args, heads_last)
-
-
-def _largest(ok, low: int, high: int) -> int:
-    """The largest i in [low, high] with ok(i), for ok true up to some point and false after."""
-    while low < high:
-        mid = (low + high + 1) // 2
-        low, high = (mid, high) if ok(mid) else (low, mid - 1)
-    return low
-
-
-def _traced_bucket(work) -> int | None:
-    """`_auto.bucket(work)` by comparisons alone. While tracing with dynamic shapes each one is
-    a guard on the sizes, so a compiled graph is specialised on the size bucket (the table's
-    key), not on the exact size."""
-    return None if work is None else _largest(lambda b: work >= 4 ** b, 0, 62)
-
-
-def _traced_int(n) -> int:
-    """A (possibly symbolic) size as a Python int while tracing, by comparisons (guards)."""
-    return _largest(lambda i: n >= i, 1, 2 ** 31)
-
-
-@torch.compiler.assume_constant_result
-def _backend_name(op, backend, dtype, device, dim, head_dim, train, bucket) -> str:
-    """`resolve` for torch.compile: run once while tracing (it may import a backend or read the
-    auto table), its answer kept as a constant of the graph."""
-    return resolve(op, backend, dtype, device, dim=dim, head_dim=head_dim, train=train,
-                   bucket=bucket).name
+    return _run(OPS["masked_affinity_attention"], backend, layout, (f, v), (f, v, beta, gamma))
 
 
 def resolve_backend(op: str, backend: str, tensor: Tensor, *, train: bool = False,
@@ -196,8 +131,10 @@ def resolve_backend(op: str, backend: str, tensor: Tensor, *, train: bool = Fals
     """The backend name that `backend` (possibly "auto") resolves to for an `op` call whose
     input `tensor` holds the op's dim last (q of attention, x of patch_text_logits, v of the
     baseline attentions), needing gradients (`train`) or not, of `work` forward FLOPs."""
+    if op not in OPS:
+        raise ValueError(f"op must be one of {', '.join(OPS)}, got {op!r}")
     dim = tensor.shape[-1]
-    head_dim = None if op == "patch_text_logits" else dim
+    head_dim = dim if OPS[op].head_dim else None
     return resolve(op, backend, tensor.dtype, tensor.device, dim=dim, head_dim=head_dim,
                    train=train, bucket=_auto.bucket(work)).name
 
@@ -206,6 +143,24 @@ def auto_choice(op: str, device: str | torch.device, dtype: torch.dtype, dim: in
                 train: bool, work: int) -> _auto.Choice:
     """What the auto table says for such a call, and why (before availability is checked)."""
     return _auto.lookup(op, torch.device(device), dtype, dim, train, _auto.bucket(work))
+
+
+def explain(op, *args, **kwargs) -> Explanation:
+    """Which backend a call runs on, and why each other backend does not.
+
+    ``explain(ops.attention, q, k, v, backend="auto")`` (or the op's name) takes the call as
+    written at its call site: the arguments are validated and the backend chosen exactly as the
+    call would (gradients needed or not, size bucket), but nothing runs. The `Explanation`
+    holds the auto table's entry, and per backend its `Candidate` verdict (picked, cannot run,
+    not tried, not considered) with the reasons it cannot run this call; ``print`` shows it.
+    """
+    name = op if isinstance(op, str) else getattr(op, "__name__", None)
+    fn = globals().get(name) if name in OPS else None
+    if fn is None or not (op is fn or op == name):
+        raise ValueError(f"op must be one of the ops {', '.join(OPS)} (a name or the function), "
+                         f"got {op!r}")
+    with _dispatch.explaining():
+        return fn(*args, **kwargs)
 
 
 def backend_status(device: str | torch.device = "cpu") -> dict[str, str | None]:

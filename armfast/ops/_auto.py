@@ -7,7 +7,7 @@ is written by ``armfast bench --tune --write-table`` from a benchmark run. One e
 
 - device kind: ``cpu``, or ``cuda-sm90`` style (compute capability) for GPUs;
 - dim: the op's width (attention and the baseline attentions: the head dim d;
-  patch_text_logits: the embedding dim E);
+  patch_text_logits: the embedding dim E), read with the FLOPs off the call (`_specs.OPS`);
 - mode: ``forward`` (no gradient needed) or ``train`` (forward and backward);
 - size bucket: ``floor(log4(forward FLOPs))``, so one entry covers a 4x range of work.
 
@@ -26,54 +26,14 @@ from typing import Iterable, Optional
 import torch
 
 from .._files import atomic_write_text
+from ._limits import dtype_name
+from ._specs import OPS
 
 FALLBACK = "sdpa"
 TABLE_ENV = "ARMFAST_AUTO_TABLE"
 PACKAGED_TABLE = Path(__file__).with_name("auto_table.json")
 FORMAT = 1
 MODES = ("forward", "train")
-
-
-# -- the key of a call ------------------------------------------------------------------------
-
-def attention_key(B: int, H: int, Nq: int, Nk: int, d: int) -> tuple[int, int]:
-    """(dim, forward FLOPs) of an attention call."""
-    return d, 4 * B * H * Nq * Nk * d
-
-
-def patch_text_logits_key(B: int, N: int, C: int, E: int) -> tuple[int, int]:
-    """(dim, forward FLOPs) of a patch_text_logits call."""
-    return E, 2 * B * N * C * E
-
-
-def self_correlation_key(B: int, H: int, N: int, d: int) -> tuple[int, int]:
-    """(head dim, forward FLOPs) of softmax(s X X^T) V, with or without NACLIP's bias: one
-    attention of N x N per head."""
-    return d, 4 * B * H * N * N * d
-
-
-def self_correlation_sum_key(B: int, H: int, N: int, d: int) -> tuple[int, int]:
-    """(head dim, forward FLOPs) of SCLIP's (softmax(s QQ^T) + softmax(s KK^T)) V: two score
-    products and one product of the summed map with V, as written. (The fused kernels do a
-    second value product, 8 N^2 d in all: each softmax's normaliser is known only at the end.)"""
-    return d, 6 * B * H * N * N * d
-
-
-def masked_affinity_key(B: int, n: int, C: int, H: int, d: int) -> tuple[int, int]:
-    """(head dim, forward FLOPs) of ProxyCLIP's attention: the affinities S (2 n^2 C per image),
-    then one n x n map applied to all H heads of v (2 n^2 H d)."""
-    return d, 2 * B * n * n * (C + H * d)
-
-
-# op -> (names of the sizes in a benchmark case's shape, key function)
-OP_KEYS = {
-    "attention": (("B", "H", "Nq", "Nk", "d"), attention_key),
-    "patch_text_logits": (("B", "N", "C", "E"), patch_text_logits_key),
-    "self_correlation": (("B", "H", "N", "d"), self_correlation_key),
-    "self_correlation_sum": (("B", "H", "N", "d"), self_correlation_sum_key),
-    "gaussian_self_correlation": (("B", "H", "N", "d"), self_correlation_key),
-    "masked_affinity_attention": (("B", "n", "C", "H", "d"), masked_affinity_key),
-}
 
 
 def bucket(work: int) -> int:
@@ -168,10 +128,6 @@ def clear_cache() -> None:
     _kinds.clear()
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
 def lookup(op: str, device: torch.device, dtype: torch.dtype, dim: Optional[int], train: bool,
            size_bucket: int) -> Choice:
     kind = device_kind(device)
@@ -186,10 +142,10 @@ def lookup(op: str, device: torch.device, dtype: torch.dtype, dim: Optional[int]
 
 def case_key(op: str, shape: dict) -> Optional[tuple[int, int]]:
     """(dim, bucket) of a benchmark case of `op`, or None for ops the table does not hold."""
-    if op not in OP_KEYS:
+    spec = OPS.get(op)
+    if spec is None:
         return None
-    names, key = OP_KEYS[op]
-    dim, work = key(*(shape[n] for n in names))
+    dim, work = spec.key(*(shape[n] for n in spec.sizes))
     return dim, bucket(work)
 
 

@@ -21,7 +21,8 @@ Contract for the supplied functions:
       dtext may be None when `text_grad` is False (frozen class embeddings: skip that pass).
 Inputs may be strided views (dout too); logit_scale is a 0-d tensor. The op layer has already
 validated shapes, dtypes and devices (`armfast.ops._validate`) and the backend's own limits
-(dtypes, head dims) when these functions run.
+(`armfast.ops._limits.Limits`: dtypes, head dims) when these functions run; the custom ops
+check both in their bodies, for callers that reach them directly.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import torch
 from torch import Tensor
 
 from . import _validate
+from ._limits import Limits
 
 
 def lse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -91,9 +93,16 @@ class AttentionImpl:
     """One backend's attention: ``impl(q, k, v, scale, heads_last)`` in eager mode,
     ``impl.compiled(...)`` under torch.compile; ``forward_op``/``backward_op`` are the custom ops."""
 
-    def __init__(self, backend: str, forward: Callable, backward: Callable, device_types):
+    def __init__(self, backend: str, forward: Callable, backward: Callable, limits: Limits,
+                 device_types):
         self.backend, self.forward, self.backward = backend, forward, backward
+        self.limits = limits
         self.forward_op, self.backward_op = _attention_ops(self, device_types)
+
+    def check(self, q: Tensor, k: Tensor, v: Tensor, scale: float) -> None:
+        """The compiled path's checks: the op's arguments, then the backend's limits."""
+        _validate.attention_args(q, k, v, scale)
+        self.limits.check(self.backend, q.dtype, q.device, q.shape[-1])
 
     def run_forward(self, q: Tensor, k: Tensor, v: Tensor, scale: float,
                     heads_last: bool) -> tuple[Tensor, Tensor]:
@@ -134,7 +143,7 @@ def _attention_ops(impl: AttentionImpl, device_types):
     @torch.library.custom_op(name, mutates_args=(), device_types=device_types)
     def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float,
                       heads_last: bool = False) -> tuple[Tensor, Tensor]:
-        _validate.attention_args(q, k, v, scale)  # callable directly: check what the kernels read
+        impl.check(q, k, v, scale)  # callable directly: check what the kernels read
         return impl.run_forward(q, k, v, scale, heads_last)
 
     @attention_fwd.register_fake
@@ -146,7 +155,7 @@ def _attention_ops(impl: AttentionImpl, device_types):
     @torch.library.custom_op(name + "_backward", mutates_args=(), device_types=device_types)
     def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                       scale: float, heads_last: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-        _validate.attention_args(q, k, v, scale)
+        impl.check(q, k, v, scale)
         _validate.saved_attention(dout, out, lse, q, v, heads_last)
         return _contiguous(*impl.run_backward(dout, q, k, v, out, lse, scale, heads_last))
 
@@ -170,10 +179,10 @@ def _attention_ops(impl: AttentionImpl, device_types):
     return attention_fwd, attention_bwd
 
 
-def define_attention(backend: str, forward: Callable, backward: Callable,
+def define_attention(backend: str, forward: Callable, backward: Callable, limits: Limits,
                      device_types: str | tuple[str, ...] | None = None) -> AttentionImpl:
     """The attention of `backend` from its forward and backward functions (module docstring)."""
-    return AttentionImpl(backend, forward, backward, device_types)
+    return AttentionImpl(backend, forward, backward, limits, device_types)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,9 +193,15 @@ class PatchTextLogitsImpl:
     """One backend's patch_text_logits: ``impl(x, text, logit_scale)`` in eager mode,
     ``impl.compiled(...)`` under torch.compile; ``forward_op``/``backward_op`` are the custom ops."""
 
-    def __init__(self, backend: str, forward: Callable, backward: Callable, device_types):
+    def __init__(self, backend: str, forward: Callable, backward: Callable, limits: Limits,
+                 device_types):
         self.backend, self.forward, self.backward = backend, forward, backward
+        self.limits = limits
         self.forward_op, self.backward_op = _logits_ops(self, device_types)
+
+    def check(self, x: Tensor, text: Tensor, logit_scale: Tensor) -> None:
+        _validate.patch_text_logits_args(x, text, logit_scale)
+        self.limits.check(self.backend, x.dtype, x.device, None)
 
     def __call__(self, x: Tensor, text: Tensor, logit_scale: Tensor) -> Tensor:
         if needs_grad(x, text, logit_scale):
@@ -215,7 +230,7 @@ def _logits_ops(impl: PatchTextLogitsImpl, device_types):
 
     @torch.library.custom_op(name, mutates_args=(), device_types=device_types)
     def logits_fwd(x: Tensor, text: Tensor, logit_scale: Tensor) -> Tensor:
-        _validate.patch_text_logits_args(x, text, logit_scale)
+        impl.check(x, text, logit_scale)
         return impl.forward(x, text, logit_scale).contiguous()
 
     @logits_fwd.register_fake
@@ -225,6 +240,8 @@ def _logits_ops(impl: PatchTextLogitsImpl, device_types):
     @torch.library.custom_op(name + "_backward", mutates_args=(), device_types=device_types)
     def logits_bwd(dout: Tensor, x: Tensor, text: Tensor,
                    logit_scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        impl.check(x, text, logit_scale)
+        _validate.saved_logits(dout, x, text)
         return _contiguous(*impl.backward(dout, x, text, logit_scale, True))
 
     @logits_bwd.register_fake
@@ -241,10 +258,10 @@ def _logits_ops(impl: PatchTextLogitsImpl, device_types):
     return logits_fwd, logits_bwd
 
 
-def define_patch_text_logits(backend: str, forward: Callable, backward: Callable,
+def define_patch_text_logits(backend: str, forward: Callable, backward: Callable, limits: Limits,
                              device_types: str | tuple[str, ...] | None = None) -> PatchTextLogitsImpl:
     """The patch_text_logits of `backend` from its forward and backward functions."""
-    return PatchTextLogitsImpl(backend, forward, backward, device_types)
+    return PatchTextLogitsImpl(backend, forward, backward, limits, device_types)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,9 +313,17 @@ class ForwardOnlyImpl:
     """One backend's forward-only op: ``impl(*args)`` in eager mode, ``impl.compiled(*args)`` under
     torch.compile (custom op ``armfast::<op>_<backend>``, its backward `ForwardOnlyOp.backward_op`)."""
 
-    def __init__(self, op: ForwardOnlyOp, backend: str, forward: Callable, device_types):
-        self.op, self.backend, self.forward = op, backend, forward
+    def __init__(self, op: ForwardOnlyOp, backend: str, forward: Callable, limits: Limits,
+                 device_types):
+        self.op, self.backend, self.forward, self.limits = op, backend, forward, limits
         self.forward_op = _forward_only_op(self, device_types)
+
+    def checked_forward(self, *args) -> Tensor:
+        """The custom op's body: the backend's limits (the dtype, and the head dim of v), then
+        the forward."""
+        v = args[self.op.tensors - 1]
+        self.limits.check(self.backend, v.dtype, v.device, v.shape[-1])
+        return self.run_forward(*args)
 
     def run_forward(self, *args) -> Tensor:
         out, view = attention_output(args[self.op.tensors - 1], args[self.op.tensors - 1], args[-1])
@@ -331,7 +356,7 @@ class _ForwardOnly(torch.autograd.Function):
 def _forward_only_op(impl: ForwardOnlyImpl, device_types):
     op, n = impl.op, impl.op.tensors
     forward_op = torch.library.custom_op(
-        f"armfast::{op.name}_{impl.backend}", lambda *args: impl.run_forward(*args),
+        f"armfast::{op.name}_{impl.backend}", impl.checked_forward,
         mutates_args=(), device_types=device_types, schema=op.schema)
 
     @forward_op.register_fake
@@ -352,16 +377,11 @@ def _forward_only_op(impl: ForwardOnlyImpl, device_types):
     return forward_op
 
 
-def define_forward_only(op: ForwardOnlyOp, backend: str, forward: Callable,
-                        device_types: str | tuple[str, ...] | None = None) -> ForwardOnlyImpl:
-    """`op` of `backend` from its fused forward (see `ForwardOnlyOp` for the contract)."""
-    return ForwardOnlyImpl(op, backend, forward, device_types)
-
-
-def baseline_ops(backend: str, forwards: dict[ForwardOnlyOp, Callable],
+def baseline_ops(backend: str, forwards: dict[ForwardOnlyOp, Callable], limits: Limits,
                  device_types: str | tuple[str, ...] | None = None) -> dict[str, ForwardOnlyImpl]:
-    """``Backend.ops`` entries of `backend`'s fused baseline attentions, from their forwards."""
-    return {op.name: define_forward_only(op, backend, forward, device_types)
+    """``Backend.ops`` entries of `backend`'s fused baseline attentions, from their forwards
+    (see `ForwardOnlyOp` for the contract)."""
+    return {op.name: ForwardOnlyImpl(op, backend, forward, limits, device_types)
             for op, forward in forwards.items()}
 
 

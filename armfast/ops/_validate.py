@@ -104,6 +104,15 @@ def saved_attention(dout, out, lse, q, v, heads_last: bool) -> None:
         raise ValueError(f"lse must be {acc} {[B, H, Nq]} on {q.device}, got {got}")
 
 
+def saved_logits(dout, x, text) -> None:
+    """The backward's gradient of the logits, for direct calls of the backward ops."""
+    shape = (x.shape[0], x.shape[1], text.shape[0])
+    check_tensor("dout", dout, 3, "like the forward's output [B, N, C]")
+    if tuple(dout.shape) != shape or dout.dtype != x.dtype or dout.device != x.device:
+        raise ValueError(f"dout must be {x.dtype} {list(shape)} on {x.device}, got "
+                         f"{dout.dtype} {list(dout.shape)} on {dout.device}")
+
+
 LAYOUTS = {"bhnd": False, "bnhd": True}  # layout -> heads_last
 
 

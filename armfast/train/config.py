@@ -68,7 +68,6 @@ class TrainConfig:
     stop_at: int | None = None  # leave after this step (resumable), e.g. for time-sliced jobs
     backend: str = "auto"
     device: str | None = None  # "cuda", "cpu" or None (CUDA when available)
-    amp: bool = True  # False: float32 (the older switch for precision="fp32")
     precision: str = "auto"  # auto (bf16 autocast on CUDA, float32 elsewhere), bf16, fp16, fp32
     progress: bool = True
     check_labels: bool = True  # scan every training mask for out-of-range labels first

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .._files import atomic_write_text
 from ..data.base import IGNORE_INDEX, SegDataset
+from .distributed import DistInfo, all_reduce_sum
 
 RECORD = "labels-checked.json"
 SHOWN = 3  # masks named in the error
@@ -114,3 +116,22 @@ def load_record(out: Path) -> dict:
 def save_record(out: Path, dataset: SegDataset, digest: str) -> None:
     atomic_write_text(Path(out) / RECORD, json.dumps(
         {"fingerprint": digest, "masks": len(dataset), "classes": dataset.num_classes}) + "\n")
+
+
+def check_labels(dataset: SegDataset, out: Path, *, workers: int, progress: bool,
+                 info: DistInfo) -> None:
+    """Every mask's labels scanned (`scan_labels`, shared among the processes), ValueError
+    naming the bad files; a clean scan is recorded in `out` and not repeated for these masks."""
+    digest = fingerprint(dataset)
+    if load_record(out).get("fingerprint") == digest:
+        return  # this run (or its earlier part) read these very masks
+    start = time.perf_counter()
+    scan = scan_labels(dataset, workers=workers, rank=info.rank, world_size=info.world_size,
+                       progress=progress and info.is_main)
+    failures = int(all_reduce_sum(scan.failures, info))
+    if failures:
+        raise ValueError(describe_failures(dataset, scan, failures))
+    if info.is_main:
+        save_record(out, dataset, digest)
+        print(f"armfast train: labels of the {len(dataset)} training masks checked "
+              f"({time.perf_counter() - start:.0f} s; --no-label-check skips this)", flush=True)

@@ -3,7 +3,9 @@
 One optimizer step = ``accum`` micro-batches of ``batch_size`` crops per process. The baseline
 is drawn per step from ``baselines`` (same on every rank); CLIP features are extracted under
 ``torch.no_grad``; only the ARM (wrapped with its logits head in DDP) receives gradients.
-Data order, augmentation and baseline choice are functions of (seed, step), so a run resumed
+The crop forward is inference's (`armfast.inference.crop_model`: CLIP features, ARM, float32
+cosine logits times tau) and each class takes its best synonym's logit as in inference
+(`armfast.inference.queries.TextQueries`). Data order, augmentation and baseline choice are functions of (seed, step), so a run resumed
 from a checkpoint continues exactly as if it had never stopped (its log is cut back to the
 checkpoint's step, and temporaries of a killed write are removed).
 
@@ -29,43 +31,24 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from .._files import ensure_writable_dir, remove_stale_temporaries
 from ..arm import ARM, ARMConfig
+from ..arm.folder import save_folder
 from ..data import IGNORE_INDEX, TrainAugment, build_dataset, flatten_class_names, load_class_names
-from ..precision import autocast_dtype, describe, from_amp
-from .._files import atomic_write_text, ensure_writable_dir, remove_stale_temporaries
-from ..arm_folder import save_arm_folder
-from .checkpoint import (checkpoint_name, latest_checkpoint, load_checkpoint, prune_checkpoints,
-                         restore_rng_state, save_checkpoint)
-from .config import RESUME_KEYS, TrainConfig, flag
+from ..inference.crop_model import CropModel
+from ..inference.queries import TextQueries
+from ..precision import autocast_dtype, describe
+from .checkpoint import (checkpoint_name, latest_checkpoint, prune_checkpoints, restore_rng_state,
+                         save_checkpoint)
+from .config import TrainConfig
 from .data import AugmentedDataset, ResumableBatchSampler, baseline_for_step
-from .distributed import (DistInfo, all_reduce_mean, all_reduce_sum, barrier, cleanup,
-                          init_distributed)
-from .labels import describe_failures, fingerprint, load_record, save_record, scan_labels
+from .distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed
+from .labels import check_labels
+from .resume import LOG, read_resume, truncate_log
 from .schedule import build_scheduler, load_scheduler_state, scheduler_state
 
 
 ARM_FOLDER = "arm"  # OUT/arm: the trained ARM, what --arm takes
-
-
-class ARMHead(nn.Module):
-    """ARM followed by its cosine logits, as one module so that DDP sees every parameter used
-    in ``forward`` (``logit_scale`` lives in ``ARM.logits``)."""
-
-    def __init__(self, arm: ARM):
-        super().__init__()
-        self.arm = arm
-
-    def forward(self, shallow: list[Tensor], deep: Tensor, text: Tensor, backend: str = "auto") -> Tensor:
-        return self.arm.logits(self.arm(shallow, deep, backend=backend), text, backend=backend)
-
-
-def class_logits(query_logits: Tensor, query_class: Tensor, num_classes: int) -> Tensor:
-    """[B, N, Q] logits of every synonym -> [B, N, C]: each class takes its best synonym."""
-    if query_logits.shape[-1] == num_classes:
-        return query_logits
-    index = query_class.to(query_logits.device).expand_as(query_logits)
-    out = query_logits.new_full((*query_logits.shape[:-1], num_classes), -torch.inf)
-    return out.scatter_reduce(-1, index, query_logits, reduce="amax", include_self=False)
 
 
 def segmentation_loss(logits: Tensor, grid: tuple[int, int], masks: Tensor) -> Tensor:
@@ -89,9 +72,7 @@ def throughput_line(images: int, seconds: float, data_wait: float, device: torch
 
 def arm_config_for(model: nn.Module, cfg: TrainConfig, overrides: dict | None = None) -> ARMConfig:
     """ARM hyper-parameters matching the CLIP tower: width, output dim, shallow layers."""
-    from ..clip.model import vision_tower
-
-    from ..clip.model import backbone_of, default_shallow_layers, output_dim
+    from ..clip.model import backbone_of, default_shallow_layers, output_dim, vision_tower
 
     visual = vision_tower(model)
     layers = cfg.shallow_layers or default_shallow_layers(model)
@@ -153,8 +134,7 @@ class Trainer:
         self.out = Path(cfg.out)
         self.ckpt_dir = self.out / "checkpoints"
         self.device = info.device
-        self.autocast_dtype = autocast_dtype(from_amp(cfg.amp, cfg.precision), self.device)
-        self.amp = self.autocast_dtype is not None
+        self.autocast_dtype = autocast_dtype(cfg.precision, self.device)
         self.data_wait = 0.0  # seconds spent waiting for the loader since the last log line
 
         # what can be wrong with the settings, the files and the labels is found here, before
@@ -173,12 +153,16 @@ class Trainer:
                                     mean=mean, std=std)
 
         names, query_class = flatten_class_names(self.classes)
-        self.query_class = torch.tensor(query_class, dtype=torch.long, device=self.device)
-        self.text = self._text_embeddings(names, text_embeddings)
+        self.queries = TextQueries(
+            self._text_embeddings(names, text_embeddings),
+            torch.tensor(query_class, dtype=torch.long, device=self.device), len(self.classes),
+            [synonyms[0] for synonyms in self.classes])
 
         torch.manual_seed(cfg.seed)  # same ARM initialisation on every rank
         self.arm = ARM(arm_config_for(self.clip, cfg, arm_config)).to(self.device)
-        self.head = ARMHead(self.arm)
+        self.crops = CropModel(self.clip, baseline=cfg.baselines[0], arm=self.arm,
+                               backend=cfg.backend)
+        self.head = self.crops.head  # ARM and its logits: what learns, what DDP wraps
         self.optimizer = torch.optim.AdamW(param_groups(self.arm, cfg.weight_decay), lr=cfg.lr)
         self.scheduler = build_scheduler(self.optimizer, total=cfg.steps, warmup=cfg.warmup,
                                          min_ratio=cfg.min_lr_ratio)
@@ -208,7 +192,7 @@ class Trainer:
             if model is None and cfg.pretrained is None and ":" not in cfg.model:
                 warnings.warn("no CLIP weights (--pretrained none): CLIP is randomly "
                               "initialised, which only makes sense for tests", stacklevel=3)
-        resume = self._read_resume() if cfg.resume else None
+        resume = read_resume(cfg, self.ckpt_dir, info.is_main) if cfg.resume else None
         if not cfg.resume and (found := latest_checkpoint(self.ckpt_dir)) is not None:
             raise ValueError(f"--out {self.out} already holds checkpoints of a run (the latest is "
                              f"{found.name}): continue it with --resume, or train into a new --out")
@@ -224,24 +208,9 @@ class Trainer:
         if self.valset is not None:
             self._val_protocol()  # a protocol that makes no sense fails now, not at the first check
         if cfg.check_labels:
-            self._check_labels()
+            check_labels(self.trainset, self.out, workers=cfg.workers, progress=cfg.progress,
+                         info=info)
         return resume
-
-    def _check_labels(self) -> None:
-        cfg, info = self.cfg, self.info
-        digest = fingerprint(self.trainset)
-        if load_record(self.out).get("fingerprint") == digest:
-            return  # this run (or its earlier part) read these very masks
-        start = time.perf_counter()
-        scan = scan_labels(self.trainset, workers=cfg.workers, rank=info.rank,
-                           world_size=info.world_size, progress=cfg.progress and info.is_main)
-        failures = int(all_reduce_sum(scan.failures, info))
-        if failures:
-            raise ValueError(describe_failures(self.trainset, scan, failures))
-        if info.is_main:
-            save_record(self.out, self.trainset, digest)
-            print(f"armfast train: labels of the {len(self.trainset)} training masks checked "
-                  f"({time.perf_counter() - start:.0f} s; --no-label-check skips this)", flush=True)
 
     def _text_embeddings(self, names: list[str], given: Tensor | None) -> Tensor:
         if given is None:
@@ -283,26 +252,6 @@ class Trainer:
                 warnings.warn(f"periodic validation disabled: {exc}", stacklevel=2)
             return None
 
-    def _read_resume(self) -> tuple[Path, dict] | None:
-        """The checkpoint to resume from, verified, and the settings it fixes compared."""
-        resume = self.cfg.resume
-        path = Path(resume)
-        if resume == "latest":
-            path = latest_checkpoint(self.ckpt_dir)
-            if path is None:
-                if self.info.is_main:
-                    print(f"armfast train: no checkpoint in {self.ckpt_dir}; starting from step 0")
-                return None
-        ckpt = load_checkpoint(path)
-        saved = ckpt["extra"].get("config", {})
-        current = self.cfg.to_dict()
-        changed = [k for k in RESUME_KEYS if k in saved and saved[k] != current[k]]
-        if changed:
-            diffs = ", ".join(f"{flag(k)} {saved[k]!r} -> {current[k]!r}" for k in changed)
-            raise ValueError(f"cannot resume from {path}: the run changed {diffs}; these fix the "
-                             f"data order and schedule (start a new --out to change them)")
-        return path, ckpt
-
     def _restore(self, path: Path, ckpt: dict) -> None:
         missing, unexpected = self.arm.load_state_dict(ckpt["arm"], strict=False)
         if missing or unexpected:
@@ -315,26 +264,8 @@ class Trainer:
         self.step = int(ckpt["step"])
         self.last_checkpoint = path
         if self.info.is_main:
-            self._truncate_log(self.step)
+            truncate_log(self.out / LOG, self.step)
             print(f"armfast train: resumed from {path} at step {self.step}")
-
-    def _truncate_log(self, step: int) -> None:
-        """Drop log records past `step` (written after the checkpoint, before a kill) and a
-        torn last line: the resumed run writes those steps again."""
-        log = self.out / "log.jsonl"
-        if not log.is_file():
-            return
-        lines = log.read_text().splitlines()
-        keep = []
-        for line in lines:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict) and record.get("step", 0) <= step:
-                keep.append(line)
-        if len(keep) != len(lines):
-            atomic_write_text(log, "".join(f"{line}\n" for line in keep))
 
     # ---- the loop ------------------------------------------------------------------------
     def loader(self) -> DataLoader:
@@ -350,12 +281,14 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def features(self, images: Tensor, baseline: str):
-        from ..clip import extract
+    @property
+    def text(self) -> Tensor:
+        return self.queries.text
 
+    def features(self, images: Tensor, baseline: str):
+        """``(shallow, deep, grid)`` of a batch: the frozen CLIP and `baseline`, no gradients."""
         with torch.no_grad(), self.autocast():
-            return extract(self.clip, images, baseline=baseline,
-                           shallow_layers=self.arm.config.shallow_layers, backend=self.cfg.backend)
+            return self.crops.features(images, baseline)
 
     def train_step(self, batches, baseline: str) -> float:
         cfg = self.cfg
@@ -368,14 +301,13 @@ class Trainer:
             self.data_wait += time.perf_counter() - t0
             images = images.to(self.device, non_blocking=True)
             masks = masks.to(self.device, non_blocking=True)
-            shallow, deep = self.features(images, baseline)
-            grid = (images.shape[-2] // self.patch[0], images.shape[-1] // self.patch[1])
+            shallow, deep, grid = self.features(images, baseline)
             last = k == cfg.accum - 1
             sync = contextlib.nullcontext() if last or not self.info.distributed else self.model.no_sync()
             with sync:
-                with self.autocast():
-                    logits = self.model(shallow, deep, self.text, cfg.backend)
-                logits = class_logits(logits.float(), self.query_class, len(self.classes))
+                with self.autocast():  # logit_scale None: ARM's tau
+                    logits = self.model(shallow, deep, self.text, backend=cfg.backend)
+                logits = self.queries.per_class_max(logits, dim=-1)
                 loss = segmentation_loss(logits, grid, masks) / cfg.accum
                 loss.backward()
             total += loss.detach()  # read once per step: each read waits for the GPU
@@ -444,7 +376,7 @@ class Trainer:
         result.step = self.step
         if self.step >= cfg.steps:  # the loop's last step wrote a checkpoint (or resume found one)
             if info.is_main:
-                result.arm_dir = save_arm_folder(self.arm, self.out / ARM_FOLDER, training={
+                result.arm_dir = save_folder(self.arm, self.out / ARM_FOLDER, training={
                     "dataset": cfg.dataset, "steps": self.step, "baselines": ", ".join(cfg.baselines),
                     "CLIP": f"{cfg.model}, weights {cfg.pretrained or 'random'}",
                     "templates": cfg.templates, "run folder": str(self.out)})
@@ -459,7 +391,7 @@ class Trainer:
         """(baseline, protocol) of the periodic validation."""
         from dataclasses import replace
 
-        from ..eval.protocols import base_protocol, get_protocol
+        from ..protocols import base_protocol, get_protocol
 
         cfg = self.cfg
         baseline = cfg.val_baseline or cfg.baselines[0]
@@ -469,15 +401,16 @@ class Trainer:
 
     def validate(self) -> dict:
         from ..eval.runner import evaluate
+        from ..inference.config import SegmentorConfig
 
         cfg, info = self.cfg, self.info
         baseline, protocol = self._val_protocol()
         self.arm.eval()
-        result = evaluate(self.clip, self.valset, baseline=baseline, protocol=protocol,
-                          arm=self.arm,
-                          text_embeddings=self.text, classes=self.classes, backend=cfg.backend,
-                          rank=info.rank, world_size=info.world_size, progress=False,
-                          precision=from_amp(cfg.amp, cfg.precision), templates=cfg.templates)
+        config = SegmentorConfig(baseline=baseline, protocol=protocol, backend=cfg.backend,
+                                 precision=cfg.precision, templates=cfg.templates)
+        result = evaluate(self.clip, self.valset, config, arm=self.arm, text_embeddings=self.text,
+                          classes=self.classes, rank=info.rank, world_size=info.world_size,
+                          progress=False)
         self.arm.train()
         self._log({"step": self.step, "val_miou": result["miou"], "val_baseline": baseline,
                    "val_images": len(self.valset)})
@@ -498,7 +431,7 @@ class Trainer:
     def _log(self, record: dict) -> None:
         if not self.info.is_main:
             return
-        with open(self.out / "log.jsonl", "a") as f:
+        with open(self.out / LOG, "a") as f:
             f.write(json.dumps(record) + "\n")
         if not self.cfg.progress:
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"

@@ -1,4 +1,4 @@
-// C entry points of the emulated CUDA kernels for tests/test_cuda_emulated.py (loaded with
+// C entry points of the emulated CUDA kernels for tests/ops/test_cuda_emulated.py (loaded with
 // ctypes). The attention entries run exactly the host code of armfast._C_cuda
 // (csrc/cuda/flash_dispatch.h: tile choice, parameters, launch sequence) with a launcher that
 // runs each kernel in the emulator instead of on a GPU.

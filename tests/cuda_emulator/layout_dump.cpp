@@ -2,7 +2,7 @@
 //   name lane i row col     (fragment maps; i = element index)
 //   name lane row col       (ldmatrix addressing patterns: the tile row and column lane addresses)
 //   tf32_k kk k
-// for tests/test_cuda_emulated.py, which checks them against the PTX ISA. Plain C++, no CUDA.
+// for tests/ops/test_cuda_emulated.py, which checks them against the PTX ISA. Plain C++, no CUDA.
 #include <cstdio>
 
 #include "armfast/mma_layout.h"

@@ -1,15 +1,13 @@
 """Tests of the Triton backend. Without a GPU they run the kernels under the Triton interpreter.
 
 Triton picks compiled or interpreted kernels when `@triton.jit` runs, i.e. when armfast.kernels
-is imported (armfast.ops._triton does that at the first launch). Pytest loads this conftest
+is imported (the triton backend does that at the first launch). Pytest loads this conftest
 before the test modules of this directory, so setting TRITON_INTERPRET here is early enough
 both for `pytest tests/triton` and for a run of the whole suite.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,27 +19,8 @@ if not torch.cuda.is_available():
 # own tests (test_triton_tuning.py, test_triton_compile.py).
 os.environ.setdefault("ARMFAST_TRITON_AUTOTUNE", "0")
 
-from armfast.ops import _library  # noqa: E402  (after TRITON_INTERPRET is settled)
-
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _load_shared_helpers():
-    # tests/conftest.py and this file are both top-level modules named "conftest"; pytest keeps
-    # only the last one loaded in sys.modules, so the shared helpers are loaded here by path and
-    # re-exported (`from conftest import make_qkv` then works in this directory).
-    path = Path(__file__).resolve().parent.parent / "conftest.py"
-    spec = importlib.util.spec_from_file_location("armfast_tests_shared_conftest", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_shared = _load_shared_helpers()
-AWKWARD_N = _shared.AWKWARD_N
-make_qkv = _shared.make_qkv
-attention_f64 = _shared.attention_f64
-patch_text_logits_f64 = _shared.patch_text_logits_f64
+from helpers.internals import library, registry, triton_backend  # noqa: E402  (after the above)
+from helpers.tensors import DEVICE  # noqa: E402
 
 
 def triton_unavailable_reason() -> str | None:
@@ -67,7 +46,7 @@ def _triton_ready(monkeypatch):
     reason = triton_unavailable_reason()
     if reason is not None:
         pytest.skip(f"triton backend unavailable on {DEVICE}: {reason}")
-    monkeypatch.setattr(_library, "POISON_ALLOCATIONS", True)
+    monkeypatch.setattr(library, "POISON_ALLOCATIONS", True)
 
 
 @pytest.fixture(autouse=True)
@@ -75,22 +54,12 @@ def _gpu_dtype_contract(request):
     """Under the interpreter, the triton backend takes only the dtypes it also takes on a GPU,
     unless the test is marked `interpreter_only`: a test that hands it float64 without saying so
     fails here, on the CPU, instead of on the next GPU (it did, once)."""
-    from armfast.ops import _registry, _triton
-    dtypes = _triton.BACKEND.dtypes
-    if DEVICE.type != "cpu" or "interpreter_only" in request.keywords:
+    if triton_backend is None or DEVICE.type != "cpu" or "interpreter_only" in request.keywords:
         yield
         return
+    dtypes = triton_backend.BACKEND.limits.dtypes
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(dtypes, "cpu", tuple(dt for dt in dtypes["cpu"] if dt in dtypes["cuda"]))
-        _registry.clear_cache()  # resolved choices are cached per dtype
+        registry.clear_cache()  # resolved choices are cached per dtype
         yield
-    _registry.clear_cache()
-
-
-def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.double() - b.double()).abs().max().item()
-
-
-def assert_close(actual, expected, *, atol, rtol, name):
-    torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol,
-                               msg=lambda m: f"{name}: {m}")
+    registry.clear_cache()

@@ -9,8 +9,9 @@ import sys
 import pytest
 import torch
 
-from armfast.ops import _triton, attention
-from conftest import DEVICE, assert_close, attention_f64, make_qkv, max_err
+from armfast.ops._backends import triton as _triton
+from armfast.ops import attention
+from helpers.tensors import DEVICE, assert_close, attention_f64, make_qkv, max_err
 
 INTERPRETED = DEVICE.type == "cpu"
 
@@ -109,8 +110,8 @@ def test_deterministic_backward_is_reproducible_and_right(deterministic):
     q, k, v = make_qkv(1, 2, 70, 45, 32, device=DEVICE, strided=True)
     out, lse = _triton.BACKEND.attention.run_forward(q, k, v, 0.2, False)
     dout = torch.randn_like(out)
-    first = _triton.attention_backward(dout, q, k, v, out, lse, 0.2)
-    second = _triton.attention_backward(dout, q, k, v, out, lse, 0.2)
+    first = _triton.attention.attention_backward(dout, q, k, v, out, lse, 0.2)
+    second = _triton.attention.attention_backward(dout, q, k, v, out, lse, 0.2)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
     got, want, _ = _run(q, k, v, scale=0.2)
@@ -185,12 +186,12 @@ def test_tma_forward_matches_float64(heads_last):
         return t.to(DEVICE)
     q, k, v = make(Nq), make(Nk), make(Nk)
     out = make(Nq)
-    assert _triton._tma_ready(q, k, v, out)
-    assert not _triton._tma_ready(q[..., ::2], k[..., ::2], v[..., ::2], out[..., ::2])
+    assert _triton.attention._tma_ready(q, k, v, out)
+    assert not _triton.attention._tma_ready(q[..., ::2], k[..., ::2], v[..., ::2], out[..., ::2])
     launch = Launch(kernels._configs([(32, 32, 4, 2)], VARIANT="tma")[0],
-                    _triton.attention_constexprs(q, "ieee"))
+                    _triton._launch.attention_constexprs(q, "ieee"))
     lse = torch.empty(B, H, Nq, device=DEVICE)
-    _triton._launch_fwd(q, k, v, out, lse, 0.3, launch)
+    _triton.attention._launch_fwd(q, k, v, out, lse, 0.3, launch)
     s = (q.double() @ k.double().transpose(-2, -1)) * 0.3
     assert_close(out, torch.softmax(s, -1) @ v.double(), atol=2e-5, rtol=1e-4, name="out")
     assert_close(lse, torch.logsumexp(s, -1), atol=1e-5, rtol=1e-5, name="lse")

@@ -7,8 +7,9 @@ import sys
 import pytest
 import torch
 
-from armfast.ops import _triton, attention, backend_status, resolve_backend
-from conftest import DEVICE, make_qkv
+from armfast.ops._backends import triton as _triton
+from armfast.ops import attention, backend_status, resolve_backend
+from helpers.tensors import DEVICE, make_qkv
 
 
 def test_available_here():
@@ -18,7 +19,7 @@ def test_available_here():
 
 
 def test_cpu_without_interpreter_says_how(monkeypatch):
-    monkeypatch.setattr(_triton, "_interpret_mode", lambda: False)
+    monkeypatch.setattr(_triton, "interpret_mode", lambda: False)
     reason = _triton.runtime_check(torch.device("cpu"))
     assert "TRITON_INTERPRET=1" in reason
 

@@ -9,10 +9,10 @@ import torch
 
 import armfast.clip as aclip
 from armfast import ops
-from baseline_math import (GRIDS, affinity_inputs, gaussian_self_correlation_f64, heads,
-                           masked_affinity_f64, self_correlation_f64, self_correlation_sum_f64,
-                           two_cluster_features)
-from conftest import DEVICE, assert_close
+from helpers.baseline_math import (GRIDS, affinity_inputs, gaussian_self_correlation_f64, heads,
+                                   masked_affinity_f64, self_correlation_f64,
+                                   self_correlation_sum_f64, two_cluster_features)
+from helpers.tensors import DEVICE, assert_close
 
 # The interpreter gets float scalars (the softmax scale) in float32, so float64 runs agree with
 # float64 math to about 1e-7, not 1e-15.
@@ -83,8 +83,8 @@ def test_half_precision_on_gpu(grid, dtype):
 
 @pytest.mark.parametrize("name", ["sclip", "clearclip", "naclip", "proxyclip"])
 def test_baseline_features_equal_the_reference(name):
-    from clip_models import tiny_tower
-    from test_baselines import FakeDino
+    from helpers.clip_models import tiny_tower
+    from helpers.clip_models import FakeDino
 
     torch.manual_seed(6)
     tower, dino = tiny_tower(72, seed=6).to(DEVICE), FakeDino(patch=4).to(DEVICE)
@@ -108,7 +108,7 @@ def test_kernels_compile_for_hopper():
     backends = pytest.importorskip("triton.backends")
     if "nvidia" not in getattr(backends, "backends", {}):
         pytest.skip("this Triton has no NVIDIA backend")
-    script = Path(__file__).with_name("compile_baselines_for_gpu.py")
+    script = Path(__file__).resolve().parents[2] / "tools" / "compile_baselines_for_gpu.py"
     result = subprocess.run([sys.executable, str(script), "--arch", "90", "--dtype", "bfloat16",
                              "--head-dim", "64"], capture_output=True, text=True, timeout=600,
                             env={**os.environ, "TRITON_INTERPRET": "0"})

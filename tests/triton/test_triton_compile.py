@@ -1,5 +1,5 @@
 """What the kernels compile to for Hopper (sm_90), checked without a GPU through the backend's
-real launch path (compile_only.py): tensor-core wgmma products, TMA in the TMA forward and no
+real launch path (tools/compile_only.py): tensor-core wgmma products, TMA in the TMA forward and no
 spills for every candidate config; and one compile per config: a new length, batch or class
 count never recompiles.
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).resolve().parent
+TOOLS = Path(__file__).resolve().parents[2] / "tools"  # compile_only.py, compile_for_gpu.py
 # kernels whose products must run on wgmma (row_norm and attn_bwd_preprocess have no dot)
 DOT_KERNELS = {"attn_fwd", "attn_fwd_tma", "attn_bwd", "attn_bwd_dq", "ptl_fwd", "ptl_bwd_gcos",
                "ptl_bwd_dx", "ptl_bwd_dtext"}
@@ -30,7 +30,7 @@ def _needs_nvidia_backend():
 def _python(args, timeout=900) -> str:
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     result = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env,
-                            timeout=timeout, cwd=HERE)
+                            timeout=timeout, cwd=TOOLS)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result.stdout
 
@@ -59,19 +59,19 @@ COUNT_COMPILES = r"""
 import json, torch
 from compile_only import compile_only
 from armfast.kernels import attention, patch_text_logits as logits
-from armfast.ops import _triton
+from armfast.ops._backends import triton as _triton
 
 def attention_call(B, H, N, d=64, dtype=torch.bfloat16):
     q = torch.randn(B, H, N, d, dtype=dtype)
     k = torch.randn(B, H, N + 3, d, dtype=dtype)
     out, lse = _triton.BACKEND.attention.run_forward(q, k, k, 0.125, False)
-    _triton.attention_backward(out, q, k, k, out, lse, 0.125)
+    _triton.attention.attention_backward(out, q, k, k, out, lse, 0.125)
 
 def logits_call(B, N, C, E=512, dtype=torch.bfloat16):
     x = torch.randn(B, N, E, dtype=dtype)
     text = torch.randn(C, E, dtype=dtype)
-    out = _triton.patch_text_logits_forward(x, text, torch.tensor(10.0))
-    _triton.patch_text_logits_backward(out, x, text, torch.tensor(10.0))
+    out = _triton.patch_text_logits.patch_text_logits_forward(x, text, torch.tensor(10.0))
+    _triton.patch_text_logits.patch_text_logits_backward(out, x, text, torch.tensor(10.0))
 
 # (call, first arguments, more in the same buckets, others in new buckets)
 CASES = {"attention": (attention_call, (2, 8, 197), [(2, 8, 150), (2, 8, 250), (2, 8, 129)],
@@ -80,14 +80,15 @@ CASES = {"attention": (attention_call, (2, 8, 197), [(2, 8, 150), (2, 8, 250), (
                     [(1, 7, 21), (16, 785, 171), (1, 196, 1000)])}
 steps = {}
 with compile_only(90) as driver:
-    ks = _triton._kernels()
+    ks = {"attn_fwd": _triton.attention.kernels().fwd,
+          "ptl_fwd": _triton.patch_text_logits.kernels().fwd}
     for name, (call, first, same, other) in CASES.items():
         for step, calls in (("first", [first]), ("same bucket", same), ("other buckets", other)):
             for args in calls:
                 call(*args)
             steps[f"{name} {step}"] = {
                 "compiles": dict(driver.compiles),
-                "measures": {t: getattr(ks, t).measures for t in ("attn_fwd", "ptl_fwd")}}
+                "measures": {t: tuner.measures for t, tuner in ks.items()}}
 print(json.dumps({"steps": steps,
                   "fwd": len(attention.fwd_configs("sm90", "half", 64)),
                   "fwd_tma": len(attention.fwd_tma_configs("sm90", "half", 64)),

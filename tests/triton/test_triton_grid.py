@@ -13,8 +13,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from armfast.ops import _triton, attention
-from conftest import DEVICE, assert_close, attention_f64
+from armfast.ops._backends import triton as _triton
+from armfast.ops import attention
+from helpers.tensors import DEVICE, assert_close, attention_f64
 
 # CLIP ViT-B's last block on 5462 crops: B * H = 65544 passes axis 1's limit of 65535.
 CROPS, HEADS = 5462, 12
@@ -36,15 +37,16 @@ class _Recorder:
 @pytest.fixture
 def launches(monkeypatch):
     """Routes every launch of the wrappers to a recorder; yields {kernel name: (grid, kwargs)}."""
-    real = _triton._kernels()
     recorded = {}
 
-    def recorders(module, names):
-        return SimpleNamespace(**{**vars(module), **{n: _Recorder(n, recorded) for n in names}})
-    kernels = SimpleNamespace(**{**vars(real),
-                                 "attention": recorders(real.attention, ATTENTION_KERNELS),
-                                 "logits": recorders(real.logits, LOGITS_KERNELS)})
-    monkeypatch.setattr(_triton, "_kernels", lambda: kernels)
+    def recorders(family, names):
+        real = family.kernels()
+        module = SimpleNamespace(**{**vars(real.module),
+                                    **{n: _Recorder(n, recorded) for n in names}})
+        kernels = SimpleNamespace(**{**vars(real), "module": module})
+        monkeypatch.setattr(family, "kernels", lambda: kernels)
+    recorders(_triton.attention, ATTENTION_KERNELS)
+    recorders(_triton.patch_text_logits, LOGITS_KERNELS)
     return recorded
 
 
@@ -56,7 +58,7 @@ def _tiny(*shape):
 
 def _programs(launch):
     grid = launch[0]
-    assert len(grid) == 1 and 1 <= grid[0] <= _triton.MAX_PROGRAMS, grid
+    assert len(grid) == 1 and 1 <= grid[0] <= _triton._launch.MAX_PROGRAMS, grid
     return grid[0]
 
 
@@ -64,7 +66,7 @@ def test_attention_grids_are_flat_past_65535_heads(launches):
     B, H, N, d = CROPS, HEADS, 40, 1
     q = _tiny(B, H, N, d)
     out, lse = _triton.BACKEND.attention.run_forward(q, q, q, 0.25, False)
-    _triton.attention_backward(out, q, q, q, out, lse, 0.25)
+    _triton.attention.attention_backward(out, q, q, q, out, lse, 0.25)
     assert set(launches) == {"attn_fwd", "attn_bwd_preprocess", "attn_bwd"}
     for name, launch in launches.items():
         block = launch[1]["BLOCK_N" if name == "attn_bwd" else "BLOCK_M"]
@@ -75,11 +77,11 @@ def test_deterministic_backward_launches_the_dq_kernel(launches, monkeypatch):
     """`torch.use_deterministic_algorithms(True)` swaps the atomic dQ for its own kernel."""
     q = _tiny(2, 3, 40, 8)
     out, lse = _triton.BACKEND.attention.run_forward(q, q, q, 0.25, False)
-    _triton.attention_backward(out, q, q, q, out, lse, 0.25)
+    _triton.attention.attention_backward(out, q, q, q, out, lse, 0.25)
     assert launches["attn_bwd"][1]["DQ_ATOMIC"] and launches["attn_bwd_preprocess"][1]["ZERO_DQ"]
     assert "attn_bwd_dq" not in launches
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
-    _triton.attention_backward(out, q, q, q, out, lse, 0.25)
+    _triton.attention.attention_backward(out, q, q, q, out, lse, 0.25)
     assert not launches["attn_bwd"][1]["DQ_ATOMIC"]
     assert not launches["attn_bwd_preprocess"][1]["ZERO_DQ"]
     assert _programs(launches["attn_bwd_dq"]) == 2 * 3 * 2  # 40 queries: 2 tiles of 32
@@ -90,8 +92,8 @@ def test_patch_text_logits_grids_stay_within_limits(launches):
     for B, N, C in ((CROPS, 577, 3), (1, 2, CROPS * 577)):
         launches.clear()
         x, text, scale = _tiny(B, N, 1), _tiny(C, 1), torch.ones((), device=DEVICE)
-        out = _triton.patch_text_logits_forward(x, text, scale)
-        _triton.patch_text_logits_backward(out, x, text, scale)
+        out = _triton.patch_text_logits.patch_text_logits_forward(x, text, scale)
+        _triton.patch_text_logits.patch_text_logits_backward(out, x, text, scale)
         assert set(launches) == set(LOGITS_KERNELS)
         assert all(_programs(launch) for launch in launches.values())
         assert _programs(launches["ptl_fwd"]) > 65535  # the case that needs the flat grid
@@ -107,8 +109,8 @@ def test_grid_past_cuda_limits_names_the_tensor():
     with pytest.raises(ValueError, match=r"attention of q \(1024, 1, 2097153, 64\) needs "
                                          r"2147484672 programs on launch grid axis 0, "
                                          r"expected at most 2147483647"):
-        _triton.flat_grid(2**10, 2**21 + 1, 1, _triton.ATTENTION, q)
-    assert _triton.flat_grid(CROPS * HEADS, 577, 64, _triton.ATTENTION, q) == (CROPS * HEADS * 10,)
+        _triton._launch.flat_grid(2**10, 2**21 + 1, 1, _triton.attention.ATTENTION, q)
+    assert _triton._launch.flat_grid(CROPS * HEADS, 577, 64, _triton.attention.ATTENTION, q) == (CROPS * HEADS * 10,)
 
 
 @pytest.mark.gpu

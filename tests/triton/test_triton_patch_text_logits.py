@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from armfast.ops import _reference, _triton, patch_text_logits
-from conftest import DEVICE, assert_close, max_err, patch_text_logits_f64
+from armfast.ops import _specs, patch_text_logits
+from armfast.ops._backends import triton as _triton
+from helpers.tensors import DEVICE, assert_close, max_err, patch_text_logits_f64
 
 
 # (B, N, E, C, strided). Under the interpreter the tiles are 32 rows x 32 classes x 32 features:
@@ -76,8 +77,8 @@ def test_zero_rows_follow_the_eps_clamp():
     text[5] = 0
     dout = torch.randn(1, 40, 35, device=DEVICE)
     got, _ = _run(x, text, scale, dout)
-    want = (_reference.patch_text_logits_forward(x.double(), text.double(), scale.double()),
-            *_reference.patch_text_logits_backward(dout.double(), x.double(), text.double(),
+    want = (_specs.patch_text_logits_forward(x.double(), text.double(), scale.double()),
+            *_specs.patch_text_logits_backward(dout.double(), x.double(), text.double(),
                                                    scale.double()))
     for name, g, w in zip(NAMES, got, want):
         assert torch.isfinite(g).all(), name
@@ -108,8 +109,8 @@ def test_backward_is_deterministic():
     torch.manual_seed(5)
     x, text, scale = _inputs(2, 50, 40, 9, True)
     dout = torch.randn(2, 50, 9, device=DEVICE)
-    first = _triton.patch_text_logits_backward(dout, x, text, scale)
-    second = _triton.patch_text_logits_backward(dout, x, text, scale)
+    first = _triton.patch_text_logits.patch_text_logits_backward(dout, x, text, scale)
+    second = _triton.patch_text_logits.patch_text_logits_backward(dout, x, text, scale)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
 

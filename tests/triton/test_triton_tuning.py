@@ -144,19 +144,20 @@ def test_default_cache_path(monkeypatch, tmp_path):
 def test_tunes_on_the_gpu_and_remembers(monkeypatch, cache_file):
     """On a real GPU: the first call of a bucket times every candidate (all of them run), the
     choice lands in the cache file, and a fresh process would read it instead of measuring."""
-    from armfast.ops import _triton, attention
-    from conftest import attention_f64, make_qkv, max_err
+    from armfast.ops import attention
+    from armfast.ops._backends import triton as _triton
+    from helpers.tensors import attention_f64, make_qkv, max_err
     monkeypatch.setenv(_tuning.AUTOTUNE_ENV, "1")
-    _triton._kernels.cache_clear()  # fresh tuners, nothing chosen yet
+    _triton.clear_tuners()  # fresh tuners, nothing chosen yet
     try:
         q, k, v = make_qkv(2, 8, 300, 300, 64, dtype=torch.bfloat16, device="cuda",
                            requires_grad=True)
         out = attention(q, k, v, backend="triton")
         out.backward(torch.ones_like(out))
-        ks = _triton._kernels()
-        assert ks.attn_fwd.measures >= 3 and ks.attn_bwd.measures >= 3
+        ks = _triton.attention.kernels()
+        assert ks.fwd.measures >= 3 and ks.bwd.measures >= 3
     finally:
-        _triton._kernels.cache_clear()
+        _triton.clear_tuners()
     (entries,) = json.loads(cache_file.read_text()).values()
     for name in ("attn_fwd", "attn_bwd"):
         (times,) = [e["ms"] for key, e in entries.items() if key.startswith(name + " ")]

@@ -1,0 +1,84 @@
+"""`sdpa` backend: PyTorch's own fused attention, the strongest off-the-shelf peer.
+
+`scaled_dot_product_attention` is an aten op with its own autograd and fake kernels, so it is
+called as is. For `patch_text_logits` there is no fused PyTorch op; this backend is the plain
+autograd composition (`F.normalize` and a matmul), i.e. what a user would write.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .._library import NORM_EPS, plain
+from .._limits import ANY_DTYPE, Limits
+from .._registry import Backend
+from .._specs import gaussian_bias
+
+
+@plain
+def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, heads_last: bool = False) -> Tensor:
+    out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    # a view; on CUDA the flash and cuDNN kernels already store [B, N, H, d], so it is contiguous
+    return out.transpose(1, 2) if heads_last else out
+
+
+@plain
+def patch_text_logits(x: Tensor, text: Tensor, logit_scale: Tensor) -> Tensor:
+    xn = F.normalize(x, dim=-1, eps=NORM_EPS)
+    tn = F.normalize(text, dim=-1, eps=NORM_EPS)
+    return logit_scale.to(x.dtype) * torch.matmul(xn, tn.t())
+
+
+# ---- the baseline attentions: the best compositions of SDPA calls --------------------------
+
+def _layout(out: Tensor, heads_last: bool) -> Tensor:
+    return out.transpose(1, 2) if heads_last else out
+
+
+@plain
+def self_correlation(x: Tensor, v: Tensor, scale: float, heads_last: bool = False) -> Tensor:
+    return _layout(F.scaled_dot_product_attention(x, x, v, scale=scale), heads_last)
+
+
+@plain
+def self_correlation_sum(q: Tensor, k: Tensor, v: Tensor, scale: float,
+                         heads_last: bool = False) -> Tensor:
+    out = (F.scaled_dot_product_attention(q, q, v, scale=scale)
+           + F.scaled_dot_product_attention(k, k, v, scale=scale))
+    return _layout(out, heads_last)
+
+
+@plain
+def gaussian_self_correlation(x: Tensor, v: Tensor, scale: float, grid_h: int, grid_w: int,
+                              sigma: float, class_token: bool, heads_last: bool = False) -> Tensor:
+    bias = gaussian_bias(grid_h, grid_w, sigma, class_token, str(x.device), x.dtype)
+    return _layout(F.scaled_dot_product_attention(x, x, v, attn_mask=bias, scale=scale), heads_last)
+
+
+@plain
+def masked_affinity_attention(f: Tensor, v: Tensor, beta: float, gamma: float,
+                              heads_last: bool = False) -> Tensor:
+    """One SDPA over the n x n boolean mask (which needs S itself), all heads of v side by side
+    as one value of width H*d, since the map is shared by every head."""
+    fn = F.normalize(f, dim=-1, eps=NORM_EPS)
+    s = torch.matmul(fn, fn.transpose(-2, -1))
+    n = s.shape[-1]
+    keep = (s >= beta * s.mean(dim=(1, 2), keepdim=True)) | torch.eye(n, dtype=torch.bool,
+                                                                       device=s.device)
+    B, H, _, d = v.shape
+    values = v.transpose(1, 2).reshape(B, 1, n, H * d)
+    fn = fn.unsqueeze(1)
+    out = F.scaled_dot_product_attention(fn, fn, values, attn_mask=keep.unsqueeze(1), scale=gamma)
+    out = out.view(B, n, H, d)  # [B, n, H, d]: heads last already
+    return out if heads_last else out.transpose(1, 2)
+
+
+BACKEND = Backend(
+    name="sdpa",
+    ops={"attention": attention, "patch_text_logits": patch_text_logits,
+         "self_correlation": self_correlation, "self_correlation_sum": self_correlation_sum,
+         "gaussian_self_correlation": gaussian_self_correlation,
+         "masked_affinity_attention": masked_affinity_attention},
+    limits=Limits({device: ANY_DTYPE for device in ("cpu", "cuda", "mps", "xpu")}),
+)
