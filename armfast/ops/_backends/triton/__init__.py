@@ -1,6 +1,6 @@
 """`triton` backend: the Triton kernels of `armfast.kernels` (flash attention, fused cosine
 logits, the baseline attentions), launched by one module per op family: `attention`,
-`patch_text_logits`, `baselines`; `_launch` holds what they share.
+`patch_text_logits`, `baselines`, `similarity`; `_launch` holds what they share.
 
 The launchers allocate outputs, compute launch grids and call the kernels; the public ops have
 already validated the arguments and this backend's `LIMITS`. This package imports `triton` at
@@ -15,7 +15,7 @@ from ..._limits import Limits
 from ..._registry import fused_backend
 from ..._specs import (GAUSSIAN_SELF_CORRELATION, MASKED_AFFINITY, SELF_CORRELATION,
                        SELF_CORRELATION_SUM)
-from . import attention, baselines, patch_text_logits
+from . import attention, baselines, patch_text_logits, similarity
 from ._launch import interpret_mode
 
 MAX_HEAD_DIM = 128
@@ -23,7 +23,7 @@ MIN_CAPABILITY = (8, 0)  # bfloat16 tensor-core dots need Ampere (sm_80) or newe
 # The CPU entries run only under TRITON_INTERPRET=1; `runtime_check` says so otherwise.
 LIMITS = Limits({"cuda": (torch.float16, torch.bfloat16, torch.float32),
                  "cpu": (torch.float32, torch.float64)}, head_dims=range(1, MAX_HEAD_DIM + 1))
-FAMILIES = (attention, patch_text_logits, baselines)
+FAMILIES = (attention, patch_text_logits, baselines, similarity)
 
 
 def runtime_check(device: torch.device):

@@ -72,6 +72,17 @@ def flat_grid(units: int, length: int, block: int, what: str, *tensors: Tensor) 
     return (programs,)
 
 
+def grid_2d(units: int, length: int, block: int, what: str, *tensors: Tensor) -> tuple[int, int]:
+    """(units, tiles of `block` over `length`): the 2-D grid of the forward-only kernels, checked
+    against CUDA's limits as `flat_grid` does."""
+    tiles = (length + block - 1) // block
+    if units > MAX_PROGRAMS or tiles > 65535:
+        raise ValueError(f"{what.format(*(tuple(t.shape) for t in tensors))} needs a launch grid "
+                         f"of {units} x {tiles} programs, expected at most {MAX_PROGRAMS} x 65535 "
+                         "(CUDA's limits)")
+    return units, tiles
+
+
 def tune(tuner, key, constexprs: dict, configs, config_args: tuple, interpret_config, device,
          run):
     """The config of `key`, chosen now (a miss of `tuner.best`) among

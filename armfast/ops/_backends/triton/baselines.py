@@ -12,7 +12,7 @@ import triton
 from torch import Tensor
 
 from ..._library import affinity_first_pass
-from ._launch import MAX_PROGRAMS, attention_constexprs, kind, on_device, shared, tune
+from ._launch import attention_constexprs, grid_2d, kind, on_device, shared, tune
 
 
 @functools.cache
@@ -29,21 +29,12 @@ SELF_CORRELATION_WHAT = "triton self-correlation of x {}"
 AFFINITY_WHAT = "triton masked affinity attention of f {} and v {}"
 
 
-def _grid_2d(units: int, length: int, block: int, what: str, *tensors: Tensor) -> tuple[int, int]:
-    tiles = (length + block - 1) // block
-    if units > MAX_PROGRAMS or tiles > 65535:
-        raise ValueError(f"{what.format(*(tuple(t.shape) for t in tensors))} needs a launch grid "
-                         f"of {units} x {tiles} programs, expected at most {MAX_PROGRAMS} x 65535 "
-                         "(CUDA's limits)")
-    return units, tiles
-
-
 def _launch_self_corr(x, y, v, out, scale, bias_coef, grid_w, first, launch, warmup=False):
     B, H, N, _ = x.shape
     kernels().module.self_corr_fwd.run(
         x, y, v, out, scale, bias_coef, *x.stride(), *y.stride(), *v.stride(), *out.stride(),
         H, N, grid_w, first,
-        grid=_grid_2d(B * H, N, launch["BLOCK_M"], SELF_CORRELATION_WHAT, x), warmup=warmup,
+        grid=grid_2d(B * H, N, launch["BLOCK_M"], SELF_CORRELATION_WHAT, x), warmup=warmup,
         **launch.kwargs)
 
 
@@ -90,7 +81,7 @@ def _launch_affinity(f, rnorm, thresh, v, out, gamma, launch, warmup=False):
     kernels().module.masked_affinity_fwd.run(
         f, rnorm, thresh, v, out, gamma,
         *f.stride(), *rnorm.stride(), *v.stride(), *out.stride(), n, C, H,
-        grid=_grid_2d(B * value_blocks, n, launch["BLOCK_M"], AFFINITY_WHAT, f, v), warmup=warmup,
+        grid=grid_2d(B * value_blocks, n, launch["BLOCK_M"], AFFINITY_WHAT, f, v), warmup=warmup,
         **launch.kwargs)
 
 

@@ -1,0 +1,89 @@
+"""Independent float64 formulas of SC-CLIP's similarity ops (`similarity_aggregation`,
+`averaged_dual_softmax`) and inputs with entries near their thresholds, shared by the Triton and
+CUDA tests. Everything is computed on the inputs' device."""
+from __future__ import annotations
+
+import torch
+
+# an entry at least this far from the threshold decides alike in float32 and float64 (float32
+# cosines of normalised features are off by ~1e-7)
+MARGIN = 1e-5
+
+
+def cosines_f64(f):
+    f = f.double()
+    fn = f / f.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return fn @ fn.transpose(-1, -2)
+
+
+def similarity_aggregation_f64(f, x, threshold=0.4):
+    S = cosines_f64(f)
+    W = S * (S >= threshold)
+    return (W @ x.double()) / (W.sum(-1, keepdim=True) + 1e-6)
+
+
+def averaged_dual_softmax_f64(f, k, v, scale=None, gamma=3.0, beta=1.0):
+    k, v = k.double(), v.double()
+    scale = k.shape[-1] ** -0.5 if scale is None else scale
+    S = cosines_f64(f)
+    A = gamma * (S - beta * S.mean(dim=(1, 2), keepdim=True))
+    off_diagonal = ~torch.eye(S.shape[-1], dtype=torch.bool, device=S.device)
+    p_mask = torch.softmax(A.masked_fill((A < 0) & off_diagonal, float("-inf")), -1)
+    p_kk = torch.softmax(scale * k @ k.transpose(-1, -2), -1)
+    return ((p_mask.unsqueeze(1) + p_kk) / 2) @ v
+
+
+def features(B, N, C, *, dtype=torch.float32, strided=False, generator=None):
+    """f [B, N, C]: a shared direction plus noise (cosines spread around 0.5, mean(S) well above
+    0); strided: a [B, C, N] map seen as [B, N, C]."""
+    f = (torch.randn(B, N, C, dtype=torch.float64, generator=generator)
+         + torch.randn(B, 1, C, dtype=torch.float64, generator=generator))
+    if strided:
+        f = f.transpose(1, 2).contiguous().transpose(1, 2)
+    return f.to(dtype)
+
+
+def values(shape, *, dtype=torch.float32, strided=False, generator=None):
+    """A tensor of `shape`; strided: every other element of the last dim of a wider one."""
+    t = torch.randn(*shape[:-1], 2 * shape[-1], dtype=torch.float64, generator=generator)
+    return (t[..., ::2] if strided else t[..., :shape[-1]].contiguous()).to(dtype)
+
+
+def threshold_between(S, target, *, minimum=0.0):
+    """A threshold between two neighbouring off-diagonal values of S (any batch) near `target`,
+    whose gap is the narrowest of those >= 2 MARGIN: entries sit just above and just below it,
+    each at least MARGIN away. Returns (threshold, distance of the nearest entry)."""
+    N = S.shape[-1]
+    off = S[:, ~torch.eye(N, dtype=torch.bool, device=S.device)].flatten().sort().values
+    lo, hi = off[:-1], off[1:]
+    gap = hi - lo
+    ok = (gap >= 2 * MARGIN) & (lo >= minimum)
+    mid = (lo + hi) / 2
+    # the narrowest usable gap among the 64 nearest the target
+    near = torch.where(ok, (mid - target).abs(), float("inf")).argsort()[:64]
+    near = near[ok[near]]
+    i = near[gap[near].argmin()]
+    return float(mid[i]), float(gap[i] / 2)
+
+
+def near_threshold_aggregation(B, N, C, *, dtype=torch.float32, generator=None):
+    """(f, threshold): features and a threshold near 0.4 with cosines within a few 1e-4 of it on
+    both sides (computed from f as rounded to `dtype`)."""
+    f = features(B, N, C, dtype=dtype, generator=generator)
+    threshold, _ = threshold_between(cosines_f64(f), 0.4)
+    return f, threshold
+
+
+def near_threshold_dual(B, N, C, *, dtype=torch.float32, generator=None):
+    """(f, beta): one image's features B times (so every image has the same mean(S)) and a beta
+    putting beta * mean(S) between two close cosines."""
+    f = features(1, N, C, dtype=dtype, generator=generator).expand(B, N, C).contiguous()
+    S = cosines_f64(f[:1])
+    threshold, _ = threshold_between(S, float(S.mean()) * 1.1)
+    return f, threshold / float(S.mean())
+
+
+def count_near(S, threshold, width=1e-3):
+    """(entries within `width` below the threshold, within `width` at or above it)."""
+    d = S - threshold
+    return int(((d < 0) & (d > -width)).sum()), int(((d >= 0) & (d < width)).sum())

@@ -1,0 +1,117 @@
+"""The Triton kernels of SC-CLIP's similarity ops (kernels/similarity_attention.py) through their
+launchers, against float64 formulas: awkward lengths, strided inputs, thresholds placed between two
+cosines a few 1e-5 apart. Without a GPU they run under the interpreter (float32, float64); half
+precision is marked gpu. Everything is made on DEVICE: the same tests run on a GPU."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers.internals import triton_backend
+from helpers.similarity_math import (averaged_dual_softmax_f64, cosines_f64, count_near, features,
+                                     near_threshold_aggregation, near_threshold_dual,
+                                     similarity_aggregation_f64, values)
+from helpers.tensors import AWKWARD_N, DEVICE, assert_close
+
+TOL = {torch.float32: dict(atol=3e-5, rtol=1e-4), torch.float64: dict(atol=1e-6, rtol=1e-6),
+       torch.float16: dict(atol=3e-3, rtol=1e-2), torch.bfloat16: dict(atol=2e-2, rtol=3e-2)}
+DTYPES = (torch.float32, pytest.param(torch.float64, marks=pytest.mark.interpreter_only))
+HALF = [pytest.param(dt, marks=pytest.mark.gpu) for dt in (torch.float16, torch.bfloat16)]
+
+
+def _launchers():
+    return triton_backend.similarity
+
+
+def aggregation(f, x, threshold):
+    out = torch.full(x.shape, float("nan"), dtype=x.dtype, device=x.device)
+    rowsum = _launchers().similarity_aggregation_forward(f, x, threshold, out)
+    return out, rowsum
+
+
+def dual(f, k, v, scale=None, gamma=3.0, beta=1.0):
+    out = torch.full(v.shape, float("nan"), dtype=v.dtype, device=v.device)
+    scale = k.shape[-1] ** -0.5 if scale is None else scale
+    lse = _launchers().averaged_dual_softmax_forward(f, k, v, scale, gamma, beta, out)
+    return out, lse
+
+
+def _sizes(N):
+    """(C, D) per length: the longest lengths take narrow features to keep the interpreter fast."""
+    return (24, 40) if N > 400 else (48, 72)
+
+
+@pytest.mark.parametrize("N", AWKWARD_N)
+def test_aggregation_matches_float64(N):
+    g = torch.Generator().manual_seed(N)
+    C, D = _sizes(N)
+    f = features(2, N, C, strided=True, generator=g).to(DEVICE)
+    x = values((2, N, D), strided=True, generator=g).to(DEVICE)
+    out, rowsum = aggregation(f, x, 0.4)
+    assert_close(out, similarity_aggregation_f64(f, x, 0.4), **TOL[torch.float32], name="out")
+    S = cosines_f64(f)
+    assert_close(rowsum, (S * (S >= 0.4)).sum(-1), **TOL[torch.float32], name="rowsum")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_aggregation_near_threshold(dtype):
+    g = torch.Generator().manual_seed(11)
+    f, threshold = near_threshold_aggregation(2, 97, 16, dtype=dtype, generator=g)
+    below, above = count_near(cosines_f64(f), threshold)
+    assert below > 0 and above > 0  # the case is built near the threshold
+    f = f.to(DEVICE)
+    x = values((2, 97, 33), dtype=dtype, generator=g).to(DEVICE)
+    out, _ = aggregation(f, x, threshold)
+    assert out.dtype == dtype
+    assert_close(out, similarity_aggregation_f64(f, x, threshold), **TOL[dtype], name=str(dtype))
+
+
+@pytest.mark.parametrize("N", AWKWARD_N)
+def test_dual_softmax_matches_float64(N):
+    g = torch.Generator().manual_seed(N + 1)
+    C = 24 if N > 400 else 48
+    H, d = (1, 32) if N > 400 else (2, 64)
+    f = features(2, N, C, strided=True, generator=g).to(DEVICE)
+    qkv = values((2, N, 3 * H * d), generator=g).view(2, N, 3, H, d).permute(2, 0, 3, 1, 4)
+    k, v = qkv[1].to(DEVICE), qkv[2].to(DEVICE)  # [B, H, N, d] views of a fused projection
+    assert N == 1 or not k.is_contiguous()
+    out, (lse_mask, lse_kk) = dual(f, k, v, gamma=3.0, beta=1.0)
+    assert_close(out, averaged_dual_softmax_f64(f, k, v), **TOL[torch.float32], name="out")
+    kd = k.double()
+    want_kk = torch.logsumexp(kd @ kd.transpose(-1, -2) * d ** -0.5, -1)
+    assert_close(lse_kk, want_kk, **TOL[torch.float32], name="lse_kk")
+    S = cosines_f64(f)
+    A = 3.0 * (S - S.mean(dim=(1, 2), keepdim=True))
+    A = A.masked_fill((A < 0) & ~torch.eye(N, dtype=torch.bool, device=A.device), float("-inf"))
+    assert_close(lse_mask, torch.logsumexp(A, -1).unsqueeze(1).expand(-1, H, -1),
+                 **TOL[torch.float32], name="lse_mask")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dual_softmax_near_threshold_and_parameters(dtype):
+    g = torch.Generator().manual_seed(12)
+    f, beta = near_threshold_dual(2, 83, 16, dtype=dtype, generator=g)
+    S = cosines_f64(f)
+    below, above = count_near(S, beta * float(S.mean()))
+    assert below > 0 and above > 0
+    k, v = (values((2, 3, 83, 40), dtype=dtype, generator=g).to(DEVICE) for _ in range(2))
+    f = f.to(DEVICE)
+    out, _ = dual(f, k, v, scale=0.3, gamma=2.5, beta=beta)
+    assert out.dtype == dtype
+    assert_close(out, averaged_dual_softmax_f64(f, k, v, scale=0.3, gamma=2.5, beta=beta),
+                 **TOL[dtype], name=str(dtype))
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_half_precision_on_gpu(dtype):
+    g = torch.Generator().manual_seed(13)
+    f, threshold = near_threshold_aggregation(2, 197, 768, dtype=dtype, generator=g)
+    f = f.to(DEVICE)
+    x = values((2, 197, 768), dtype=dtype, generator=g).to(DEVICE)
+    out, _ = aggregation(f, x, threshold)
+    assert_close(out, similarity_aggregation_f64(f, x, threshold), **TOL[dtype], name="aggregation")
+    f, beta = near_threshold_dual(2, 197, 768, dtype=dtype, generator=g)
+    f = f.to(DEVICE)
+    k, v = (values((2, 12, 197, 64), dtype=dtype, generator=g).to(DEVICE) for _ in range(2))
+    out, _ = dual(f, k, v, beta=beta)
+    assert_close(out, averaged_dual_softmax_f64(f, k, v, beta=beta), **TOL[dtype], name="dual")
