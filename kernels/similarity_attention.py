@@ -39,25 +39,38 @@ INTERPRET = interpreting()
 # (BLOCK_M, BLOCK_N, BLOCK_C, BLOCK_DV, num_warps, num_stages)
 _AGGREGATION = [(64, 64, 64, 128, 4, 3), (128, 64, 64, 128, 8, 3), (64, 64, 32, 256, 8, 2),
                 (64, 32, 64, 64, 4, 2)]
-# (BLOCK_M, BLOCK_N, BLOCK_C, num_warps, num_stages): two accumulators of BLOCK_D columns
+_AGGREGATION_TF32 = [(64, 64, 32, 256, 8, 2), (64, 32, 32, 128, 8, 2)]  # float32 tiles are twice the size
+# (BLOCK_M, BLOCK_N, BLOCK_C, num_warps, num_stages): two accumulators of BLOCK_D columns; "wide"
+# (d = 128, or float32 on TF32) keeps fewer rows per warp so that both stay in registers
 _DUAL = [(64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (64, 32, 64, 4, 2), (32, 32, 32, 4, 2)]
+_DUAL_WIDE = [(64, 32, 32, 8, 2), (128, 32, 32, 8, 2), (32, 32, 32, 4, 2)]
 INTERPRET_AGGREGATION = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_C": 32, "BLOCK_DV": 64})
 INTERPRET_DUAL = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_C": 32})
-ROW_EPS = 1e-6  # added to the row sums of W before dividing, as SC-CLIP does
 
 
 def aggregation_configs(family: str, kind: str) -> list[triton.Config]:
     """Launch configs of `similarity_aggregation_fwd` for a GPU family."""
-    tiles = _AGGREGATION if kind != "fp32" and family != "small" else _AGGREGATION[-1:]
+    if kind == "fp32" or family == "small":
+        tiles = _AGGREGATION[-1:]
+    else:
+        tiles = _AGGREGATION_TF32 if kind == "tf32" else _AGGREGATION
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_C": c, "BLOCK_DV": dv},
                           num_warps=w, num_stages=s) for m, n, c, dv, w, s in tiles]
 
 
-def dual_configs(family: str, kind: str) -> list[triton.Config]:
+def dual_configs(family: str, kind: str, block_d: int) -> list[triton.Config]:
     """Launch configs of `averaged_dual_softmax_fwd` for a GPU family."""
-    tiles = _DUAL if kind != "fp32" and family != "small" else _DUAL[-1:]
+    if kind == "fp32" or family == "small":
+        tiles = _DUAL[-1:]
+    else:
+        tiles = _DUAL_WIDE if block_d > 64 or kind == "tf32" else _DUAL
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_C": c}, num_warps=w, num_stages=s)
             for m, n, c, w, s in tiles]
+
+
+@triton.jit
+def _row_eps():
+    return 1e-6  # added to the row sums of W before dividing, as SC-CLIP does
 
 
 @triton.jit
@@ -122,7 +135,7 @@ def similarity_aggregation_fwd(
         w_sum += tl.sum(w, 1)
         acc = tl.dot(w.to(x.dtype), x, acc, input_precision=DOT_PRECISION)
 
-    out = acc / (w_sum + ROW_EPS)[:, None]
+    out = acc / (w_sum + _row_eps())[:, None]
     tl.store(O + offs_m[:, None] * stride_on + offs_dv[None, :] * stride_od,
              out.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_dv[None, :])
     if value_block == 0:

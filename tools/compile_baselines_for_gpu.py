@@ -20,7 +20,8 @@ from armfast.ops._backends import triton as _triton  # noqa: E402
 
 
 def baseline_kernels(dtype: torch.dtype, d: int) -> None:
-    """ClearCLIP, SCLIP and NACLIP at a 448 px crop (785 tokens), ProxyCLIP on a 28 x 28 VFM grid."""
+    """ClearCLIP, SCLIP and NACLIP at a 448 px crop (785 tokens), ProxyCLIP on a 28 x 28 VFM grid,
+    SC-CLIP's similarity ops at 785 tokens."""
     x, k, v = (torch.randn(2, 12, 785, d, dtype=dtype) for _ in range(3))
     out = torch.empty_like(x)
     _triton.baselines.self_correlation_forward(x, v, d ** -0.5, out)
@@ -28,6 +29,10 @@ def baseline_kernels(dtype: torch.dtype, d: int) -> None:
     _triton.baselines.gaussian_self_correlation_forward(x, v, d ** -0.5, 28, 28, 5.0, True, out)
     f, vf = torch.randn(2, 784, 768, dtype=dtype), torch.randn(2, 12, 784, d, dtype=dtype)
     _triton.baselines.masked_affinity_forward(f, vf, 1.2, 3.0, torch.empty_like(vf))
+    # SC-CLIP's similarity ops at 785 tokens: aggregation of 768-wide features, the dual softmax
+    f, x = torch.randn(2, 785, 768, dtype=dtype), torch.randn(2, 785, 768, dtype=dtype)
+    _triton.similarity.similarity_aggregation_forward(f, x, 0.4, torch.empty_like(x))
+    _triton.similarity.averaged_dual_softmax_forward(f, k, v, d ** -0.5, 3.0, 1.0, out)
 
 
 def main(argv=None) -> int:
@@ -35,7 +40,10 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 80, 90")
     parser.add_argument("--dtype", action="append", choices=DTYPES)
     parser.add_argument("--head-dim", action="append", type=int)
+    parser.add_argument("--tf32", action="store_true", help="float32 matmul precision 'high'")
     args = parser.parse_args(argv)
+    if args.tf32:
+        torch.set_float32_matmul_precision("high")
     with compile_only(args.arch) as driver:
         for name in args.dtype or ["bfloat16"]:
             for d in args.head_dim or [64]:

@@ -102,6 +102,6 @@ def averaged_dual_softmax_forward(f: Tensor, k: Tensor, v: Tensor, scale: float,
             constexprs = {**attention_constexprs(k, precision),
                           "S_PRECISION": s_precision(f.dtype, common.dot_precision(f.dtype))}
             launch = tune(ks.dual, key, constexprs, ks.module.dual_configs,
-                          (kind(k.dtype, precision),), ks.module.INTERPRET_DUAL, f.device, run)
+                          (kind(k.dtype, precision), constexprs["BLOCK_D"]), ks.module.INTERPRET_DUAL, f.device, run)
         run(launch)
     return lse_mask, lse_kk
