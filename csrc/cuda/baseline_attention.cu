@@ -10,25 +10,6 @@
 #include "kernels.h"
 
 namespace armfast::cuda {
-namespace {
-
-// Calls f(T{}) for the call's element type; float32 only on TF32 tensor cores.
-template <typename F>
-void with_tensor_core_dtype(DType dtype, bool allow_tf32, const char* op, F&& f) {
-  switch (dtype) {
-    case DType::float16: f(__half{}); break;
-    case DType::bfloat16: f(__nv_bfloat16{}); break;
-    case DType::float32:
-      if (!allow_tf32)
-        throw std::invalid_argument(std::string("armfast CUDA ") + op +
-                                    " runs float32 on TF32 tensor cores only, which torch's matmul precision "
-                                    "'highest' forbids; use float16/bfloat16, backend='triton' or 'sdpa'");
-      f(float{});
-      break;
-  }
-}
-
-}  // namespace
 
 void self_correlation_forward(DType dtype, const SelfCorrelationShape& s, Strided x, Strided x2, Strided v,
                               Strided out, float scale, const GridBias* bias, bool allow_tf32, int device,

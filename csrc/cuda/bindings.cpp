@@ -208,6 +208,60 @@ void masked_affinity_forward(const std::string& dtype, const PyTensor& f, const 
                               strided(va), strided(oa), static_cast<float>(gamma), allow_tf32, device, stream);
 }
 
+// f [B,N,C]; rnorm [B,N] (float32, contiguous); x, out [B,N,D]; rowsum [B,N] (float32, contiguous).
+void similarity_aggregation_forward(const std::string& dtype, const PyTensor& f, const PyTensor& rnorm,
+                                    const PyTensor& x, const PyTensor& out, const PyTensor& rowsum, double threshold,
+                                    bool allow_tf32, int device, std::uintptr_t stream) {
+  const cu::DType dt = parse_dtype(dtype);
+  const TensorArg fa = tensor_arg("f", f, {-1, -1, -1});
+  const int64_t B = fa.size(0), N = fa.size(1), C = fa.size(2);
+  const TensorArg ra = tensor_arg("rnorm", rnorm, {B, N});
+  const TensorArg xa = tensor_arg("x", x, {B, N, -1});
+  const int64_t D = xa.size(2);
+  const TensorArg oa = tensor_arg("out", out, {B, N, D});
+  const TensorArg sa = tensor_arg("rowsum", rowsum, {B, N});
+  require_contiguous("rnorm", ra);
+  require_contiguous("rowsum", sa);
+  if (!std::isfinite(threshold))
+    throw std::invalid_argument("threshold must be finite, got " + std::to_string(threshold));
+  check_device(device);
+  py::gil_scoped_release release;
+  cu::similarity_aggregation_forward(dt, {B, N, C, D}, strided(fa), ra.data<const float>(), strided(xa), strided(oa),
+                                     sa.data<float>(), static_cast<float>(threshold), allow_tf32, device, stream);
+}
+
+// f [B,N,C]; rnorm [B,N], thresh [B] (float32, contiguous); k, v, out [B,H,N,d]; lse_mask, lse_kk
+// [B,H,N] (float32, contiguous).
+void averaged_dual_softmax_forward(const std::string& dtype, const PyTensor& f, const PyTensor& rnorm,
+                                   const PyTensor& thresh, const PyTensor& k, const PyTensor& v, const PyTensor& out,
+                                   const PyTensor& lse_mask, const PyTensor& lse_kk, double scale, double gamma,
+                                   bool allow_tf32, int device, std::uintptr_t stream) {
+  const cu::DType dt = parse_dtype(dtype);
+  const TensorArg fa = tensor_arg("f", f, {-1, -1, -1});
+  const int64_t B = fa.size(0), N = fa.size(1), C = fa.size(2);
+  const TensorArg ra = tensor_arg("rnorm", rnorm, {B, N});
+  const TensorArg ta = tensor_arg("thresh", thresh, {B});
+  const TensorArg ka = tensor_arg("k", k, {B, -1, N, -1});
+  const int64_t H = ka.size(1), d = ka.size(3);
+  const TensorArg va = tensor_arg("v", v, {B, H, N, d});
+  const TensorArg oa = tensor_arg("out", out, {B, H, N, d});
+  const TensorArg lma = tensor_arg("lse_mask", lse_mask, {B, H, N});
+  const TensorArg lka = tensor_arg("lse_kk", lse_kk, {B, H, N});
+  require_contiguous("rnorm", ra);
+  require_contiguous("thresh", ta);
+  require_contiguous("lse_mask", lma);
+  require_contiguous("lse_kk", lka);
+  check_head_dim(d);
+  check_scale(scale);
+  if (!std::isfinite(gamma) || gamma <= 0)
+    throw std::invalid_argument("gamma must be finite and > 0, got " + std::to_string(gamma));
+  check_device(device);
+  py::gil_scoped_release release;
+  cu::averaged_dual_softmax_forward(dt, {B, N, C, H, d}, strided(fa), ra.data<const float>(), ta.data<const float>(),
+                                    strided(ka), strided(va), strided(oa), lma.data<float>(), lka.data<float>(),
+                                    static_cast<float>(scale), static_cast<float>(gamma), allow_tf32, device, stream);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C_cuda, m) {
@@ -266,4 +320,17 @@ PYBIND11_MODULE(_C_cuda, m) {
         ("out [B,H,n,d] = softmax(gamma S, S < thresh masked off the diagonal) v, S the cosines of the rows "
          "of f [B,n,C]; rnorm [B,n] and thresh [B]: float32 from the first pass. float32 needs allow_tf32." +
          tensors).c_str());
+  m.def("similarity_aggregation_forward", &similarity_aggregation_forward, py::arg("dtype"), py::arg("f"),
+        py::arg("rnorm"), py::arg("x"), py::arg("out"), py::arg("rowsum"), py::arg("threshold"),
+        py::arg("allow_tf32"), py::arg("device"), py::arg("stream"),
+        ("out [B,N,D] = W x / (rowsum(W) + 1e-6), W = S [S >= threshold], S the cosines of the rows of f [B,N,C]; "
+         "rnorm [B,N]: float32 from the first pass; writes rowsum [B,N] (float32). float32 needs allow_tf32." +
+         tensors).c_str());
+  m.def("averaged_dual_softmax_forward", &averaged_dual_softmax_forward, py::arg("dtype"), py::arg("f"),
+        py::arg("rnorm"), py::arg("thresh"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse_mask"),
+        py::arg("lse_kk"), py::arg("scale"), py::arg("gamma"), py::arg("allow_tf32"), py::arg("device"),
+        py::arg("stream"),
+        ("out [B,H,N,d] = ((softmax(gamma (S - thresh), < 0 masked off the diagonal) + softmax(scale k k^T)) / 2) v; "
+         "rnorm [B,N] and thresh [B] = beta mean(S): float32 from the first pass; writes both row lse [B,H,N] "
+         "(float32). float32 needs allow_tf32." + tensors).c_str());
 }

@@ -80,6 +80,33 @@ void masked_affinity_forward(DType dtype, const AffinityShape& s, Strided f, con
                              const float* thresh, Strided v, Strided out, float gamma, bool allow_tf32,
                              int device, std::uintptr_t stream);
 
+// ---- SC-CLIP's similarity ops (similarity_attention.cu), forward only ------------------------------
+
+struct AggregationShape {
+  int64_t B, N, C, D;  // f [B, N, C], x and out [B, N, D]
+};
+
+struct DualSoftmaxShape {
+  int64_t B, N, C, H, d;  // f [B, N, C], k, v and out [B, H, N, d]
+};
+
+// out = W x / (rowsum(W) + 1e-6), W = S [S >= threshold], S the cosines of the rows of f[b];
+// rnorm [B, N] = 1 / max(|f_i|, eps) (float32 on the device, contiguous) from a first pass; writes
+// rowsum(W) into rowsum [B, N] (float32, contiguous). dtypes as self_correlation_forward; S is
+// float32-accurate in every dtype (3xTF32 for float32).
+void similarity_aggregation_forward(DType dtype, const AggregationShape& s, Strided f, const float* rnorm,
+                                    Strided x, Strided out, float* rowsum, float threshold, bool allow_tf32,
+                                    int device, std::uintptr_t stream);
+
+// out = ((softmax(A) + softmax(scale k k^T)) / 2) v per head, A = gamma (S - thresh[b]) with the
+// entries A < 0 masked off the diagonal; rnorm [B, N] and thresh [B] = beta mean(S) from a first
+// pass; writes both row log-sum-exps into lse_mask, lse_kk [B, H, N] (float32, contiguous). d = 32,
+// 64 or 128; dtypes as similarity_aggregation_forward.
+void averaged_dual_softmax_forward(DType dtype, const DualSoftmaxShape& s, Strided f, const float* rnorm,
+                                   const float* thresh, Strided k, Strided v, Strided out, float* lse_mask,
+                                   float* lse_kk, float scale, float gamma, bool allow_tf32, int device,
+                                   std::uintptr_t stream);
+
 // Number of CUDA devices; throws std::runtime_error when the driver cannot be used.
 int cuda_device_count();
 

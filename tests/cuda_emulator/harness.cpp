@@ -11,6 +11,7 @@
 #include "baseline_fwd.cuh"
 #include "flash_dispatch.h"
 #include "logits_gemm.cuh"
+#include "similarity_fwd.cuh"
 
 namespace flash = armfast::cuda::flash;
 using armfast::cuda::AttentionShape;
@@ -254,6 +255,44 @@ const char* emu_masked_affinity_forward(int dtype, const int64_t* shape, void* f
       armfast::cuda::baseline::masked_affinity<decltype(tag)>(s, strided(f, sf, 3), rnorm, thresh,
                                                               strided(v, sv, 4), strided(out, so, 4), gamma, dev,
                                                               launch);
+    });
+    g_log = launch.log;
+  });
+}
+
+// SC-CLIP's similarity ops (similarity_fwd.cuh) through the same host code as armfast._C_cuda.
+// shape = {B, N, C, D}; rnorm [B, N] float32 contiguous; rowsum [B, N] float32, written.
+const char* emu_similarity_aggregation_forward(int dtype, const int64_t* shape, void* f, const int64_t* sf,
+                                               const float* rnorm, void* x, const int64_t* sx, void* out,
+                                               const int64_t* so, float* rowsum, float threshold, int64_t smem,
+                                               int sms) {
+  return guarded([&] {
+    const armfast::cuda::AggregationShape s{shape[0], shape[1], shape[2], shape[3]};
+    const armfast::cuda::DeviceLimits dev{0, static_cast<size_t>(smem), false, sms};
+    EmuLauncher launch{dev, {}};
+    with_dtype(dtype, [&](auto tag) {
+      armfast::cuda::similarity::similarity_aggregation<decltype(tag)>(
+          s, strided(f, sf, 3), rnorm, strided(x, sx, 3), strided(out, so, 3), rowsum, threshold, dev, launch);
+    });
+    g_log = launch.log;
+  });
+}
+
+// shape = {B, N, C, H, d}; rnorm [B, N], thresh [B] float32 contiguous; lse_mask, lse_kk [B, H, N]
+// float32, written.
+const char* emu_averaged_dual_softmax_forward(int dtype, const int64_t* shape, void* f, const int64_t* sf,
+                                              const float* rnorm, const float* thresh, void* k, const int64_t* sk,
+                                              void* v, const int64_t* sv, void* out, const int64_t* so,
+                                              float* lse_mask, float* lse_kk, float scale, float gamma,
+                                              int64_t smem, int sms) {
+  return guarded([&] {
+    const armfast::cuda::DualSoftmaxShape s{shape[0], shape[1], shape[2], shape[3], shape[4]};
+    const armfast::cuda::DeviceLimits dev{0, static_cast<size_t>(smem), false, sms};
+    EmuLauncher launch{dev, {}};
+    with_dtype(dtype, [&](auto tag) {
+      armfast::cuda::similarity::averaged_dual_softmax<decltype(tag)>(
+          s, strided(f, sf, 3), rnorm, thresh, strided(k, sk, 4), strided(v, sv, 4), strided(out, so, 4), lse_mask,
+          lse_kk, scale, gamma, dev, launch);
     });
     g_log = launch.log;
   });

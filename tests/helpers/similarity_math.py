@@ -68,16 +68,20 @@ def threshold_between(S, target, *, minimum=0.0):
 
 def near_threshold_aggregation(B, N, C, *, dtype=torch.float32, generator=None):
     """(f, threshold): features and a threshold near 0.4 with cosines within a few 1e-4 of it on
-    both sides (computed from f as rounded to `dtype`)."""
+    both sides (computed from f as rounded to `dtype`); 0.4 when N < 3 (too few cosines)."""
     f = features(B, N, C, dtype=dtype, generator=generator)
+    if N < 3:
+        return f, 0.4
     threshold, _ = threshold_between(cosines_f64(f), 0.4)
     return f, threshold
 
 
 def near_threshold_dual(B, N, C, *, dtype=torch.float32, generator=None):
     """(f, beta): one image's features B times (so every image has the same mean(S)) and a beta
-    putting beta * mean(S) between two close cosines."""
+    putting beta * mean(S) between two close cosines; 1 when N < 3."""
     f = features(1, N, C, dtype=dtype, generator=generator).expand(B, N, C).contiguous()
+    if N < 3:
+        return f, 1.0
     S = cosines_f64(f[:1])
     threshold, _ = threshold_between(S, float(S.mean()) * 1.1)
     return f, threshold / float(S.mean())
