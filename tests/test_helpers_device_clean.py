@@ -15,7 +15,7 @@ import inspect
 import pytest
 import torch
 
-from helpers import baseline_math
+from helpers import baseline_math, similarity_math
 from helpers import tensors
 
 fake_tensor = pytest.importorskip("torch._subclasses.fake_tensor")
@@ -46,6 +46,11 @@ CALLS = {
     "patch_text_logits_f64": lambda: tensors.patch_text_logits_f64(
         torch.randn(1, 5, 8, device=CUDA), torch.randn(3, 8, device=CUDA),
         torch.tensor(2.0, device=CUDA)),
+    "cosines_f64": lambda: similarity_math.cosines_f64(_affinity()[0]),
+    "similarity_aggregation_f64": lambda: similarity_math.similarity_aggregation_f64(
+        _affinity()[0], torch.randn(1, 12, 5, device=CUDA)),
+    "averaged_dual_softmax_f64": lambda: similarity_math.averaged_dual_softmax_f64(
+        _affinity()[0], *_qkv(N=12)[:2]),
 }
 
 
@@ -64,7 +69,8 @@ def _public_functions(module) -> set[str]:
 
 def test_every_shared_helper_is_checked():
     helpers = _public_functions(baseline_math) | {
-        name for name in _public_functions(tensors) if name.endswith("_f64") or name == "make_qkv"}
+        name for name in _public_functions(tensors) if name.endswith("_f64") or name == "make_qkv"} | {
+        name for name in _public_functions(similarity_math) if name.endswith("_f64")}
     assert helpers - set(CALLS) - set(DATA_BUILDERS) == set(), "add these helpers to CALLS"
 
 

@@ -32,7 +32,7 @@ def baseline_kernels(dtype: torch.dtype, d: int) -> None:
     # SC-CLIP's similarity ops at 785 tokens: aggregation of 768-wide features, the dual softmax
     f, x = torch.randn(2, 785, 768, dtype=dtype), torch.randn(2, 785, 768, dtype=dtype)
     _triton.similarity.similarity_aggregation_forward(f, x, 0.4, torch.empty_like(x))
-    _triton.similarity.averaged_dual_softmax_forward(f, k, v, d ** -0.5, 3.0, 1.0, out)
+    _triton.similarity.averaged_dual_softmax_forward(f, k, v, d ** -0.5, 1.0, 3.0, out)
 
 
 def main(argv=None) -> int:

@@ -1,12 +1,14 @@
 """The Triton kernels of SC-CLIP's similarity ops (kernels/similarity_attention.py) through their
-launchers, against float64 formulas: awkward lengths, strided inputs, thresholds placed between two
-cosines a few 1e-5 apart. Without a GPU they run under the interpreter (float32, float64); half
+launchers (outputs and saved statistics) and through the op layer (backend="triton", gradients,
+torch.compile), against float64 formulas: awkward lengths, strided inputs, thresholds placed between
+two cosines a few 1e-5 apart. Without a GPU they run under the interpreter (float32, float64); half
 precision is marked gpu. Everything is made on DEVICE: the same tests run on a GPU."""
 from __future__ import annotations
 
 import pytest
 import torch
 
+from armfast import ops
 from helpers.internals import triton_backend
 from helpers.similarity_math import (averaged_dual_softmax_f64, cosines_f64, count_near, features,
                                      near_threshold_aggregation, near_threshold_dual,
@@ -32,7 +34,7 @@ def aggregation(f, x, threshold):
 def dual(f, k, v, scale=None, gamma=3.0, beta=1.0):
     out = torch.full(v.shape, float("nan"), dtype=v.dtype, device=v.device)
     scale = k.shape[-1] ** -0.5 if scale is None else scale
-    lse = _launchers().averaged_dual_softmax_forward(f, k, v, scale, gamma, beta, out)
+    lse = _launchers().averaged_dual_softmax_forward(f, k, v, scale, beta, gamma, out)
     return out, lse
 
 
@@ -115,3 +117,53 @@ def test_half_precision_on_gpu(dtype):
     k, v = (values((2, 12, 197, 64), dtype=dtype, generator=g).to(DEVICE) for _ in range(2))
     out, _ = dual(f, k, v, beta=beta)
     assert_close(out, averaged_dual_softmax_f64(f, k, v, beta=beta), **TOL[dtype], name="dual")
+
+
+# ---- through the op layer: ops.<op>(..., backend="triton"), its gradients and torch.compile -----
+
+def _op_inputs(dtype=torch.float32, seed=21):
+    g = torch.Generator().manual_seed(seed)
+    f, threshold = near_threshold_aggregation(2, 45, 16, dtype=dtype, generator=g)
+    x = values((2, 45, 24), dtype=dtype, strided=True, generator=g)
+    fd, beta = near_threshold_dual(2, 45, 16, dtype=dtype, generator=g)
+    k, v = (values((2, 2, 45, 32), dtype=dtype, generator=g) for _ in range(2))
+    return [t.to(DEVICE) for t in (f, x, fd, k, v)], threshold, beta
+
+
+def test_ops_run_on_triton_and_match_float64():
+    (f, x, fd, k, v), threshold, beta = _op_inputs()
+    assert ops.explain(ops.similarity_aggregation, f, x, threshold=threshold,
+                       backend="triton").backend == "triton"
+    got = ops.similarity_aggregation(f, x, threshold=threshold, backend="triton")
+    assert_close(got, similarity_aggregation_f64(f, x, threshold), **TOL[torch.float32],
+                 name="similarity_aggregation")
+    got = ops.averaged_dual_softmax(fd, k, v, beta=beta, scale=0.2, backend="triton")
+    assert_close(got, averaged_dual_softmax_f64(fd, k, v, scale=0.2, beta=beta),
+                 **TOL[torch.float32], name="averaged_dual_softmax")
+
+
+def test_ops_gradients_recompute_the_reference():
+    (f, x, fd, k, v), threshold, beta = _op_inputs(seed=22)
+    x, k, v = (t.detach().requires_grad_() for t in (x, k, v))
+    out = ops.similarity_aggregation(f, x, threshold=threshold, backend="triton")
+    dual_out = ops.averaged_dual_softmax(fd, k, v, beta=beta, backend="triton")
+    (out.square().sum() + dual_out.square().sum()).backward()
+    xr, kr, vr = (t.detach().double().requires_grad_() for t in (x, k, v))
+    (similarity_aggregation_f64(f, xr, threshold).square().sum()
+     + averaged_dual_softmax_f64(fd, kr, vr, beta=beta).square().sum()).backward()
+    for name, got, want in (("dx", x.grad, xr.grad), ("dk", k.grad, kr.grad), ("dv", v.grad, vr.grad)):
+        assert_close(got, want, atol=1e-4, rtol=1e-3, name=name)
+
+
+def test_ops_compile_fullgraph_on_triton():
+    (f, x, fd, k, v), threshold, beta = _op_inputs(seed=23)
+
+    def fn(f, x, fd, k, v):
+        return (ops.similarity_aggregation(f, x, threshold=threshold, backend="triton"),
+                ops.averaged_dual_softmax(fd, k, v, beta=beta, backend="triton"))
+
+    torch._dynamo.reset()
+    got = torch.compile(fn, backend="aot_eager", fullgraph=True)(f, x, fd, k, v)
+    want = fn(f, x, fd, k, v)
+    for a, b in zip(got, want):
+        assert_close(a, b, atol=0, rtol=0, name="compiled")

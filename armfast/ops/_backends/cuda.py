@@ -9,9 +9,11 @@ are picked per call from the GPU's shared memory and SM count; ARMFAST_CUDA_MAX_
 (bytes) lowers the shared-memory limit, e.g. to run the small-memory tiles on any GPU.
 
 The baseline attentions (self_correlation, self_correlation_sum, gaussian_self_correlation,
-masked_affinity_attention) are forward kernels (their gradients recompute the reference math),
-on tensor cores for float16/bfloat16 and, when torch allows TF32, float32 (at precision
-'highest' this backend refuses float32 for them).
+masked_affinity_attention) and SC-CLIP's ops (similarity_aggregation, averaged_dual_softmax) are
+forward kernels (their gradients recompute the reference math), on tensor cores for
+float16/bfloat16 and, when torch allows TF32, float32 (at precision 'highest' this backend refuses
+float32 for them). SC-CLIP's cosine similarities, which decide masks, are float32-accurate in every
+dtype (3xTF32 for float32).
 """
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ from torch import Tensor
 from .._library import affinity_first_pass, empty
 from .._limits import DTYPE_NAMES, Limits
 from .._registry import fused_backend
-from .._specs import GAUSSIAN_SELF_CORRELATION, MASKED_AFFINITY, SELF_CORRELATION, SELF_CORRELATION_SUM
+from .._specs import (AVERAGED_DUAL_SOFTMAX, GAUSSIAN_SELF_CORRELATION, MASKED_AFFINITY,
+                      SELF_CORRELATION, SELF_CORRELATION_SUM, SIMILARITY_AGGREGATION)
 from ._extension import arg, load, module
 
 LIMITS = Limits({"cuda": (torch.float16, torch.bfloat16, torch.float32)}, head_dims=(32, 64, 128))
@@ -203,6 +206,30 @@ def cuda_masked_affinity_forward(f: Tensor, v: Tensor, beta: float, gamma: float
         _allow_tf32(f.dtype), *_launch(f))
 
 
+def cuda_similarity_aggregation_forward(f: Tensor, x: Tensor, threshold: float, out: Tensor) -> Tensor:
+    """Writes W x / (rowsum(W) + 1e-6) into `out`; returns the saved statistic rowsum(W) [B, N]."""
+    _tf32_only("similarity_aggregation", f.dtype)
+    rnorm, _ = affinity_first_pass(f, 0.0)
+    rowsum = empty(f.shape[:2], torch.float32, f.device)
+    module("_C_cuda").similarity_aggregation_forward(
+        DTYPE_NAMES[f.dtype], arg(f), arg(rnorm), arg(x), arg(out), arg(rowsum), float(threshold),
+        _allow_tf32(f.dtype), *_launch(f))
+    return rowsum
+
+
+def cuda_averaged_dual_softmax_forward(f: Tensor, k: Tensor, v: Tensor, scale: float, beta: float,
+                                       gamma: float, out: Tensor) -> tuple[Tensor, Tensor]:
+    """Writes ((P_mask + softmax(scale k k^T)) / 2) v into `out`; returns the saved statistics,
+    both softmaxes' row lse [B, H, N]."""
+    _tf32_only("averaged_dual_softmax", f.dtype)
+    rnorm, thresh = affinity_first_pass(f, beta)
+    lse_mask, lse_kk = (empty(k.shape[:3], torch.float32, k.device) for _ in range(2))
+    module("_C_cuda").averaged_dual_softmax_forward(
+        DTYPE_NAMES[f.dtype], arg(f), arg(rnorm), arg(thresh), arg(k), arg(v), arg(out),
+        arg(lse_mask), arg(lse_kk), float(scale), float(gamma), _allow_tf32(f.dtype), *_launch(f))
+    return lse_mask, lse_kk
+
+
 BACKEND = fused_backend(
     "cuda", LIMITS, runtime_check=runtime_check, device_types="cuda",
     attention=(cuda_attention_forward, cuda_attention_backward),
@@ -210,4 +237,6 @@ BACKEND = fused_backend(
     baselines={SELF_CORRELATION: cuda_self_correlation_forward,
                SELF_CORRELATION_SUM: cuda_self_correlation_sum_forward,
                GAUSSIAN_SELF_CORRELATION: cuda_gaussian_self_correlation_forward,
-               MASKED_AFFINITY: cuda_masked_affinity_forward})
+               MASKED_AFFINITY: cuda_masked_affinity_forward,
+               SIMILARITY_AGGREGATION: cuda_similarity_aggregation_forward,
+               AVERAGED_DUAL_SOFTMAX: cuda_averaged_dual_softmax_forward})

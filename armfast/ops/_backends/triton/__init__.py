@@ -1,5 +1,5 @@
 """`triton` backend: the Triton kernels of `armfast.kernels` (flash attention, fused cosine
-logits, the baseline attentions), launched by one module per op family: `attention`,
+logits, the baseline attentions, SC-CLIP's similarity ops), launched by one module per op family: `attention`,
 `patch_text_logits`, `baselines`, `similarity`; `_launch` holds what they share.
 
 The launchers allocate outputs, compute launch grids and call the kernels; the public ops have
@@ -13,8 +13,8 @@ import torch
 
 from ..._limits import Limits
 from ..._registry import fused_backend
-from ..._specs import (GAUSSIAN_SELF_CORRELATION, MASKED_AFFINITY, SELF_CORRELATION,
-                       SELF_CORRELATION_SUM)
+from ..._specs import (AVERAGED_DUAL_SOFTMAX, GAUSSIAN_SELF_CORRELATION, MASKED_AFFINITY,
+                       SELF_CORRELATION, SELF_CORRELATION_SUM, SIMILARITY_AGGREGATION)
 from . import attention, baselines, patch_text_logits, similarity
 from ._launch import interpret_mode
 
@@ -57,4 +57,6 @@ BACKEND = fused_backend(
     baselines={SELF_CORRELATION: baselines.self_correlation_forward,
                SELF_CORRELATION_SUM: baselines.self_correlation_sum_forward,
                GAUSSIAN_SELF_CORRELATION: baselines.gaussian_self_correlation_forward,
-               MASKED_AFFINITY: baselines.masked_affinity_forward})
+               MASKED_AFFINITY: baselines.masked_affinity_forward,
+               SIMILARITY_AGGREGATION: similarity.similarity_aggregation_forward,
+               AVERAGED_DUAL_SOFTMAX: similarity.averaged_dual_softmax_forward})

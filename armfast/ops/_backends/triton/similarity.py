@@ -50,8 +50,8 @@ def _launch_aggregation(f, rnorm, x, out, rowsum, threshold, launch, warmup=Fals
 
 
 def similarity_aggregation_forward(f: Tensor, x: Tensor, threshold: float, out: Tensor) -> Tensor:
-    """Writes W x / (rowsum(W) + 1e-6) into `out` [B, N, D] (any strides); returns rowsum(W)
-    [B, N] (float32; float64 for float64 features)."""
+    """Writes W x / (rowsum(W) + 1e-6) into `out` [B, N, D] (any strides); returns the saved
+    statistic rowsum(W) [B, N] (float32; float64 for float64 features), which the op drops."""
     ks, common, bucket = kernels(), shared().common, shared().tuning.bucket
     B, N, C = f.shape
     rnorm, _ = affinity_first_pass(f, 0.0)
@@ -82,10 +82,11 @@ def _launch_dual(f, rnorm, thresh, k, v, out, lse_mask, lse_kk, scale, gamma, la
         **launch.kwargs)
 
 
-def averaged_dual_softmax_forward(f: Tensor, k: Tensor, v: Tensor, scale: float, gamma: float,
-                                  beta: float, out: Tensor) -> tuple[Tensor, Tensor]:
+def averaged_dual_softmax_forward(f: Tensor, k: Tensor, v: Tensor, scale: float, beta: float,
+                                  gamma: float, out: Tensor) -> tuple[Tensor, Tensor]:
     """Writes ((P_mask + softmax(scale k k^T)) / 2) v into `out` [B, H, N, d] (any strides);
-    returns the two softmaxes' row log-sum-exps [B, H, N] (P_mask's, then k-k's)."""
+    returns the saved statistics, the two softmaxes' row log-sum-exps [B, H, N] (P_mask's, then
+    k-k's), which the op drops."""
     ks, common, bucket = kernels(), shared().common, shared().tuning.bucket
     B, H, N, d = k.shape
     rnorm, thresh = affinity_first_pass(f, beta)
