@@ -104,6 +104,27 @@ def test_dual_softmax_near_threshold_and_parameters(dtype):
                  **TOL[dtype], name=str(dtype))
 
 
+def test_tf32_matmuls_keep_the_decisions_in_float32():
+    """With TF32 allowed for float32 matmuls, S still decides in float32 (3xTF32 on a GPU): the
+    near-threshold cases agree with float64 (the products with x and v may use TF32)."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        g = torch.Generator().manual_seed(14)
+        f, threshold = near_threshold_aggregation(2, 97, 64, generator=g)
+        x = values((2, 97, 33), generator=g)
+        fd, beta = near_threshold_dual(2, 97, 64, generator=g)
+        k, v = (values((2, 2, 97, 32), generator=g) for _ in range(2))
+        f, x, fd, k, v = (t.to(DEVICE) for t in (f, x, fd, k, v))
+        out, _ = aggregation(f, x, threshold)
+        tol = dict(atol=3e-3, rtol=3e-3)  # TF32 products with x and v on a GPU
+        assert_close(out, similarity_aggregation_f64(f, x, threshold), **tol, name="aggregation")
+        out, _ = dual(fd, k, v, beta=beta)
+        assert_close(out, averaged_dual_softmax_f64(fd, k, v, beta=beta), **tol, name="dual")
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
 @pytest.mark.parametrize("dtype", HALF)
 def test_half_precision_on_gpu(dtype):
     g = torch.Generator().manual_seed(13)
