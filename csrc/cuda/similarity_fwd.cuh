@@ -92,11 +92,26 @@ __device__ __forceinline__ void load_features(T* dst, int ldf, const T* src, int
   }
 }
 
-// s = F_q F_k^T for the warp's rows (query rows q0.., key rows k0.., both of image fb), over C in
-// CK chunks staged in fq / fk (each COPIES x [rows][LDF]). Leaves the block synchronised.
+// The inverse row norms of the lane's two rows per m16 tile (0 past N).
+template <int MT>
+__device__ __forceinline__ void query_rnorms(float (&rq)[MT][2], const float* rn, int row0, int n) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = row0 + 16 * mt + mma::c_row(lane, 2 * half);
+      rq[mt][half] = row < n ? rn[row] : 0.0f;
+    }
+}
+
+// s = S of the warp's rows (query rows q0.., key rows k0.. of image fb; 0 for keys past N): the
+// dot products F_q F_k^T over C in CK chunks staged in fq / fk (each COPIES x [rows][LDF]), times
+// the inverse row norms rq (the lane's rows) and rn (the image's). Leaves the block synchronised.
 template <class FT, typename T, int MT, int NT, int THREADS>
-__device__ __forceinline__ void feature_dots(float (&s)[MT][NT][4], const Params& prm, const T* fb, T* fq, T* fk,
-                                             int q0, int nq, int k0, int nk, int wrow) {
+__device__ __forceinline__ void cosines(float (&s)[MT][NT][4], const Params& prm, const T* fb, T* fq, T* fk,
+                                        const float (&rq)[MT][2], const float* rn, int q0, int nq, int k0, int nk,
+                                        int wrow) {
   constexpr int KS = FT::CK / Mma<T>::K, LDF = FT::LDF;
   zero(s);
   for (int c0 = 0; c0 < prm.C; c0 += FT::CK) {
@@ -112,19 +127,16 @@ __device__ __forceinline__ void feature_dots(float (&s)[MT][NT][4], const Params
     }
     __syncthreads();  // before the next chunk overwrites fq, fk
   }
-}
-
-// The inverse row norms of the lane's two rows per m16 tile (0 past N).
-template <int MT>
-__device__ __forceinline__ void query_rnorms(float (&rq)[MT][2], const float* rn, int row0, int n) {
   const int lane = threadIdx.x % 32;
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int row = row0 + 16 * mt + mma::c_row(lane, 2 * half);
-      rq[mt][half] = row < n ? rn[row] : 0.0f;
-    }
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = 8 * nt + mma::c_col(lane, e);
+        s[mt][nt][e] *= rq[mt][e >> 1] * (col < nk ? rn[k0 + col] : 0.0f);
+      }
 }
 
 // ---- thresholded similarity aggregation ---------------------------------------------------------
@@ -172,7 +184,7 @@ __global__ void __launch_bounds__(C::THREADS) similarity_aggregation_fwd_kernel(
   for (int k0 = 0; k0 < n; k0 += BK) {
     const int nk = std::min(BK, n - k0);
     float s[MT][NT][4];
-    feature_dots<typename C::Features, T, MT, NT, THREADS>(s, prm, fb, fq, fk, q0, nq, k0, nk, wrow);
+    cosines<typename C::Features, T, MT, NT, THREADS>(s, prm, fb, fq, fk, rq, rn, q0, nq, k0, nk, wrow);
     load_block<T, BK, DVB, THREADS>(xs, LDV, xb, prm.sv[1], prm.sv[2], k0, nk, col0, prm.D - col0);
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
@@ -180,9 +192,8 @@ __global__ void __launch_bounds__(C::THREADS) similarity_aggregation_fwd_kernel(
       for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int col = k0 + 8 * nt + mma::c_col(lane, e);
-          const float cosine = s[mt][nt][e] * rq[mt][e >> 1] * (col < n ? rn[col] : 0.0f);
-          const float w = col < n && cosine >= prm.threshold ? cosine : 0.0f;  // decided in fp32
+          // W, decided in fp32; keys past N have S = 0, so W = 0 there whatever the threshold
+          const float w = s[mt][nt][e] >= prm.threshold ? s[mt][nt][e] : 0.0f;
           s[mt][nt][e] = w;
           w_sum[mt][e >> 1] += w;
         }
@@ -296,7 +307,7 @@ __global__ void __launch_bounds__(C::THREADS) averaged_dual_softmax_fwd_kernel(c
     flash::load_rows<T, BK, D, THREADS>(vs, LD, vg, prm.sv[2], prm.sv[3], k0, nk, prm.vec_v);
     cp_async_commit();
     float s[MT][NT][4];
-    feature_dots<typename C::Features, T, MT, NT, THREADS>(s, prm, fb, fq, fk, q0, nq, k0, nk, wrow);
+    cosines<typename C::Features, T, MT, NT, THREADS>(s, prm, fb, fq, fk, rq, rn, q0, nq, k0, nk, wrow);
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -304,8 +315,7 @@ __global__ void __launch_bounds__(C::THREADS) averaged_dual_softmax_fwd_kernel(c
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int row = q0 + wrow + 16 * mt + mma::c_row(lane, e), col = k0 + 8 * nt + mma::c_col(lane, e);
-          const float cosine = s[mt][nt][e] * rq[mt][e >> 1] * (col < n ? rn[col] : 0.0f);
-          const float a = prm.gamma * (cosine - thresh);  // decided in fp32; the diagonal always stays
+          const float a = prm.gamma * (s[mt][nt][e] - thresh);  // decided in fp32; the diagonal always stays
           s[mt][nt][e] = col < n && (a >= 0.0f || row == col) ? a : -INFINITY;
         }
     cp_async_wait<0>();
