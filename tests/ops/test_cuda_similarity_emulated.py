@@ -1,7 +1,7 @@
 """The CUDA kernels of SC-CLIP's similarity ops (csrc/cuda/similarity_fwd.cuh) without a GPU: run by
 the host emulator of tests/cuda_emulator through the same host code as armfast._C_cuda, against
 float64 formulas, with inputs as strided views inside NaN-filled buffers and outputs inside
-sentinel-filled ones; thresholds placed between two cosines a few 1e-5 apart, so a decision taken
+sentinel-filled ones, threads also scheduled in reverse order; thresholds placed between two cosines a few 1e-5 apart, so a decision taken
 in less than float32 (one TF32 product) fails. Needs a C++ compiler and the CUDA headers."""
 from __future__ import annotations
 
@@ -36,16 +36,19 @@ class SimilarityEmulator(Emulator):
     def _f32(t):
         return ctypes.cast(t.data_ptr(), ctypes.POINTER(ctypes.c_float))
 
-    def aggregation(self, f, rnorm, x, out, rowsum, threshold, *, smem, sms):
+    def aggregation(self, f, rnorm, x, out, rowsum, threshold, *, smem, sms, reverse=False):
         self._register(f, rnorm, x, out, rowsum)
+        self.lib.emu_set_reverse_schedule(int(reverse))
         B, N, C = f.shape
         self._check(self.lib.emu_similarity_aggregation_forward(
             DTYPE_CODE[f.dtype], self._i64((B, N, C, x.shape[2])), *self._args(f), self._f32(rnorm),
             *self._args(x, out), self._f32(rowsum), ctypes.c_float(threshold), ctypes.c_int64(smem),
             ctypes.c_int(sms)))
 
-    def dual(self, f, rnorm, thresh, k, v, out, lse_mask, lse_kk, scale, gamma, *, smem, sms):
+    def dual(self, f, rnorm, thresh, k, v, out, lse_mask, lse_kk, scale, gamma, *, smem, sms,
+             reverse=False):
         self._register(f, rnorm, thresh, k, v, out, lse_mask, lse_kk)
+        self.lib.emu_set_reverse_schedule(int(reverse))
         B, N, C = f.shape
         self._check(self.lib.emu_averaged_dual_softmax_forward(
             DTYPE_CODE[f.dtype], self._i64((B, N, C, k.shape[1], k.shape[3])), *self._args(f),
@@ -82,8 +85,9 @@ def _sentinel_out(shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, **DTYPE_IDS)
-@pytest.mark.parametrize("N,C,D", [(70, 80, 200), (1, 16, 24), (37, 48, 128)])
-def test_similarity_aggregation(emu, dtype, N, C, D):
+@pytest.mark.parametrize("N,C,D,reverse", [(70, 80, 200, False), (1, 16, 24, False), (37, 48, 128, False),
+                                           (70, 80, 136, True)])
+def test_similarity_aggregation(emu, dtype, N, C, D, reverse):
     g = torch.Generator().manual_seed(N + C)
     f, threshold = near_threshold_aggregation(2, N, C, dtype=dtype, generator=g)
     x = torch.randn(2, N, D, generator=g, dtype=torch.float64).to(dtype)
@@ -94,7 +98,7 @@ def test_similarity_aggregation(emu, dtype, N, C, D):
     out, ob = _sentinel_out((2, N, D), dtype)
     rowsum = torch.full((2, N), float("nan"))
     rnorm, _ = library.affinity_first_pass(f, 0.0)
-    emu.aggregation(f, rnorm, x, out, rowsum, threshold, **H100)
+    emu.aggregation(f, rnorm, x, out, rowsum, threshold, reverse=reverse, **H100)
     assert untouched_outside(out, ob, SENTINEL)
     S = cosines_f64(f)
     W = S * (S >= threshold)
@@ -110,9 +114,10 @@ def _peer_softmax(scores, v, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, **DTYPE_IDS)
-@pytest.mark.parametrize("N,H,d,layout", [(70, 2, 64, "heads_inner"), (37, 1, 128, "every_other"),
-                                          (33, 3, 32, "contiguous"), (1, 1, 64, "contiguous")])
-def test_averaged_dual_softmax(emu, dtype, N, H, d, layout):
+@pytest.mark.parametrize("N,H,d,layout,reverse", [
+    (70, 2, 64, "heads_inner", False), (37, 1, 128, "every_other", False), (33, 3, 32, "contiguous", False),
+    (1, 1, 64, "contiguous", False), (70, 1, 128, "heads_inner", True)])
+def test_averaged_dual_softmax(emu, dtype, N, H, d, layout, reverse):
     g = torch.Generator().manual_seed(N + d)
     f, beta = near_threshold_dual(2, N, 40, dtype=dtype, generator=g)
     S = cosines_f64(f)
@@ -125,7 +130,7 @@ def test_averaged_dual_softmax(emu, dtype, N, H, d, layout):
     lse_mask, lse_kk = (torch.full((2, H, N), float("nan")) for _ in range(2))
     rnorm, thresh = library.affinity_first_pass(f, beta)
     scale, gamma = d ** -0.5, 2.5
-    emu.dual(f, rnorm, thresh, k, v, out, lse_mask, lse_kk, scale, gamma, **H100)
+    emu.dual(f, rnorm, thresh, k, v, out, lse_mask, lse_kk, scale, gamma, reverse=reverse, **H100)
     assert untouched_outside(out, ob, SENTINEL)
 
     A = gamma * (S - beta * S.mean(dim=(1, 2), keepdim=True))
