@@ -99,7 +99,8 @@ def test_baseline_features_equal_the_reference(name):
 
 @pytest.mark.slow
 def test_kernels_compile_for_hopper():
-    """Every variant (ClearCLIP, SCLIP, NACLIP, ProxyCLIP) compiles to sm_90 code without a GPU."""
+    """Every variant (ClearCLIP, SCLIP, NACLIP, ProxyCLIP, SC-CLIP's two ops) compiles to sm_90 code
+    without a GPU; SC-CLIP's kernels spill nothing."""
     import os
     import subprocess
     import sys
@@ -115,7 +116,13 @@ def test_kernels_compile_for_hopper():
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     rows = [line.split() for line in result.stdout.splitlines() if line.startswith("  ")]
     kernels = {row[0] for row in rows}
-    assert kernels == {"self_corr_fwd", "masked_affinity_fwd"}, result.stdout[-2000:]
-    # every config of the three self-correlation variants and of the affinity kernel, on tensor cores
-    assert len(rows) >= 3 * 4 + 5 and all("mma.sync=1" in line or "wgmma=1" in line
-                                           for line in result.stdout.splitlines() if line.startswith("  "))
+    assert kernels == {"self_corr_fwd", "masked_affinity_fwd", "similarity_aggregation_fwd",
+                       "averaged_dual_softmax_fwd"}, result.stdout[-2000:]
+    # every config of the three self-correlation variants, of the affinity kernel and of SC-CLIP's
+    # two kernels, on tensor cores
+    assert len(rows) >= 3 * 4 + 5 + 4 + 4 and all("mma.sync=1" in line or "wgmma=1" in line
+                                                   for line in result.stdout.splitlines()
+                                                   if line.startswith("  "))
+    sc_clip = [line for line in result.stdout.splitlines()
+               if line.split()[:1] in (["similarity_aggregation_fwd"], ["averaged_dual_softmax_fwd"])]
+    assert sc_clip and all("spill=   0" in line for line in sc_clip), "\n".join(sc_clip)
