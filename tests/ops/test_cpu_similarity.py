@@ -7,6 +7,7 @@ import torch
 
 from armfast import ops
 from helpers.internals import library as _library, registry as _registry
+from helpers.threads import with_threads
 
 pytestmark = pytest.mark.skipif(ops.backend_status("cpu")["cpu"] is not None,
                                 reason=f"cpu backend unavailable: {ops.backend_status('cpu')['cpu']}")
@@ -90,25 +91,18 @@ def test_column_major_features(dtype):
         torch.testing.assert_close(got.double(), w, **TOL[dtype])
 
 
-def _with_threads(threads, fn):
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        return fn()
-    finally:
-        torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
 def test_every_instruction_set_and_thread_count(isa, monkeypatch):
     # The CPU may lack the requested set; the kernel then runs the best one it has. N = 197:
     # three full tiles of 64 and a tail of 5 rows (not a multiple of any micro-tile's rows).
+    # One image on one thread takes the image path (each tile of the symmetric S and k k^T once,
+    # for both row blocks), on two the tile path: the same bits. Three images: the image path.
     monkeypatch.setenv("ARMFAST_CPU_ISA", isa)
-    for dtype in (torch.float32, torch.float64):
-        f, k, v = inputs(2, 197, 72, 2, 32, dtype=dtype, seed=3)
+    for dtype, B in ((torch.float32, 1), (torch.float64, 1), (torch.float32, 3)):
+        f, k, v = inputs(B, 197, 72, 2, 32, dtype=dtype, seed=3)
         threshold, beta = threshold_and_beta(f)
         want = expected(f, k, v, threshold, beta)
-        one, two = (_with_threads(t, lambda: both(f, k, v, threshold, beta)) for t in (1, 2))
+        one, two = (with_threads(t, lambda: both(f, k, v, threshold, beta)) for t in (1, 2))
         for a, b, w in zip(one, two, want):
             assert torch.equal(a, b)  # each task writes its own rows, in a fixed order
             torch.testing.assert_close(a.double(), w, **TOL[dtype])
