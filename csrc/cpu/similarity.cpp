@@ -5,8 +5,9 @@
 // packs the normalised features as [C, kBlockK] key panels (transposed, zero-padded), and for the
 // dual softmax also each head's k^T panels, the values where P V cannot read them in place, and
 // the sums of the normalised features, from which mean(S) = |sum_i fn_i|^2 / N^2 needs no S.
-// Then one task per (image, query tile) walks over the key tiles, computing each tile of S once
-// for every head:
+// Then the query rows walk over the key tiles (one task per (image, query tile), or per image
+// with each tile of the symmetric S computed once for two row blocks: see the drivers below),
+// each tile of S serving every head:
 //
 // similarity_aggregation: W = S where S >= threshold, else 0; acc += W x_tile, rowsum += W; the
 //   output is acc / (rowsum + 1e-6).
