@@ -59,17 +59,16 @@ struct Problem {
   int64_t o_panels, o_kpanels, o_values, image_elems;
   T threshold, scale, gamma;  // aggregation: threshold; dual: scale and gamma
   double beta;
-  T* packed;  // the group's images, image_elems apart
-  T* thresh;  // dual: beta * mean(S) per image of the group
+  T* packed;  // tile path: the group's images, image_elems apart
+  T* thresh;  // tile path, dual: beta * mean(S) per image of the group
 };
 
 // First pass over key tile t of image b: norms, feature panel and its column sums (sums[c],
 // double), and for the dual softmax the k^T panels; the values when they are not read in place.
 template <typename T>
-void pack_tile(const Problem<T>& P, int64_t b, int64_t t, double* sums) {
+void pack_tile(const Problem<T>& P, int64_t b, int64_t t, T* image, double* sums) {
   const SimilarityShape& s = P.s;
   const int64_t k0 = t * kBlockK, nk = min_of(kBlockK, s.N - k0), C = s.C;
-  T* image = P.packed + b * P.image_elems;
   T* rn = image + k0;
   const Slice<T> f = slice(P.f, b, 0);
   double sq[kBlockK] = {};
@@ -100,9 +99,21 @@ void pack_tile(const Problem<T>& P, int64_t b, int64_t t, double* sums) {
   }
 }
 
-// The first pass over a group of images, then each image's beta * mean(S) (dual softmax) from
-// its tiles' sums, added in a fixed order. It moves O(N (C + H d)) elements per image: a small
-// call runs it on one thread rather than wake another.
+// beta * mean(S) of one image from its tiles' sums of normalised features ([tiles, C]), added in
+// a fixed order: mean(S) = |sum_i fn_i|^2 / N^2, with no S.
+template <typename T>
+T mask_threshold(const Problem<T>& P, const double* sums) {
+  double sq = 0;
+  for (int64_t c = 0; c < P.s.C; ++c) {
+    double total = 0;
+    for (int64_t t = 0; t < P.tiles; ++t) total += sums[t * P.s.C + c];
+    sq += total * total;
+  }
+  return static_cast<T>(P.beta * sq / (static_cast<double>(P.s.N) * static_cast<double>(P.s.N)));
+}
+
+// The tile path's first pass over a group of images, then each image's mask threshold. It moves
+// O(N (C + H d)) elements per image: a small call runs it on one thread rather than wake another.
 template <typename T>
 void first_pass(const Problem<T>& P, int max_threads) {
   const int64_t C = P.s.C, tiles = P.tiles, B = P.s.B;
@@ -110,18 +121,19 @@ void first_pass(const Problem<T>& P, int max_threads) {
       max_threads, 4.0 * static_cast<double>(B * P.s.N) * static_cast<double>(C + P.s.H * P.s.d));
   std::vector<double> sums(static_cast<size_t>(B * tiles * C));
 #pragma omp parallel for num_threads(threads) schedule(dynamic) if (threads > 1)
-  for (int64_t bt = 0; bt < B * tiles; ++bt) pack_tile(P, bt / tiles, bt % tiles, sums.data() + bt * C);
-  if (P.k.data == nullptr) return;
-  const double n2 = static_cast<double>(P.s.N) * static_cast<double>(P.s.N);
-  for (int64_t b = 0; b < B; ++b) {
-    double sq = 0;
-    for (int64_t c = 0; c < C; ++c) {
-      double total = 0;
-      for (int64_t t = 0; t < tiles; ++t) total += sums[(b * tiles + t) * C + c];
-      sq += total * total;
-    }
-    P.thresh[b] = static_cast<T>(P.beta * sq / n2);
-  }
+  for (int64_t bt = 0; bt < B * tiles; ++bt)
+    pack_tile(P, bt / tiles, bt % tiles, P.packed + (bt / tiles) * P.image_elems, sums.data() + bt * C);
+  for (int64_t b = 0; P.k.data != nullptr && b < B; ++b)
+    P.thresh[b] = mask_threshold(P, sums.data() + b * tiles * C);
+}
+
+// The image path's first pass, inside the image's task: its operands in `image` (hot in this
+// thread's cache for the products), and its mask threshold.
+template <typename T>
+T pack_image(const Problem<T>& P, int64_t b, T* image) {
+  std::vector<double> sums(static_cast<size_t>(P.tiles * P.s.C));
+  for (int64_t t = 0; t < P.tiles; ++t) pack_tile(P, b, t, image, sums.data() + t * P.s.C);
+  return P.k.data != nullptr ? mask_threshold(P, sums.data()) : T(0);
 }
 
 // One image's packed operands and values, as the tile tasks read them.
@@ -133,8 +145,7 @@ struct Image {
 };
 
 template <typename T>
-Image<T> image_of(const Problem<T>& P, int64_t b) {
-  const T* image = P.packed + b * P.image_elems;
+Image<T> image_of(const Problem<T>& P, int64_t b, const T* image) {
   Image<T> im{image, image + P.o_panels, image + P.o_kpanels, nullptr, 0, 0};
   if (P.v_in_place) {
     im.v = P.v.data + b * P.v.stride[0], im.vh = P.v.stride[1], im.vn = P.v.stride[2];
@@ -216,9 +227,9 @@ void aggregation_write(const Problem<T>* P, int64_t b, int64_t r0, int64_t nr, A
 }
 
 template <typename T>
-int64_t aggregation_workspace(const Problem<T>& P, bool image) {
+int64_t aggregation_workspace(const Problem<T>& P, bool image) {  // the image path packs its own
   const int64_t rows = image ? P.tiles * kBlockQ : kBlockQ;
-  return kBlockQ * P.s.C + 2 * kBlockQ * kBlockK + rows * (P.dv + 1);
+  return (image ? P.image_elems : 0) + kBlockQ * P.s.C + 2 * kBlockQ * kBlockK + rows * (P.dv + 1);
 }
 
 struct AggregationTile {
@@ -230,7 +241,7 @@ struct AggregationTile {
     T* fs = ws;                                  // [BQ, C]   normalised query features
     T* sc = fs + kBlockQ * C;                    // [BQ, BK]  S, then W
     const AggregationRows<T> state{sc + 2 * kBlockQ * kBlockK, sc + 2 * kBlockQ * kBlockK + kBlockQ * dv, dv};
-    const Image<T> im = image_of(*P, b);
+    const Image<T> im = image_of(*P, b, P->packed + b * P->image_elems);
     query_features(P, im, b, q0, nq, rows, fs);
     std::fill(state.acc, state.acc + kBlockQ * (dv + 1), T(0));  // acc and rowsum
     for (int64_t t = 0; t < P->tiles; ++t) {
@@ -247,12 +258,14 @@ struct AggregationImage {
   ARMFAST_INLINE static void run(const Problem<T>* P, int64_t b, int64_t, T* ws) {
     constexpr int64_t R = Isa::R, W = Isa::VBYTES / sizeof(T);
     const int64_t C = P->s.C, N = P->s.N, dv = P->dv, nrows = P->tiles * kBlockQ;
-    T* fs = ws;                          // [BQ, C]        normalised features of rows I
+    T* image = ws;                       // this image's packed operands
+    T* fs = image + P->image_elems;      // [BQ, C]        normalised features of rows I
     T* sc = fs + kBlockQ * C;            // [BQ, BK]       S_IJ, then W_IJ
     T* st = sc + kBlockQ * kBlockK;      // [BK, BQ]       S_JI, then W_JI
     const AggregationRows<T> state{st + kBlockK * kBlockQ, st + kBlockK * kBlockQ + nrows * dv, dv};
     std::fill(state.acc, state.acc + nrows * (dv + 1), T(0));  // acc and rowsum of every row
-    const Image<T> im = image_of(*P, b);
+    pack_image(*P, b, image);
+    const Image<T> im = image_of(*P, b, image);
     for (int64_t I = 0; I < P->tiles; ++I) {
       const int64_t i0 = I * kBlockQ, ni = min_of(kBlockQ, N - i0);
       query_features(P, im, b, i0, ni, round_up(ni, R), fs);
@@ -358,7 +371,7 @@ void dual_write(const Problem<T>* P, int64_t b, int64_t r0, int64_t nr, DualRows
 template <typename T>
 int64_t dual_workspace(const Problem<T>& P, bool image) {
   const int64_t H = P.s.H, rows = image ? P.tiles * kBlockQ : kBlockQ;
-  return kBlockQ * P.s.C + 4 * kBlockQ * kBlockK + H * kBlockQ * P.s.d +
+  return (image ? P.image_elems : 0) + kBlockQ * P.s.C + 4 * kBlockQ * kBlockK + H * kBlockQ * P.s.d +
          DualRows<T>::elems(rows, H, H * P.dv);
 }
 
@@ -373,7 +386,7 @@ struct DualTile {
     T* sk = sm + kBlockQ * kBlockK;      // [BQ, BK]     k k^T of one head, then its p
     T* kq = sk + kBlockQ * kBlockK;      // [H, BQ, d]   each head's k of the query rows
     const DualRows<T> state = DualRows<T>::carve(kq + H * kBlockQ * d, kBlockQ, H, H * P->dv);
-    const Image<T> im = image_of(*P, b);
+    const Image<T> im = image_of(*P, b, P->packed + b * P->image_elems);
     query_features(P, im, b, q0, nq, rows, fs);
     query_keys(P, b, q0, nq, rows, kq);
     state.init(H);
@@ -396,15 +409,16 @@ struct DualImage {
   ARMFAST_INLINE static void run(const Problem<T>* P, int64_t b, int64_t, T* ws) {
     constexpr int64_t R = Isa::R, W = Isa::VBYTES / sizeof(T);
     const int64_t C = P->s.C, N = P->s.N, H = P->s.H, d = P->s.d, nrows = P->tiles * kBlockQ;
-    T* fs = ws;                          // [BQ, C]      normalised features of rows I
+    T* image = ws;                       // this image's packed operands
+    T* fs = image + P->image_elems;      // [BQ, C]      normalised features of rows I
     T* sm = fs + kBlockQ * C;            // [BQ, BK]     S_IJ, then the mask's p of rows I
     T* sk = sm + kBlockQ * kBlockK;      // [BQ, BK]     k_I k_J^T of one head, then its p
     T* smt = sk + kBlockQ * kBlockK;     // [BK, BQ]     S_JI, then the mask's p of rows J
     T* skt = smt + kBlockK * kBlockQ;    // [BK, BQ]     k_J k_I^T, then its p
     T* kq = skt + kBlockK * kBlockQ;     // [H, BQ, d]   each head's k of rows I
     const DualRows<T> state = DualRows<T>::carve(kq + H * kBlockQ * d, nrows, H, H * P->dv);
-    const Image<T> im = image_of(*P, b);
-    const T thresh = P->thresh[b];
+    const T thresh = pack_image(*P, b, image);
+    const Image<T> im = image_of(*P, b, image);
     state.init(H);
     for (int64_t I = 0; I < P->tiles; ++I) {
       const int64_t i0 = I * kBlockQ, ni = min_of(kBlockQ, N - i0), ri = round_up(ni, R);
@@ -430,9 +444,9 @@ struct DualImage {
   }
 };
 
-// Lays out the packed operands, then runs the first pass and the tasks group by group: the image
-// path when the group's images round up to the threads with less than ~15% of a round idle, the
-// tile path otherwise.
+// Lays out the packed operands, then runs the image path when the images round up to the threads
+// with less than ~15% of a round idle (each task packs its own image), else the tile path: images
+// in groups, each group's first pass then its (image, query tile) tasks.
 template <typename T, class Tile, class ImageTask>
 void run(Problem<T>& P, double flops, int threads) {
   const SimilarityShape& s = P.s;
@@ -445,14 +459,21 @@ void run(Problem<T>& P, double flops, int threads) {
   P.o_values = P.o_kpanels + (dual ? P.tiles * s.H * s.d * kBlockK : 0);
   P.image_elems = round_up(P.o_values + (P.v_in_place ? 0 : s.N * s.H * P.dv), kMaxLanes<T>);
   const int nthreads = threads_for(threads, flops);
-  // images in groups within kPackBytes of packed operands, but with enough tasks for the threads
+  const int64_t rounds = (s.B + nthreads - 1) / nthreads;
+  if (20 * rounds * nthreads <= 23 * s.B) {
+    const int64_t ws = dual ? dual_workspace(P, true) : aggregation_workspace(P, true);
+    run_tiles(isa_kernel<ImageTask, const Problem<T>*, int64_t, int64_t, T*>(), P, s.B, 1, 1, ws,
+              nthreads);
+    return;
+  }
+  // groups within kPackBytes of packed operands, but with enough tasks for the threads
   const int64_t image_bytes = P.image_elems * static_cast<int64_t>(sizeof(T));
   const int64_t group = std::min(s.B, std::max({int64_t(1), kPackBytes / image_bytes,
                                                 (8 * nthreads + P.tiles - 1) / P.tiles}));
   std::unique_ptr<T[]> packed(new T[group * P.image_elems]), thresh(new T[group]);
   P.packed = packed.get(), P.thresh = thresh.get();
   auto tile = isa_kernel<Tile, const Problem<T>*, int64_t, int64_t, T*>();
-  auto image = isa_kernel<ImageTask, const Problem<T>*, int64_t, int64_t, T*>();
+  const int64_t ws = dual ? dual_workspace(P, false) : aggregation_workspace(P, false);
   for (int64_t b0 = 0; b0 < s.B; b0 += group) {
     Problem<T> G = P;
     G.s.B = std::min(group, s.B - b0);
@@ -461,14 +482,7 @@ void run(Problem<T>& P, double flops, int threads) {
     G.v.data += b0 * P.v.stride[0];
     G.out.data += b0 * P.out.stride[0];
     first_pass(G, nthreads);
-    const int64_t rounds = (G.s.B + nthreads - 1) / nthreads;
-    if (20 * rounds * nthreads <= 23 * G.s.B) {
-      const int64_t ws = dual ? dual_workspace(G, true) : aggregation_workspace(G, true);
-      run_tiles(image, G, G.s.B, 1, 1, ws, nthreads);
-    } else {
-      const int64_t ws = dual ? dual_workspace(G, false) : aggregation_workspace(G, false);
-      run_tiles(tile, G, G.s.B, s.N, kBlockQ, ws, nthreads);
-    }
+    run_tiles(tile, G, G.s.B, s.N, kBlockQ, ws, nthreads);
   }
 }
 

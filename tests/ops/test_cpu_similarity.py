@@ -108,19 +108,24 @@ def test_every_instruction_set_and_thread_count(isa, monkeypatch):
             torch.testing.assert_close(a.double(), w, **TOL[dtype])
 
 
-def test_images_in_groups_equal_single_images():
-    # 9 key tiles of 1024 features: 2.4 MB of packed features per image, so a batch of 7 runs as
-    # groups of 6 and 1 (16 MiB of packed operands per group); each image must come out as if alone
-    f, k, v = inputs(7, 520, 1024, 2, 8, seed=4)
+def test_paths_and_groups_give_the_same_bits():
+    # 9 key tiles of 2048 features: 4.7 MB of packed features per image. On two threads five
+    # images take the tile path, in groups of 3 and 2 (16 MiB of packed operands per group); on
+    # one thread the image path (each image packed by its own task). Same bits, and each image
+    # as if alone.
+    f, k, v = inputs(5, 520, 2048, 2, 8, seed=4)
     threshold, beta = threshold_and_beta(f)
-    batch = both(f, k, v, threshold, beta)
-    for b in range(7):
-        single = both(f[b:b + 1], k[b:b + 1], v[b:b + 1], threshold, beta)
-        for got, alone in zip(batch, single):
+    tiles = with_threads(2, lambda: both(f, k, v, threshold, beta))
+    images = with_threads(1, lambda: both(f, k, v, threshold, beta))
+    for b in (0, 4):
+        single = with_threads(2, lambda: both(f[b:b + 1], k[b:b + 1], v[b:b + 1], threshold, beta))
+        for got, alone in zip(tiles, single):
             assert torch.equal(got[b:b + 1], alone), b
+    for a, b in zip(tiles, images):
+        assert torch.equal(a, b)
     sdpa = (ops.similarity_aggregation(f, v[:, 0], threshold=threshold, backend="sdpa"),
             ops.averaged_dual_softmax(f, k, v, beta=beta, backend="sdpa"))
-    for got, want in zip(batch, sdpa):
+    for got, want in zip(tiles, sdpa):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
