@@ -1,36 +1,18 @@
-"""Independent float64 formulas of SC-CLIP's similarity ops (`similarity_aggregation`,
-`averaged_dual_softmax`) and inputs with entries near their thresholds, shared by the Triton and
-CUDA tests. Everything is computed on the inputs' device."""
+"""Inputs of SC-CLIP's similarity ops (`similarity_aggregation`, `averaged_dual_softmax`) with
+cosines a hair either side of their thresholds, for the Triton and CUDA kernel tests: the
+threshold sits between two neighbouring cosines at least 2 MARGIN apart, so any decision taken in
+less than float32 (one TF32 product: S off by ~1e-3) flips some of them, and float32 flips none.
+The builders return CPU tensors (the tests move them); the float64 formulas are in
+`helpers.sc_clip_math`."""
 from __future__ import annotations
 
 import torch
 
+from helpers.sc_clip_math import cosines_f64
+
 # an entry at least this far from the threshold decides alike in float32 and float64 (float32
 # cosines of normalised features are off by ~1e-7)
 MARGIN = 1e-5
-
-
-def cosines_f64(f):
-    f = f.double()
-    fn = f / f.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    return fn @ fn.transpose(-1, -2)
-
-
-def similarity_aggregation_f64(f, x, threshold=0.4):
-    S = cosines_f64(f)
-    W = S * (S >= threshold)
-    return (W @ x.double()) / (W.sum(-1, keepdim=True) + 1e-6)
-
-
-def averaged_dual_softmax_f64(f, k, v, scale=None, gamma=3.0, beta=1.0):
-    k, v = k.double(), v.double()
-    scale = k.shape[-1] ** -0.5 if scale is None else scale
-    S = cosines_f64(f)
-    A = gamma * (S - beta * S.mean(dim=(1, 2), keepdim=True))
-    off_diagonal = ~torch.eye(S.shape[-1], dtype=torch.bool, device=S.device)
-    p_mask = torch.softmax(A.masked_fill((A < 0) & off_diagonal, float("-inf")), -1)
-    p_kk = torch.softmax(scale * k @ k.transpose(-1, -2), -1)
-    return ((p_mask.unsqueeze(1) + p_kk) / 2) @ v
 
 
 def features(B, N, C, *, dtype=torch.float32, strided=False, generator=None):

@@ -13,9 +13,9 @@ import torch
 from helpers.emulator import (DTYPE_CODE, DTYPE_IDS, DTYPES, H100, SENTINEL, Emulator,
                               assert_close_to_truth, build_emulator, guarded, untouched_outside)
 from helpers.internals import library
-from helpers.similarity_math import (averaged_dual_softmax_f64, cosines_f64, count_near,
-                                     near_threshold_aggregation, near_threshold_dual,
-                                     similarity_aggregation_f64)
+from helpers.sc_clip_math import (alternating_values, cosines_f64, dual_softmax_f64,
+                                  near_threshold_features, similarity_f64)
+from helpers.similarity_math import count_near, near_threshold_aggregation, near_threshold_dual
 
 NAME = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32 (tf32)"}
 
@@ -104,7 +104,7 @@ def test_similarity_aggregation(emu, dtype, N, C, D, reverse):
     W = S * (S >= threshold)
     # PyTorch with the kernel's roundings: W in dtype for the product with x
     peer = (W.float().to(dtype).float() @ x.float()) / (W.float().sum(-1, keepdim=True) + 1e-6)
-    assert_close_to_truth(out, similarity_aggregation_f64(f, x, threshold), peer, "aggregation")
+    assert_close_to_truth(out, similarity_f64(f, x, threshold), peer, "aggregation")
     torch.testing.assert_close(rowsum.double(), W.sum(-1), atol=1e-4, rtol=1e-5)
     assert emu.kernels() == [f"similarity_aggregation_fwd_kernel<{NAME[dtype]}>"]
 
@@ -137,7 +137,7 @@ def test_averaged_dual_softmax(emu, dtype, N, H, d, layout, reverse):
     A = A.masked_fill((A < 0) & ~torch.eye(N, dtype=torch.bool), float("-inf")).unsqueeze(1)
     kk = k.double() @ k.double().transpose(-1, -2) * scale
     peer = (_peer_softmax(A, v, dtype) + _peer_softmax(kk, v, dtype)) / 2
-    truth = averaged_dual_softmax_f64(f, k, v, scale=scale, gamma=gamma, beta=beta)
+    truth = dual_softmax_f64(f, k, v, scale=scale, gamma=gamma, beta=beta)
     assert_close_to_truth(out, truth, peer, "averaged_dual_softmax")
     lse_tol = dict(atol=2e-2, rtol=1e-3) if dtype == torch.float32 else dict(atol=2e-3, rtol=1e-4)
     torch.testing.assert_close(lse_mask.double(), torch.logsumexp(A, -1).expand(-1, H, -1), **lse_tol)
@@ -153,3 +153,25 @@ def test_too_little_shared_memory_is_a_clear_error(emu):
     stats = torch.empty(1, 1, 8)
     with pytest.raises(RuntimeError, match="averaged dual softmax kernel for float16 .* needs"):
         emu.dual(f, rnorm, thresh, k, v, out, stats, stats.clone(), 0.125, 3.0, smem=16 * 1024, sms=1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, **DTYPE_IDS)
+def test_exact_pairs_either_side_of_the_threshold(emu, dtype):
+    """The pairs of `near_threshold_features` (exact in every dtype, cosines 0.4 +- 2e-4 .. 1e-3)
+    with values far apart within each pair: a flipped decision would move the output by ~1."""
+    f = near_threshold_features(dtype)
+    g = torch.Generator().manual_seed(30)
+    x = alternating_values((2, 16, 8), dtype, g)
+    out, rowsum = torch.full_like(x, float("nan")), torch.full((2, 16), float("nan"))
+    emu.aggregation(f, library.affinity_first_pass(f, 0.0)[0], x, out, rowsum, 0.4, **H100)
+    torch.testing.assert_close(out.double(), similarity_f64(f, x, 0.4), atol=2e-2, rtol=1e-2)
+
+    means = cosines_f64(f).mean(dim=(1, 2))
+    beta = 0.4 / float(means[0])
+    k = torch.randn(2, 2, 16, 32, dtype=torch.float64, generator=g).to(dtype)
+    v = alternating_values((2, 2, 16, 32), dtype, g)
+    out = torch.full_like(v, float("nan"))
+    stats = [torch.full((2, 2, 16), float("nan")) for _ in range(2)]
+    rnorm, thresh = library.affinity_first_pass(f, beta)
+    emu.dual(f, rnorm, thresh, k, v, out, *stats, 32 ** -0.5, 3.0, **H100)
+    torch.testing.assert_close(out.double(), dual_softmax_f64(f, k, v, beta=beta), atol=3e-2, rtol=1e-2)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from armfast import ops
-from helpers.similarity_math import (averaged_dual_softmax_f64, near_threshold_aggregation,
-                                     near_threshold_dual, similarity_aggregation_f64, values)
+from helpers.sc_clip_math import dual_softmax_f64, similarity_f64
+from helpers.similarity_math import near_threshold_aggregation, near_threshold_dual, values
 
 pytestmark = pytest.mark.gpu
 
@@ -43,12 +43,12 @@ def test_matches_float64_near_thresholds(N, d, dtype):
     x = values((2, N, 200), dtype=dtype, strided=True, generator=g)
     f, x = f.to(DEVICE), x.to(DEVICE)
     _close(ops.similarity_aggregation(f, x, threshold=threshold, backend="cuda"),
-           similarity_aggregation_f64(f, x, threshold), dtype, "similarity_aggregation")
+           similarity_f64(f, x, threshold), dtype, "similarity_aggregation")
     fd, beta = near_threshold_dual(2, N, 96, dtype=dtype, generator=g)
     qkv = values((2, N, 3 * 4 * d), dtype=dtype, generator=g).view(2, N, 3, 4, d).permute(2, 0, 3, 1, 4)
     fd, k, v = fd.to(DEVICE), qkv[1].to(DEVICE), qkv[2].to(DEVICE)
     _close(ops.averaged_dual_softmax(fd, k, v, beta=beta, backend="cuda"),
-           averaged_dual_softmax_f64(fd, k, v, beta=beta), dtype, "averaged_dual_softmax")
+           dual_softmax_f64(fd, k, v, beta=beta), dtype, "averaged_dual_softmax")
 
 
 def test_float32_at_highest_precision_is_refused_with_a_clear_error():

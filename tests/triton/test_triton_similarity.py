@@ -10,9 +10,9 @@ import torch
 
 from armfast import ops
 from helpers.internals import triton_backend
-from helpers.similarity_math import (averaged_dual_softmax_f64, cosines_f64, count_near, features,
-                                     near_threshold_aggregation, near_threshold_dual,
-                                     similarity_aggregation_f64, values)
+from helpers.sc_clip_math import cosines_f64, dual_softmax_f64, similarity_f64
+from helpers.similarity_math import (count_near, features, near_threshold_aggregation,
+                                     near_threshold_dual, values)
 from helpers.tensors import AWKWARD_N, DEVICE, assert_close
 
 TOL = {torch.float32: dict(atol=3e-5, rtol=1e-4), torch.float64: dict(atol=1e-6, rtol=1e-6),
@@ -50,7 +50,7 @@ def test_aggregation_matches_float64(N):
     f = features(2, N, C, strided=True, generator=g).to(DEVICE)
     x = values((2, N, D), strided=True, generator=g).to(DEVICE)
     out, rowsum = aggregation(f, x, 0.4)
-    assert_close(out, similarity_aggregation_f64(f, x, 0.4), **TOL[torch.float32], name="out")
+    assert_close(out, similarity_f64(f, x, 0.4), **TOL[torch.float32], name="out")
     S = cosines_f64(f)
     assert_close(rowsum, (S * (S >= 0.4)).sum(-1), **TOL[torch.float32], name="rowsum")
 
@@ -65,7 +65,7 @@ def test_aggregation_near_threshold(dtype):
     x = values((2, 97, 33), dtype=dtype, generator=g).to(DEVICE)
     out, _ = aggregation(f, x, threshold)
     assert out.dtype == dtype
-    assert_close(out, similarity_aggregation_f64(f, x, threshold), **TOL[dtype], name=str(dtype))
+    assert_close(out, similarity_f64(f, x, threshold), **TOL[dtype], name=str(dtype))
 
 
 @pytest.mark.parametrize("N", AWKWARD_N)
@@ -78,7 +78,7 @@ def test_dual_softmax_matches_float64(N):
     k, v = qkv[1].to(DEVICE), qkv[2].to(DEVICE)  # [B, H, N, d] views of a fused projection
     assert N == 1 or not k.is_contiguous()
     out, (lse_mask, lse_kk) = dual(f, k, v, gamma=3.0, beta=1.0)
-    assert_close(out, averaged_dual_softmax_f64(f, k, v), **TOL[torch.float32], name="out")
+    assert_close(out, dual_softmax_f64(f, k, v), **TOL[torch.float32], name="out")
     kd = k.double()
     want_kk = torch.logsumexp(kd @ kd.transpose(-1, -2) * d ** -0.5, -1)
     assert_close(lse_kk, want_kk, **TOL[torch.float32], name="lse_kk")
@@ -100,7 +100,7 @@ def test_dual_softmax_near_threshold_and_parameters(dtype):
     f = f.to(DEVICE)
     out, _ = dual(f, k, v, scale=0.3, gamma=2.5, beta=beta)
     assert out.dtype == dtype
-    assert_close(out, averaged_dual_softmax_f64(f, k, v, scale=0.3, gamma=2.5, beta=beta),
+    assert_close(out, dual_softmax_f64(f, k, v, scale=0.3, gamma=2.5, beta=beta),
                  **TOL[dtype], name=str(dtype))
 
 
@@ -118,9 +118,9 @@ def test_tf32_matmuls_keep_the_decisions_in_float32():
         f, x, fd, k, v = (t.to(DEVICE) for t in (f, x, fd, k, v))
         out, _ = aggregation(f, x, threshold)
         tol = dict(atol=3e-3, rtol=3e-3)  # TF32 products with x and v on a GPU
-        assert_close(out, similarity_aggregation_f64(f, x, threshold), **tol, name="aggregation")
+        assert_close(out, similarity_f64(f, x, threshold), **tol, name="aggregation")
         out, _ = dual(fd, k, v, beta=beta)
-        assert_close(out, averaged_dual_softmax_f64(fd, k, v, beta=beta), **tol, name="dual")
+        assert_close(out, dual_softmax_f64(fd, k, v, beta=beta), **tol, name="dual")
     finally:
         torch.set_float32_matmul_precision(previous)
 
@@ -132,12 +132,12 @@ def test_half_precision_on_gpu(dtype):
     f = f.to(DEVICE)
     x = values((2, 197, 768), dtype=dtype, generator=g).to(DEVICE)
     out, _ = aggregation(f, x, threshold)
-    assert_close(out, similarity_aggregation_f64(f, x, threshold), **TOL[dtype], name="aggregation")
+    assert_close(out, similarity_f64(f, x, threshold), **TOL[dtype], name="aggregation")
     f, beta = near_threshold_dual(2, 197, 768, dtype=dtype, generator=g)
     f = f.to(DEVICE)
     k, v = (values((2, 12, 197, 64), dtype=dtype, generator=g).to(DEVICE) for _ in range(2))
     out, _ = dual(f, k, v, beta=beta)
-    assert_close(out, averaged_dual_softmax_f64(f, k, v, beta=beta), **TOL[dtype], name="dual")
+    assert_close(out, dual_softmax_f64(f, k, v, beta=beta), **TOL[dtype], name="dual")
 
 
 # ---- through the op layer: ops.<op>(..., backend="triton"), its gradients and torch.compile -----
@@ -156,10 +156,10 @@ def test_ops_run_on_triton_and_match_float64():
     assert ops.explain(ops.similarity_aggregation, f, x, threshold=threshold,
                        backend="triton").backend == "triton"
     got = ops.similarity_aggregation(f, x, threshold=threshold, backend="triton")
-    assert_close(got, similarity_aggregation_f64(f, x, threshold), **TOL[torch.float32],
+    assert_close(got, similarity_f64(f, x, threshold), **TOL[torch.float32],
                  name="similarity_aggregation")
     got = ops.averaged_dual_softmax(fd, k, v, beta=beta, scale=0.2, backend="triton")
-    assert_close(got, averaged_dual_softmax_f64(fd, k, v, scale=0.2, beta=beta),
+    assert_close(got, dual_softmax_f64(fd, k, v, scale=0.2, beta=beta),
                  **TOL[torch.float32], name="averaged_dual_softmax")
 
 
@@ -170,8 +170,8 @@ def test_ops_gradients_recompute_the_reference():
     dual_out = ops.averaged_dual_softmax(fd, k, v, beta=beta, backend="triton")
     (out.square().sum() + dual_out.square().sum()).backward()
     xr, kr, vr = (t.detach().double().requires_grad_() for t in (x, k, v))
-    (similarity_aggregation_f64(f, xr, threshold).square().sum()
-     + averaged_dual_softmax_f64(fd, kr, vr, beta=beta).square().sum()).backward()
+    (similarity_f64(f, xr, threshold).square().sum()
+     + dual_softmax_f64(fd, kr, vr, beta=beta).square().sum()).backward()
     for name, got, want in (("dx", x.grad, xr.grad), ("dk", k.grad, kr.grad), ("dv", v.grad, vr.grad)):
         assert_close(got, want, atol=1e-4, rtol=1e-3, name=name)
 
