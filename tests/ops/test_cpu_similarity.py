@@ -6,19 +6,14 @@ import pytest
 import torch
 
 from armfast import ops
-from helpers.internals import library as _library, registry as _registry
+from helpers.internals import registry as _registry
 from helpers.threads import with_threads
 
-pytestmark = pytest.mark.skipif(ops.backend_status("cpu")["cpu"] is not None,
-                                reason=f"cpu backend unavailable: {ops.backend_status('cpu')['cpu']}")
+pytestmark = [pytest.mark.skipif(ops.backend_status("cpu")["cpu"] is not None,
+                                 reason=f"cpu backend unavailable: {ops.backend_status('cpu')['cpu']}"),
+              pytest.mark.usefixtures("poisoned_allocations")]  # outputs start as NaN
 
 TOL = {torch.float32: dict(atol=3e-5, rtol=1e-4), torch.float64: dict(atol=1e-12, rtol=1e-10)}
-
-
-@pytest.fixture(autouse=True)
-def poisoned(monkeypatch):
-    """Outputs start as NaN, so an element the kernel forgets to write fails the comparison."""
-    monkeypatch.setattr(_library, "POISON_ALLOCATIONS", True)
 
 
 def inputs(B, N, C, H, d, dtype=torch.float32, seed=0):

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from armfast import ops
-from helpers.internals import library as _library
 from helpers.sc_clip_math import (alternating_values, cosines_f64, dual_inputs, dual_softmax_f64,
                                   near_threshold_features, similarity_f64, similarity_inputs)
 
@@ -20,12 +19,7 @@ HALF = (torch.bfloat16, torch.float16)
 TOL = {torch.float32: dict(atol=3e-5, rtol=1e-4), torch.float64: dict(atol=1e-12, rtol=1e-10),
        torch.float16: dict(atol=3e-3, rtol=3e-3), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 SIZES = [(2, 1), (2, 7), (2, 197), (1, 785)]  # (B, N)
-
-
-@pytest.fixture(autouse=True)
-def poisoned(monkeypatch):
-    """Fused outputs start as NaN, so an element a kernel forgets to write fails the comparison."""
-    monkeypatch.setattr(_library, "POISON_ALLOCATIONS", True)
+pytestmark = pytest.mark.usefixtures("poisoned_allocations")  # outputs start as NaN
 
 
 def check(got, want, dtype):
