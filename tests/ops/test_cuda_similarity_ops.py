@@ -11,7 +11,7 @@ from armfast import ops
 from helpers.sc_clip_math import dual_softmax_f64, similarity_f64
 from helpers.similarity_math import near_threshold_aggregation, near_threshold_dual, values
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("poisoned_allocations")]
 
 TOL = {torch.float16: dict(atol=4e-3, rtol=1e-2), torch.bfloat16: dict(atol=3e-2, rtol=3e-2),
        torch.float32: dict(atol=5e-3, rtol=1e-2)}  # float32 on TF32 (S in 3xTF32)
