@@ -59,6 +59,13 @@ class Emulator:
     def _i64(values):
         return (ctypes.c_int64 * len(values))(*values)
 
+    def _args(self, *tensors):
+        """(data pointer, strides) of each tensor, as the emulated entry points take them."""
+        out = []
+        for t in tensors:
+            out += [ctypes.c_void_p(t.data_ptr()), self._i64(t.stride())]
+        return out
+
     def _register(self, *tensors):
         self.lib.emu_clear_globals()
         for t in tensors:

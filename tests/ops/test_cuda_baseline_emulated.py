@@ -23,12 +23,6 @@ class BaselineEmulator(Emulator):
         for name in ("emu_self_correlation_forward", "emu_masked_affinity_forward"):
             getattr(self.lib, name).restype = ctypes.c_char_p
 
-    def _args(self, *tensors):
-        out = []
-        for t in tensors:
-            out += [ctypes.c_void_p(t.data_ptr()), self._i64(t.stride())]
-        return out
-
     def self_correlation(self, x, x2, v, out, scale, grid=None, class_token=True, sigma=5.0, *, smem, sms):
         self._register(*(t for t in (x, x2, v, out) if t is not None))
         x2_args = self._args(x2) if x2 is not None else [None, None]

@@ -26,12 +26,6 @@ class SimilarityEmulator(Emulator):
         for name in ("emu_similarity_aggregation_forward", "emu_averaged_dual_softmax_forward"):
             getattr(self.lib, name).restype = ctypes.c_char_p
 
-    def _args(self, *tensors):
-        out = []
-        for t in tensors:
-            out += [ctypes.c_void_p(t.data_ptr()), self._i64(t.stride())]
-        return out
-
     @staticmethod
     def _f32(t):
         return ctypes.cast(t.data_ptr(), ctypes.POINTER(ctypes.c_float))
