@@ -1,20 +1,20 @@
 // SC-CLIP's ops on the CPU, forward only: flash-style tiles over the keys, no N x N buffer.
 //
 // Both ops start from the cosine similarities S = fn fn^T of an image's normalised features. A
-// first pass, one task per (image, key tile), takes each row's inverse norm (as F.normalize),
-// packs the normalised features as [C, kBlockK] key panels (transposed, zero-padded), and for the
-// dual softmax also each head's k^T panels, the values where P V cannot read them in place, and
-// the sums of the normalised features, from which mean(S) = |sum_i fn_i|^2 / N^2 needs no S.
-// Then the query rows walk over the key tiles (one task per (image, query tile), or per image
-// with each tile of the symmetric S computed once for two row blocks: see the drivers below),
-// each tile of S serving every head:
+// first pass (per (image, key tile), or inside the image's own task on the image path) takes each
+// row's inverse norm (as F.normalize), packs the normalised features as [C, kBlockK] key panels
+// (transposed, zero-padded), and for the dual softmax also each head's k^T panels, the values
+// where P V cannot read them in place, and the sums of the normalised features, from which
+// mean(S) = |sum_i fn_i|^2 / N^2 needs no S. Then the query rows walk over the key tiles (one
+// task per (image, query tile), or per image with each tile of the symmetric S computed once for
+// two row blocks: see the drivers below), each tile of S serving every head:
 //
 // similarity_aggregation: W = S where S >= threshold, else 0; acc += W x_tile, rowsum += W; the
 //   output is acc / (rowsum + 1e-6).
 // averaged_dual_softmax: two online softmaxes per row, the masked affinity gamma S (S < beta
 //   mean(S) masked, never the diagonal; one state per row, shared by every head) and, per head,
-//   scale k k^T (one state per row and head); each value tile is copied once and feeds both
-//   accumulators. The output is (acc_mask / l_mask + acc_k / l_k) / 2.
+//   scale k k^T (one state per row and head); each head's value tile feeds both accumulators in
+//   one visit. The output is (acc_mask / l_mask + acc_k / l_k) / 2.
 //
 // S is computed in T (float32 or float64) and so is its threshold test. Every task writes its own
 // rows of the output, so results do not depend on the thread count.
