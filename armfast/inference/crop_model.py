@@ -60,12 +60,15 @@ class CropModel:
         arm: None or an `armfast.ARM` built for this CLIP.
         vfm: proxyclip's vision foundation model (a `VisionFoundationModel`).
         backend: `armfast.ops` backend of every attention and the logits.
+        baseline_options: keyword options of `baseline` (the protocol's, e.g. resclip's
+            ``rcs_lambda``); another baseline given to `features` runs with its defaults.
     """
 
     def __init__(self, clip: nn.Module, *, baseline: str, arm: Optional[nn.Module] = None,
-                 vfm=None, backend: str = "auto"):
+                 vfm=None, backend: str = "auto", baseline_options=None):
         self.clip, self.visual = clip, vision_tower(clip)
         self.baseline, self.vfm, self.backend = baseline, vfm, backend
+        self.baseline_options = dict(baseline_options or {})
         self.head = LogitHead(arm)
         self.shallow_layers = tuple(arm.config.shallow_layers) if arm is not None else ()
         self.patch = patch_size(self.visual)
@@ -78,10 +81,11 @@ class CropModel:
                  ) -> tuple[list[Tensor], Tensor, tuple[int, int]]:
         """``(shallow, deep, (h, w))``: ARM's inputs (`armfast.clip.extract`) and the deep
         features' grid. Runs under the caller's grad mode."""
+        options = self.baseline_options if baseline in (None, self.baseline) else None
         baseline = baseline or self.baseline
         shallow, deep = extract(self.clip, crops, baseline=baseline,
                                 shallow_layers=self.shallow_layers, backend=self.backend,
-                                vfm=self.vfm)
+                                vfm=self.vfm, baseline_options=options)
         return shallow, deep, feature_grid(self.visual, crops.shape[-2:], baseline, self.vfm)
 
     def __call__(self, crops: Tensor, text: Tensor, logit_scale: Optional[float] = 1.0) -> Tensor:
