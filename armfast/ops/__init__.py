@@ -12,7 +12,11 @@ kernels; gradients recompute the reference math):
 - `gaussian_self_correlation(x, v, grid=(h, w))`: softmax(s x x^T + G) v, G a Gaussian of the
   patches' grid distance (NACLIP);
 - `masked_affinity_attention(f, v)`: softmax(gamma (S - beta mean S)), S = cos(f_i, f_j), entries
-  below 0 masked, applied to every head of v (ProxyCLIP).
+  below 0 masked, applied to every head of v (ProxyCLIP);
+- `similarity_aggregation(f, x, threshold=0.4)`: W x / (rowsum(W) + 1e-6), W = S [S >= threshold]
+  (SC-CLIP's aggregation);
+- `averaged_dual_softmax(f, k, v)`: ((P_mask + softmax(s k k^T)) / 2) v, P_mask ProxyCLIP's masked
+  affinity (SC-CLIP's last block).
 
 Each call validates its arguments and goes through one dispatch (`armfast.ops._dispatch`): it
 resolves the backend (cached per kind of call) and runs the backend's eager fast path; under
@@ -35,7 +39,8 @@ from ._registry import BACKENDS, Candidate, Explanation, available_backends, res
 from ._specs import OPS
 
 __all__ = ["attention", "patch_text_logits", "self_correlation", "self_correlation_sum",
-           "gaussian_self_correlation", "masked_affinity_attention", "available_backends",
+           "gaussian_self_correlation", "masked_affinity_attention", "similarity_aggregation",
+           "averaged_dual_softmax", "available_backends",
            "backend_status", "BACKENDS", "resolve_backend", "auto_choice", "explain",
            "Explanation", "Candidate"]
 
@@ -124,6 +129,36 @@ def masked_affinity_attention(f: Tensor, v: Tensor, *, beta: float = 1.2, gamma:
     """
     beta, gamma = _validate.affinity_args(f, v, beta, gamma)
     return _run(OPS["masked_affinity_attention"], backend, layout, (f, v), (f, v, beta, gamma))
+
+
+def similarity_aggregation(f: Tensor, x: Tensor, *, threshold: float = 0.4,
+                           backend: str = "auto") -> Tensor:
+    """SC-CLIP's thresholded similarity aggregation ``W x / (rowsum(W) + 1e-6)``.
+
+    f: ``[B, N, C]`` features (any norm); S ``[N, N]`` their cosine similarities per image (rows
+    normalised as F.normalize); ``W = S * [S >= threshold]``. x: ``[B, N, D]``, of f's dtype and
+    device. Returns ``[B, N, D]`` in x's dtype. S and the decision ``S >= threshold`` are
+    computed in float32 (float64 for float64 inputs) by every backend, so no backend flips a
+    pair another keeps; the fused backends keep no N x N map. threshold must be finite and >= 0.
+    """
+    threshold = _validate.similarity_args(f, x, threshold)
+    return _run(OPS["similarity_aggregation"], backend, None, (f, x), (f, x, threshold, False))
+
+
+def averaged_dual_softmax(f: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None,
+                          gamma: float = 3.0, beta: float = 1.0, backend: str = "auto") -> Tensor:
+    """SC-CLIP's last-block attention ``((P_mask + softmax(scale k k^T)) / 2) v`` per head.
+
+    P_mask is `masked_affinity_attention`'s map: ``softmax(gamma (S - beta mean(S)))`` with S the
+    cosine similarities of f's tokens, mean(S) one per image over all N x N entries, entries below
+    0 masked but the diagonal kept. f: ``[B, N, C]``; k, v: ``[B, H, N, d]`` (strided views are
+    fine); ``scale`` defaults to ``d ** -0.5``; gamma must be > 0. Returns ``[B, H, N, d]`` in v's
+    dtype. S, its mean and the mask are computed in float32 (float64 for float64 inputs) by
+    every backend; the fused backends keep no N x N map.
+    """
+    scale, beta, gamma = _validate.dual_softmax_args(f, k, v, scale, beta, gamma)
+    return _run(OPS["averaged_dual_softmax"], backend, None, (f, k, v),
+                (f, k, v, scale, beta, gamma, False))
 
 
 def resolve_backend(op: str, backend: str, tensor: Tensor, *, train: bool = False,

@@ -276,14 +276,15 @@ class ForwardOnlyOp:
     first, the last of them the values v ``[B,H,N,d]``, then plain parameters; every op also takes
     a last ``bool heads_last``. The output has v's shape, dtype and device: ``[B,H,N,d]``, or
     ``[B,N,H,d]`` with heads_last. ``math(*tensors, *params)`` is the differentiable reference,
-    ``[B,H,N,d]``.
+    ``[B,H,N,d]``. With ``heads=False`` the values are ``[B,N,D]`` (no heads: D is no head dim and
+    heads_last is always False) and so is the output.
 
     Contract for a backend's forward: ``forward(*tensors, *params, out)`` writes the result into
-    `out`, a [B,H,N,d] view with any strides (as for attention), and returns nothing.
+    `out`, a view of v's shape with any strides (as for attention), and returns nothing.
     """
 
-    def __init__(self, name: str, arguments: str, math: Callable):
-        self.name, self.arguments, self.math = name, arguments, math
+    def __init__(self, name: str, arguments: str, math: Callable, heads: bool = True):
+        self.name, self.arguments, self.math, self.heads = name, arguments, math, heads
         self.tensors = sum(a.split()[0] == "Tensor" for a in arguments.split(","))
         self.schema = f"({arguments}, bool heads_last) -> Tensor"
         self._backward_op = None
@@ -322,11 +323,15 @@ class ForwardOnlyImpl:
         """The custom op's body: the backend's limits (the dtype, and the head dim of v), then
         the forward."""
         v = args[self.op.tensors - 1]
-        self.limits.check(self.backend, v.dtype, v.device, v.shape[-1])
+        self.limits.check(self.backend, v.dtype, v.device, v.shape[-1] if self.op.heads else None)
         return self.run_forward(*args)
 
     def run_forward(self, *args) -> Tensor:
-        out, view = attention_output(args[self.op.tensors - 1], args[self.op.tensors - 1], args[-1])
+        v = args[self.op.tensors - 1]
+        if self.op.heads:
+            out, view = attention_output(v, v, args[-1])
+        else:
+            out = view = empty(v.shape, v.dtype, v.device)
         self.forward(*args[:-1], view)
         return out
 
@@ -362,6 +367,8 @@ def _forward_only_op(impl: ForwardOnlyImpl, device_types):
     @forward_op.register_fake
     def _(*args):
         v, heads_last = args[n - 1], args[-1]
+        if not op.heads:
+            return v.new_empty(v.shape)
         B, H, N, d = v.shape
         return v.new_empty((B, N, H, d) if heads_last else (B, H, N, d))
 

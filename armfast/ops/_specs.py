@@ -136,21 +136,56 @@ def gaussian_self_correlation_math(x: Tensor, v: Tensor, scale: float, grid_h: i
     return torch.matmul(p, va).to(v.dtype)
 
 
-def masked_affinity_math(f: Tensor, v: Tensor, beta: float, gamma: float) -> Tensor:
-    """ProxyCLIP: ``softmax(gamma (S - beta mean(S)))`` of the cosine affinities S of f
-    ``[B, n, C]``, entries below 0 masked but the diagonal kept, applied to every head of v
-    ``[B, H, n, d]``. mean(S) is per image (ProxyCLIP runs one crop at a time)."""
-    fa, va = _acc(f, v)
+def cosines(fa: Tensor) -> Tensor:
+    """S ``[B, n, n]``: the cosine similarities of f's tokens, rows normalised as F.normalize
+    (`NORM_EPS`), in fa's dtype (the callers pass float32 or float64: S decides masks)."""
     fn = torch.nn.functional.normalize(fa, dim=-1, eps=NORM_EPS)
-    s = torch.matmul(fn, fn.transpose(-2, -1))
+    return torch.matmul(fn, fn.transpose(-2, -1))
+
+
+def _masked_affinity(fa: Tensor, va: Tensor, beta: float, gamma: float) -> Tensor:
+    """ProxyCLIP's map applied to every head of va, in the accumulation dtype."""
+    s = cosines(fa)
     a = gamma * (s - beta * s.mean(dim=(1, 2), keepdim=True))
     eye = torch.eye(a.shape[-1], dtype=torch.bool, device=a.device)
     p = a.masked_fill((a < 0) & ~eye, float("-inf")).softmax(-1)
     # one product with every head's values side by side ([n, H*d]); a broadcast p @ v per head
     # would first copy p once per head
-    B, H, n, d = v.shape
+    B, H, n, d = va.shape
     out = torch.matmul(p, va.transpose(1, 2).reshape(B, n, H * d))
-    return out.view(B, n, H, d).transpose(1, 2).to(v.dtype)
+    return out.view(B, n, H, d).transpose(1, 2)
+
+
+def masked_affinity_math(f: Tensor, v: Tensor, beta: float, gamma: float) -> Tensor:
+    """ProxyCLIP: ``softmax(gamma (S - beta mean(S)))`` of the cosine affinities S of f
+    ``[B, n, C]``, entries below 0 masked but the diagonal kept, applied to every head of v
+    ``[B, H, n, d]``. mean(S) is per image (ProxyCLIP runs one crop at a time)."""
+    return _masked_affinity(*_acc(f, v), beta, gamma).to(v.dtype)
+
+
+def averaged_dual_softmax_math(f: Tensor, k: Tensor, v: Tensor, scale: float, beta: float,
+                               gamma: float) -> Tensor:
+    """SC-CLIP's last block: ``((P_mask + softmax(s K K^T)) / 2) V`` per head, P_mask ProxyCLIP's
+    masked affinity of f (`masked_affinity_math`); S, its mean and the mask in float32 (float64
+    for float64 inputs)."""
+    fa, ka, va = _acc(f, k, v)
+    pk = torch.softmax(torch.matmul(ka, ka.transpose(-2, -1)) * scale, dim=-1)
+    out = (_masked_affinity(fa, va, beta, gamma) + torch.matmul(pk, va)) / 2
+    return out.to(v.dtype)
+
+
+SIMILARITY_EPS = 1e-6  # added to the row sums of W: a row of W may be all zeros (threshold > 1)
+
+
+def similarity_aggregation_math(f: Tensor, x: Tensor, threshold: float) -> Tensor:
+    """SC-CLIP's thresholded aggregation: ``W x / (rowsum(W) + 1e-6)`` with ``W = S [S >=
+    threshold]``, S the cosines of f ``[B, N, C]``, x ``[B, N, D]``; S and the decision in
+    float32 (float64 for float64 inputs)."""
+    fa, xa = _acc(f, x)
+    s = cosines(fa)
+    w = torch.where(s >= threshold, s, torch.zeros((), dtype=s.dtype, device=s.device))
+    out = torch.matmul(w, xa) / (w.sum(-1, keepdim=True) + SIMILARITY_EPS)
+    return out.to(x.dtype)
 
 
 SELF_CORRELATION = ForwardOnlyOp("self_correlation", "Tensor x, Tensor v, float scale",
@@ -163,7 +198,13 @@ GAUSSIAN_SELF_CORRELATION = ForwardOnlyOp(
     gaussian_self_correlation_math)
 MASKED_AFFINITY = ForwardOnlyOp("masked_affinity_attention", "Tensor f, Tensor v, float beta, float gamma",
                                 masked_affinity_math)
-BASELINE_OPS = (SELF_CORRELATION, SELF_CORRELATION_SUM, GAUSSIAN_SELF_CORRELATION, MASKED_AFFINITY)
+SIMILARITY_AGGREGATION = ForwardOnlyOp("similarity_aggregation", "Tensor f, Tensor x, float threshold",
+                                       similarity_aggregation_math, heads=False)
+AVERAGED_DUAL_SOFTMAX = ForwardOnlyOp(
+    "averaged_dual_softmax", "Tensor f, Tensor k, Tensor v, float scale, float beta, float gamma",
+    averaged_dual_softmax_math)
+BASELINE_OPS = (SELF_CORRELATION, SELF_CORRELATION_SUM, GAUSSIAN_SELF_CORRELATION, MASKED_AFFINITY,
+                SIMILARITY_AGGREGATION, AVERAGED_DUAL_SOFTMAX)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,6 +238,19 @@ def masked_affinity_key(B: int, n: int, C: int, H: int, d: int) -> tuple[int, in
     """(head dim, forward FLOPs) of ProxyCLIP's attention: the affinities S (2 n^2 C per image),
     then one n x n map applied to all H heads of v (2 n^2 H d)."""
     return d, 2 * B * n * n * (C + H * d)
+
+
+def similarity_aggregation_key(B: int, N: int, C: int, D: int) -> tuple[int, int]:
+    """(D, forward FLOPs) of SC-CLIP's aggregation: S once per image (2 N^2 C), then W x (2 N^2 D)."""
+    return D, 2 * B * N * N * (C + D)
+
+
+def averaged_dual_softmax_key(B: int, N: int, C: int, H: int, d: int) -> tuple[int, int]:
+    """(head dim, forward FLOPs) of SC-CLIP's last block at its algorithmic minimum: S once per
+    image (2 N^2 C), K K^T per head (2 N^2 d) and one product of the averaged map with V (2 N^2 d).
+    (The fused kernels apply each softmax to V on its own, 2 N^2 d more: their normalisers are
+    known only at the end.)"""
+    return d, 2 * B * N * N * (C + 2 * H * d)
 
 
 @dataclass(frozen=True)
@@ -255,4 +309,10 @@ OPS = {spec.name: spec for spec in (
            forward_only=GAUSSIAN_SELF_CORRELATION),
     OpSpec("masked_affinity_attention", ("B", "n", "C", "H", "d"), masked_affinity_key,
            lambda f, v: (*f.shape, v.shape[1], v.shape[3]), dim_of=1, forward_only=MASKED_AFFINITY),
+    OpSpec("similarity_aggregation", ("B", "N", "C", "D"), similarity_aggregation_key,
+           lambda f, x: (*f.shape, x.shape[2]), dim_of=1, head_dim=False, layout=False,
+           forward_only=SIMILARITY_AGGREGATION),
+    OpSpec("averaged_dual_softmax", ("B", "N", "C", "H", "d"), averaged_dual_softmax_key,
+           lambda f, k, v: (*f.shape, k.shape[1], k.shape[3]), dim_of=1, layout=False,
+           forward_only=AVERAGED_DUAL_SOFTMAX),
 )}

@@ -227,3 +227,40 @@ def affinity_args(f, v, beta, gamma) -> tuple[float, float]:
             raise ValueError(f"v must be [B, H, n, d] with f's B={f.shape[0]} and n={f.shape[1]}, "
                              f"got {tuple(v.shape)}")
     return _finite("beta", beta), _positive("gamma", gamma)
+
+
+def _features_and(f, names: tuple[str, ...], tensors: tuple, layout: str) -> None:
+    """f ``[B, N, C]`` and tensors of `layout` whose batch is f's B and tokens f's N (size 2 of a
+    4-D, size 1 of a 3-D layout), all of f's dtype and device."""
+    check_tensor("f", f, 3, "[B, N, C]")
+    ndim = layout.count(",") + 1
+    for name, t in zip(names, tensors):
+        check_tensor(name, t, ndim, layout)
+    check_same(("f", *names), (f, *tensors))
+    for name, t in zip(names, tensors):
+        if t.shape[0] != f.shape[0] or t.shape[ndim - 2] != f.shape[1]:
+            raise ValueError(f"{name} must be {layout} with f's B={f.shape[0]} and N={f.shape[1]}, "
+                             f"got {tuple(t.shape)}")
+
+
+def similarity_args(f, x, threshold) -> float:
+    """Validates `similarity_aggregation` inputs; returns the threshold."""
+    if not (type(f) is Tensor and type(x) is Tensor and f.dim() == 3 and x.dim() == 3
+            and f.shape[:2] == x.shape[:2] and 0 not in f.shape and 0 not in x.shape
+            and f.dtype in _FLOATS and f.dtype == x.dtype and f.device == x.device
+            and f.layout is _strided and x.layout is _strided):
+        _features_and(f, ("x",), (x,), "[B, N, D]")
+    threshold = _finite("threshold", threshold)
+    if threshold < 0:  # kept entries >= 0, so W's row sums cannot cancel to 0
+        raise ValueError(f"threshold must be >= 0, got {threshold}")
+    return threshold
+
+
+def dual_softmax_args(f, k, v, scale, beta, gamma) -> tuple[float, float, float]:
+    """Validates `averaged_dual_softmax` inputs; returns (scale, beta, gamma)."""
+    if not (type(f) is Tensor and f.dim() == 3 and 0 not in f.shape and _plain_same_shape((k, v))
+            and f.dtype == k.dtype and f.device == k.device and f.layout is _strided
+            and f.shape[0] == k.shape[0] and f.shape[1] == k.shape[2]):
+        same_shape_heads(("k", "v"), (k, v))
+        _features_and(f, ("k", "v"), (k, v), "[B, H, N, d]")
+    return softmax_scale(scale, k.shape[-1]), _finite("beta", beta), _positive("gamma", gamma)

@@ -14,6 +14,7 @@
 
 #include "armfast/tensor_arg.h"
 #include "kernels.h"
+#include "similarity.h"
 
 namespace py = pybind11;
 using armfast::PyTensor;
@@ -201,6 +202,52 @@ void masked_affinity_forward(const std::string& dtype, const PyTensor& f, const 
                                         strided<float>(oa), beta, gamma, threads);
 }
 
+// f [B,N,C], x and out [B,N,D].
+void similarity_aggregation_forward(const std::string& dtype, const PyTensor& f, const PyTensor& x,
+                                    const PyTensor& out, double threshold, int threads) {
+  const bool f64 = is_double(dtype);
+  const TensorArg fa = tensor_arg("f", f, {-1, -1, -1});
+  const int64_t B = fa.size(0), N = fa.size(1), C = fa.size(2);
+  const TensorArg xa = tensor_arg("x", x, {B, N, -1});
+  const int64_t D = xa.size(2);
+  const TensorArg oa = tensor_arg("out", out, {B, N, D});
+  check_scale("threshold", threshold, false);
+  const cpu::SimilarityShape s{B, N, C, 1, D};
+  py::gil_scoped_release release;
+  if (f64)
+    cpu::similarity_aggregation_forward<double>(s, strided<const double>(fa), strided<const double>(xa),
+                                                strided<double>(oa), threshold, threads);
+  else
+    cpu::similarity_aggregation_forward<float>(s, strided<const float>(fa), strided<const float>(xa),
+                                               strided<float>(oa), threshold, threads);
+}
+
+// f [B,N,C]; k, v and out [B,H,N,d].
+void averaged_dual_softmax_forward(const std::string& dtype, const PyTensor& f, const PyTensor& k,
+                                   const PyTensor& v, const PyTensor& out, double scale,
+                                   double beta, double gamma, int threads) {
+  const bool f64 = is_double(dtype);
+  const TensorArg fa = tensor_arg("f", f, {-1, -1, -1});
+  const int64_t B = fa.size(0), N = fa.size(1), C = fa.size(2);
+  const TensorArg ka = tensor_arg("k", k, {B, -1, N, -1});
+  const int64_t H = ka.size(1), d = ka.size(3);
+  const TensorArg va = tensor_arg("v", v, {B, H, N, d});
+  const TensorArg oa = tensor_arg("out", out, {B, H, N, d});
+  check_scale("scale", scale, true);
+  check_scale("beta", beta, false);
+  check_scale("gamma", gamma, true);
+  const cpu::SimilarityShape s{B, N, C, H, d};
+  py::gil_scoped_release release;
+  if (f64)
+    cpu::averaged_dual_softmax_forward<double>(s, strided<const double>(fa), strided<const double>(ka),
+                                               strided<const double>(va), strided<double>(oa), scale,
+                                               beta, gamma, threads);
+  else
+    cpu::averaged_dual_softmax_forward<float>(s, strided<const float>(fa), strided<const float>(ka),
+                                              strided<const float>(va), strided<float>(oa), scale,
+                                              beta, gamma, threads);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -244,4 +291,13 @@ PYBIND11_MODULE(_C, m) {
         py::arg("v"), py::arg("out"), py::arg("beta"), py::arg("gamma"), py::arg("threads") = 0,
         (std::string("out [B,H,n,d] = softmax(gamma S, S < beta mean(S) masked off the diagonal) v, "
                      "S the cosines of the rows of f [B,n,C].") + tensor_doc).c_str());
+  m.def("similarity_aggregation_forward", &similarity_aggregation_forward, py::arg("dtype"),
+        py::arg("f"), py::arg("x"), py::arg("out"), py::arg("threshold"), py::arg("threads") = 0,
+        (std::string("out [B,N,D] = W x / (rowsum(W) + 1e-6), W = S [S >= threshold], S the cosines "
+                     "of the rows of f [B,N,C].") + tensor_doc).c_str());
+  m.def("averaged_dual_softmax_forward", &averaged_dual_softmax_forward, py::arg("dtype"),
+        py::arg("f"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("scale"), py::arg("beta"),
+        py::arg("gamma"), py::arg("threads") = 0,
+        (std::string("out [B,H,N,d] = ((P_mask + softmax(scale k k^T)) / 2) v, P_mask = softmax(gamma "
+                     "S, S < beta mean(S) masked off the diagonal).") + tensor_doc).c_str());
 }

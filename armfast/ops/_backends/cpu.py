@@ -1,7 +1,8 @@
 """`cpu` backend: the C++/OpenMP kernels of armfast._C (flash-style tiles), float32 and float64.
 
 The baseline attentions (self_correlation, self_correlation_sum, gaussian_self_correlation,
-masked_affinity_attention) are forward kernels; their gradients recompute the reference math.
+masked_affinity_attention) and SC-CLIP's ops (similarity_aggregation, averaged_dual_softmax) are
+forward kernels; their gradients recompute the reference math.
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from torch import Tensor
 from .._library import empty, lse_dtype
 from .._limits import DTYPE_NAMES, Limits
 from .._registry import fused_backend
-from .._specs import GAUSSIAN_SELF_CORRELATION, MASKED_AFFINITY, SELF_CORRELATION, SELF_CORRELATION_SUM
+from .._specs import (AVERAGED_DUAL_SOFTMAX, GAUSSIAN_SELF_CORRELATION, MASKED_AFFINITY,
+                      SELF_CORRELATION, SELF_CORRELATION_SUM, SIMILARITY_AGGREGATION)
 from ._extension import arg, load, module
 
 LIMITS = Limits({"cpu": (torch.float32, torch.float64)})
@@ -85,6 +87,17 @@ def cpu_masked_affinity_forward(f: Tensor, v: Tensor, beta: float, gamma: float,
                                          gamma, torch.get_num_threads())
 
 
+def cpu_similarity_aggregation_forward(f: Tensor, x: Tensor, threshold: float, out: Tensor) -> None:
+    module("_C").similarity_aggregation_forward(DTYPE_NAMES[f.dtype], arg(f), arg(x), arg(out),
+                                                threshold, torch.get_num_threads())
+
+
+def cpu_averaged_dual_softmax_forward(f: Tensor, k: Tensor, v: Tensor, scale: float, beta: float,
+                                      gamma: float, out: Tensor) -> None:
+    module("_C").averaged_dual_softmax_forward(DTYPE_NAMES[f.dtype], arg(f), arg(k), arg(v),
+                                               arg(out), scale, beta, gamma, torch.get_num_threads())
+
+
 BACKEND = fused_backend(
     "cpu", LIMITS, runtime_check=runtime_check, device_types="cpu",
     attention=(cpu_attention_forward, cpu_attention_backward),
@@ -92,4 +105,6 @@ BACKEND = fused_backend(
     baselines={SELF_CORRELATION: cpu_self_correlation_forward,
                SELF_CORRELATION_SUM: cpu_self_correlation_sum_forward,
                GAUSSIAN_SELF_CORRELATION: cpu_gaussian_self_correlation_forward,
-               MASKED_AFFINITY: cpu_masked_affinity_forward})
+               MASKED_AFFINITY: cpu_masked_affinity_forward,
+               SIMILARITY_AGGREGATION: cpu_similarity_aggregation_forward,
+               AVERAGED_DUAL_SOFTMAX: cpu_averaged_dual_softmax_forward})

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._library import NORM_EPS, plain
+from .._library import NORM_EPS, lse_dtype, plain
 from .._limits import ANY_DTYPE, Limits
 from .._registry import Backend
-from .._specs import gaussian_bias
+from .._specs import SIMILARITY_EPS, gaussian_bias
 
 
 @plain
@@ -56,22 +56,49 @@ def gaussian_self_correlation(x: Tensor, v: Tensor, scale: float, grid_h: int, g
     return _layout(F.scaled_dot_product_attention(x, x, v, attn_mask=bias, scale=scale), heads_last)
 
 
-@plain
-def masked_affinity_attention(f: Tensor, v: Tensor, beta: float, gamma: float,
-                              heads_last: bool = False) -> Tensor:
-    """One SDPA over the n x n boolean mask (which needs S itself), all heads of v side by side
-    as one value of width H*d, since the map is shared by every head."""
-    fn = F.normalize(f, dim=-1, eps=NORM_EPS)
+def _affinity_heads_last(f: Tensor, v: Tensor, beta: float, gamma: float) -> Tensor:
+    """ProxyCLIP's map applied to every head of v, ``[B, n, H, d]``: one SDPA over the n x n
+    boolean mask, all heads of v side by side as one value of width H*d, since the map is shared
+    by every head. S and the mask in float32 (float64 for float64), the softmax in f's dtype."""
+    fn = F.normalize(f.to(lse_dtype(f.dtype)), dim=-1, eps=NORM_EPS)
     s = torch.matmul(fn, fn.transpose(-2, -1))
     n = s.shape[-1]
     keep = (s >= beta * s.mean(dim=(1, 2), keepdim=True)) | torch.eye(n, dtype=torch.bool,
                                                                        device=s.device)
     B, H, _, d = v.shape
     values = v.transpose(1, 2).reshape(B, 1, n, H * d)
-    fn = fn.unsqueeze(1)
+    fn = fn.to(v.dtype).unsqueeze(1)
     out = F.scaled_dot_product_attention(fn, fn, values, attn_mask=keep.unsqueeze(1), scale=gamma)
-    out = out.view(B, n, H, d)  # [B, n, H, d]: heads last already
+    return out.view(B, n, H, d)
+
+
+@plain
+def masked_affinity_attention(f: Tensor, v: Tensor, beta: float, gamma: float,
+                              heads_last: bool = False) -> Tensor:
+    out = _affinity_heads_last(f, v, beta, gamma)  # [B, n, H, d]: heads last already
     return out if heads_last else out.transpose(1, 2)
+
+
+@plain
+def averaged_dual_softmax(f: Tensor, k: Tensor, v: Tensor, scale: float, beta: float, gamma: float,
+                          heads_last: bool = False) -> Tensor:
+    """Two SDPA calls, the masked affinity (`_affinity_heads_last`) and k-k, averaged: applying
+    each map to v on its own is the same product as applying their mean."""
+    both = torch.add(F.scaled_dot_product_attention(k, k, v, scale=scale),
+                     _affinity_heads_last(f, v, beta, gamma).transpose(1, 2))
+    return _layout(both.mul_(0.5), heads_last)
+
+
+@plain
+def similarity_aggregation(f: Tensor, x: Tensor, threshold: float,
+                           heads_last: bool = False) -> Tensor:
+    """S in float32 (float64 for float64), thresholded in place; W x in x's dtype (tensor cores
+    on GPUs), divided by W's float32 row sums."""
+    fn = F.normalize(f.to(lse_dtype(f.dtype)), dim=-1, eps=NORM_EPS)
+    w = torch.matmul(fn, fn.transpose(-2, -1))
+    w.masked_fill_(w < threshold, 0)  # in place: the product saves its inputs, not w
+    out = torch.matmul(w.to(x.dtype), x)
+    return (out / (w.sum(-1, keepdim=True) + SIMILARITY_EPS)).to(x.dtype)
 
 
 BACKEND = Backend(
@@ -79,6 +106,8 @@ BACKEND = Backend(
     ops={"attention": attention, "patch_text_logits": patch_text_logits,
          "self_correlation": self_correlation, "self_correlation_sum": self_correlation_sum,
          "gaussian_self_correlation": gaussian_self_correlation,
-         "masked_affinity_attention": masked_affinity_attention},
+         "masked_affinity_attention": masked_affinity_attention,
+         "similarity_aggregation": similarity_aggregation,
+         "averaged_dual_softmax": averaged_dual_softmax},
     limits=Limits({device: ANY_DTYPE for device in ("cpu", "cuda", "mps", "xpu")}),
 )
