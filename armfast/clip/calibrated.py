@@ -90,7 +90,9 @@ def _scclip_attention(block: nn.Module, tokens: Tensor, f: Tensor, backend: str)
     """SC-CLIP's ``custom_attn`` (lines 318-341) on patch tokens without a class token:
     ``branch((mask(cos f) + softmax(s K K^T)) / 2 V)``, Q unused."""
     _, k, v = qkv(block.attn, block.ln_1(tokens))
-    o = ops.averaged_dual_softmax(f, k, v, gamma=MASK_GAMMA, beta=1.0, backend=backend)
+    # the op takes one dtype: under autocast k, v come out half while f stays float32
+    o = ops.averaged_dual_softmax(f, k.to(f.dtype), v.to(f.dtype), gamma=MASK_GAMMA, beta=1.0,
+                                  backend=backend)
     return _heads_out(block, o)
 
 
@@ -121,7 +123,8 @@ def scclip(block: nn.Module, inp: LastBlockInput):
     early = inp.hidden[AGGREGATION_BLOCK][:, 1:]
 
     def aggregate(f: Tensor, t: Tensor) -> Tensor:
-        return ops.similarity_aggregation(f, t, threshold=THRESHOLD, backend=inp.backend)
+        return ops.similarity_aggregation(f, t.to(f.dtype), threshold=THRESHOLD,
+                                          backend=inp.backend)
 
     y = aggregate(ref, patches)
     y = _scclip_attention(block, y, ref, inp.backend) + RES_CLS * x[:, :1]
@@ -166,8 +169,9 @@ def sfp(block: nn.Module, inp: LastBlockInput):
     mask = _mask_softmax(sim)[:, None]  # [B, 1, N, N], every head
 
     def aggregate_early(t: Tensor) -> Tensor:
-        return ops.similarity_aggregation(inp.hidden[AGGREGATION_BLOCK][:, 1:], t,
-                                          threshold=THRESHOLD, backend=inp.backend)
+        f = inp.hidden[AGGREGATION_BLOCK][:, 1:]
+        return ops.similarity_aggregation(f, t.to(f.dtype), threshold=THRESHOLD,
+                                          backend=inp.backend)
 
     y = _aggregate(sim, patches)
     q, k, v = qkv(block.attn, block.ln_1(y))

@@ -4,13 +4,15 @@ crop; batches against single images; the discrete decisions near their threshold
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import armfast.clip as aclip
-from armfast.clip import baselines, calibrated, outliers
+from armfast import ops as aclip_ops
+from armfast.clip import baselines, blocks, calibrated, outliers
 from helpers import calibrated_oracle as oracle
 from helpers.clip_models import vit_b16
 
@@ -236,3 +238,38 @@ def test_similarity_threshold_decided_in_float32(side):
         cos = calibrated._cosine(f.to(dtype))
         assert cos.dtype == torch.float32
         assert bool(cos[0, 0, 1] >= calibrated.THRESHOLD) == truth, dtype
+
+
+# --- the fused backends behind the last block ----------------------------------------------------
+
+FUSED = [pytest.param(b, marks=pytest.mark.skipif(
+    aclip_ops.backend_status("cpu")[b] is not None, reason=f"{b} backend unavailable"))
+    for b in ("cpu",)]
+
+
+@pytest.fixture(scope="module")
+def case32():
+    """The last block's input of the float32 ViT-B/16 on two 224 x 288 crops."""
+    visual = vit_b16().visual
+    images = structured_images((224, 288), seed=7).float()
+    with torch.no_grad():
+        x, grid = aclip.embed(visual, images)
+        hidden, maps = {}, {}
+        for i, blk in enumerate(visual.transformer.resblocks[:-1]):
+            x, maps[i] = blocks.forward_with_attention(blk, x)
+            hidden[i] = x
+    return visual, baselines.LastBlockInput(
+        x=x, grid=grid, images=images, image_mean=aclip.OPENAI_MEAN, image_std=aclip.OPENAI_STD,
+        backend="reference", hidden=hidden, attention=maps, depth=len(visual.transformer.resblocks))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("name", NAMES)
+def test_fused_backend_equals_the_reference_float32(name, backend, case32):
+    visual, inp = case32
+    block = visual.transformer.resblocks[-1]
+    with torch.no_grad():
+        ref, _ = baselines.run_baseline(name, block, inp)
+        got, _ = baselines.run_baseline(name, block, dataclasses.replace(inp, backend=backend))
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, atol=2e-4, rtol=1e-4)
