@@ -128,5 +128,5 @@ def repair_outliers(tokens: Tensor, outliers: Tensor, grid: tuple[int, int]) -> 
     return torch.where(update, mean, fmap).flatten(2).transpose(1, 2)
 
 
-__all__ = ["lof_scores", "lof_outliers", "quantile_outliers", "class_attention_outliers", "repair_outliers",
-           "LOF_NEIGHBORS", "LOF_CONTAMINATION", "SFP_CLASS_SCALE", "SFP_TOP", "decision_dtype"]
+__all__ = ["lof_scores", "lof_outliers", "quantile_outliers", "class_attention_outliers",
+           "repair_outliers", "LOF_NEIGHBORS", "LOF_CONTAMINATION", "SFP_CLASS_SCALE", "SFP_TOP", "decision_dtype"]

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from ..clip.baselines import get_baseline
 from ..clip.model import extract, feature_grid, output_dim, patch_size, vision_tower
 from . import crop_budget
 
@@ -102,12 +103,13 @@ class CropModel:
         padded = (-(-crop_shape[0] // ph) * ph, -(-crop_shape[1] // pw) * pw)
         grid = (padded[0] // ph, padded[1] // pw)
         deep = feature_grid(self.visual, padded, self.baseline, self.vfm)
-        last = self.visual.transformer.resblocks[-1]
-        heads = getattr(getattr(last, "attn", None), "num_heads", 1)
+        blocks = self.visual.transformer.resblocks
+        heads = getattr(getattr(blocks[-1], "attn", None), "num_heads", 1)
+        held_blocks, held_maps = get_baseline(self.baseline).blocks(len(blocks))
         return crop_budget.crop_bytes(
             tokens=grid[0] * grid[1] + 1, width=self.visual.conv1.weight.shape[0], heads=heads,
             queries=queries, patches=deep[0] * deep[1], embed_dim=output_dim(self.visual),
             shallow_layers=len(self.shallow_layers),
             explicit_softmax=self.backend == "reference",  # the fused ops keep no T x T map
             arm_heads=self.arm.config.num_heads if self.arm is not None else None,
-            elem_size=elem_size)
+            elem_size=elem_size, held_blocks=len(held_blocks), held_maps=len(held_maps))

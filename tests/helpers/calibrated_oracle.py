@@ -62,11 +62,12 @@ def mean_interpolation(fmap, cells):
     if len(cells) == 0:
         return fmap
     C = fmap.shape[1]
-    kernel = torch.ones(C, 1, 3, 3, dtype=fmap.dtype)
+    dev = fmap.device
+    kernel = torch.ones(C, 1, 3, 3, dtype=fmap.dtype, device=dev)
     kernel[:, 0, 1, 1] = 0
-    rows = torch.tensor([r for r, _ in cells])
-    cols = torch.tensor([c for _, c in cells])
-    mask = torch.ones(fmap.shape[-2:], dtype=fmap.dtype)
+    rows = torch.tensor([r for r, _ in cells], device=dev)
+    cols = torch.tensor([c for _, c in cells], device=dev)
+    mask = torch.ones(fmap.shape[-2:], dtype=fmap.dtype, device=dev)
     mask[rows, cols] = 0
     mask = mask[None, None]
     nsum = F.conv2d(F.pad(fmap * mask, (1, 1, 1, 1)), kernel, groups=C)
@@ -174,14 +175,15 @@ def sfp(visual, feats, maps, grid):
     return (patch + _aggregate(z, post)).squeeze(1)
 
 
-def gaussian_addition(grid, std=5.0):
+def gaussian_addition(grid, std=5.0, device="cpu"):
     """ResCLIP's ``get_attention_addition`` (lines 398-424): exp(-d^2 / (2 std^2)) between
     patches, 0 on the class token, in float64."""
     h, w = grid
-    ii, jj = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    ii, jj = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device),
+                            indexing="ij")
     r, c = ii.flatten().double(), jj.flatten().double()
     d2 = (r[:, None] - r[None]) ** 2 + (c[:, None] - c[None]) ** 2
-    out = torch.zeros(h * w + 1, h * w + 1, dtype=torch.float64)
+    out = torch.zeros(h * w + 1, h * w + 1, dtype=torch.float64, device=device)
     out[1:, 1:] = torch.exp(-d2 / (2 * std ** 2))
     return out[None]
 
@@ -198,7 +200,7 @@ def resclip(visual, feats, maps, grid, tau=2.0, lam=0.3):
         maps.append(F.softmax(torch.bmm(q * q.shape[-1] ** -0.5, k.transpose(1, 2)), dim=-1))
     rcs = torch.stack(maps).mean(dim=0)
     _, k, v = _qkv(blk.attn, blk.ln_1(x))
-    w = torch.bmm(k, k.transpose(1, 2)) * k.shape[-1] ** -0.5 + gaussian_addition(grid)
+    w = torch.bmm(k, k.transpose(1, 2)) * k.shape[-1] ** -0.5 + gaussian_addition(grid, device=k.device)
     w = tau * ((1 - lam) * F.softmax(w, dim=-1) + lam * rcs)
     return _out(blk.attn, w, v).squeeze(1)[1:]
 

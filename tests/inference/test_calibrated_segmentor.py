@@ -70,3 +70,14 @@ def test_arm_trains_behind_each(name):
     logits.logsumexp(-1).mean().backward()
     assert arm.cross_attn.q.weight.grad is not None and arm.logit_scale.grad is not None
     assert all(p.grad is None for p in vit_b16().parameters())
+
+
+def test_crop_budget_counts_what_the_last_block_reads():
+    """ResCLIP holds four [heads, T, T] maps, SC-CLIP seven block outputs: more per crop."""
+    def per_crop(name):
+        return CropModel(vit_b16(), baseline=name).crop_bytes((448, 448), 20, 4)
+
+    T, W, H = 785, 768, 12
+    assert per_crop("resclip") - per_crop("naclip") == 4 * H * T * T * 4 + 4 * T * T * 4
+    assert per_crop("scclip") - per_crop("naclip") == 7 * T * W * 4 + 4 * T * T * 4
+    assert per_crop("sfp") > per_crop("scclip")
