@@ -5,7 +5,9 @@ last block 11 rewritten), ``X_i`` is block i's output ``[1 + N, W]`` (class toke
 ``P_i`` its patch tokens, ``c_i`` its class token; ``cos(f)`` is the ``[N, N]`` cosine
 similarity of patch tokens f; ``agg(S, x) = (S [S >= 0.4]) x / (row sums + 1e-6)``
 (`armfast.ops.similarity_aggregation` when S = cos(f)); ``mask(S) = softmax(3 (S - mean S))``
-with the entries below 0 set to -inf and one mean per image over all N x N entries;
+with the entries below 0 set to -inf but the diagonal (the official code masks it too, which
+only matters where a whole row falls below the mean: its row would be NaN) and one mean per
+image over all N x N entries;
 ``branch(o) = out_proj(concat_heads(o))``. None of the three keeps the last block's residual or
 FFN.
 
@@ -66,13 +68,17 @@ def _aggregate(weights: Tensor, x: Tensor) -> Tensor:
 
 
 def _mask_softmax(s: Tensor, gamma: float = MASK_GAMMA) -> Tensor:
-    """``mask(S)``: ``softmax(gamma (S - mean S))`` over the entries >= 0, one mean per image."""
+    """``mask(S)``: ``softmax(gamma (S - mean S))`` over the entries >= 0, one mean per image.
+    The diagonal is always kept (as `armfast.ops.averaged_dual_softmax` does): on a flat crop
+    S is 1 everywhere, ``S_ii - mean S`` rounds below 0 and the official row turns to NaN."""
     a = (s - s.mean(dim=(-2, -1), keepdim=True)) * gamma
-    return a.masked_fill(a < 0, float("-inf")).softmax(dim=-1)
+    eye = torch.eye(a.shape[-1], dtype=torch.bool, device=a.device)
+    return a.masked_fill((a < 0) & ~eye, float("-inf")).softmax(dim=-1)
 
 
 def _multi_level(inp: LastBlockInput) -> Tensor:
-    """``X_3 + ... + X_9`` summed in block order from zero, as both repos do."""
+    """``X_3 + ... + X_9`` summed in block order from zero (SC-CLIP's loop; SFP sums the
+    stacked outputs, the same up to rounding)."""
     total = torch.zeros_like(inp.hidden[MULTI_LEVEL[0]])
     for i in MULTI_LEVEL:
         total = total + inp.hidden[i]

@@ -273,3 +273,22 @@ def test_fused_backend_equals_the_reference_float32(name, backend, case32):
         got, _ = baselines.run_baseline(name, block, dataclasses.replace(inp, backend=backend))
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, ref, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_flat_crop_gives_finite_features(name):
+    """A crop of one colour (the patches differ only by their positions): finite features."""
+    images = torch.full((1, 3, 48, 64), 0.5)
+    with torch.no_grad():
+        _, deep = aclip.extract(vit_b16(), images, baseline=name)
+    assert torch.isfinite(deep).all()
+
+
+def test_mask_keeps_the_diagonal_where_a_whole_row_falls_below_the_mean():
+    """Row 0 sits 1e-6 under the mean everywhere (a near-flat crop): the official mask is all
+    -inf there (NaN after softmax); the diagonal is kept instead."""
+    s = torch.ones(1, 3, 3, dtype=torch.float64)
+    s[0, 0] = 1 - 1e-6
+    p = calibrated._mask_softmax(s)
+    torch.testing.assert_close(p[0, 0], torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(p[0, 1:], torch.full((2, 3), 1 / 3, dtype=torch.float64))
