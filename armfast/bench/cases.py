@@ -27,7 +27,11 @@ inputs. FLOP and byte counts follow the design contract (ARM_DESIGN.md, section 
   masked_affinity_attention ``2 n^2 C`` per image for the affinities plus ``2 n^2 d`` per head
   (`armfast.ops._specs` holds these key functions). Memory floor: read the inputs, write the
   output (x, v, out: ``3 N d`` per head; SCLIP ``4 N d``; ProxyCLIP ``n C`` per image plus
-  ``2 n d`` per head).
+  ``2 n d`` per head). SC-CLIP's ops at their algorithmic minimum, S once per image:
+  similarity_aggregation ``2 N^2 (C + D)`` per image (S, then W x), averaged_dual_softmax
+  ``2 N^2 C`` per image plus ``4 N^2 d`` per head (k k^T, one product of the averaged map with
+  v). Memory floor: read f and the values, write the output (``N (C + 2 D)`` per image;
+  ``N C`` per image plus ``3 N d`` per head).
 """
 from __future__ import annotations
 
@@ -38,8 +42,9 @@ import torch
 
 from ..ops._specs import OPS as OP_SPECS
 
+SC_CLIP_OPS = ("similarity_aggregation", "averaged_dual_softmax")
 BASELINE_OPS = ("self_correlation", "self_correlation_sum", "gaussian_self_correlation",
-                "masked_affinity_attention")
+                "masked_affinity_attention", *SC_CLIP_OPS)
 OPS = ("attention", "patch_text_logits", "arm", "clip", *BASELINE_OPS)
 FORWARD_ONLY = ("clip", *BASELINE_OPS)  # inference only: no "train" cases
 MODES = ("forward", "train")
@@ -139,6 +144,10 @@ class Case:
             return patch_text_logits_bytes(s["B"], s["N"], s["C"], s["E"], elem, backward=train)
         if self.op == "masked_affinity_attention":
             return s["B"] * s["n"] * (s["C"] + 2 * s["H"] * s["d"]) * elem
+        if self.op == "similarity_aggregation":
+            return s["B"] * s["N"] * (s["C"] + 2 * s["D"]) * elem
+        if self.op == "averaged_dual_softmax":
+            return s["B"] * s["N"] * (s["C"] + 3 * s["H"] * s["d"]) * elem
         if self.op in BASELINE_OPS:
             tensors = 4 if self.op == "self_correlation_sum" else 3  # inputs, and the output
             return tensors * s["B"] * s["H"] * s["N"] * s["d"] * elem
@@ -261,10 +270,15 @@ def _batch_crops(preset: str) -> Iterator[tuple[int, int]]:
 
 def _baseline_shapes(op: str, preset: str) -> Iterator[dict]:
     """CLIP's last block (12 heads of 64, class token and h x w patches) at the crops; for
-    ProxyCLIP the VFM's patches (twice CLIP's grid) with its 768 features."""
+    ProxyCLIP the VFM's patches (twice CLIP's grid) with its 768 features; for SC-CLIP CLIP's
+    tokens with its 768 features (and 768 values for the aggregation)."""
     def shape(B: int, H: int, side: int, d: int, C: int = VFM_WIDTH) -> dict:
         if op == "masked_affinity_attention":
             return dict(B=B, n=side * side, C=C, H=H, d=d)
+        if op == "similarity_aggregation":
+            return dict(B=B, N=side * side + 1, C=C, D=C)
+        if op == "averaged_dual_softmax":
+            return dict(B=B, N=side * side + 1, C=C, H=H, d=d)
         grid = dict(h=side, w=side) if op == "gaussian_self_correlation" else {}
         return dict(B=B, H=H, N=side * side + 1, **grid, d=d)
 

@@ -188,28 +188,44 @@ def baseline_call(op: str, backend: str) -> Callable:
             return lambda x, v, *, grid, scale: fn(x, v, scale, *grid, 5.0, True)
         if op == "masked_affinity_attention":
             return lambda f, v, *, beta: fn(f, v, beta, 3.0)
+        if op == "similarity_aggregation":
+            return lambda f, x, *, threshold: fn(f, x, threshold)
+        if op == "averaged_dual_softmax":
+            return lambda f, k, v, *, scale, beta: fn(f, k, v, scale, beta, 3.0)
         return lambda *ts, scale: fn(*ts, scale)
     return functools.partial(getattr(ops, op), backend=backend)
 
 
 class BaselineAttentionWorkload(Workload):
     """One of the baseline attentions (forward only) on CLIP-like inputs: q, k, v [B, H, N, d]
-    (NACLIP: on an h x w grid after a class token), or ProxyCLIP's features and values."""
+    (NACLIP: on an h x w grid after a class token), or ProxyCLIP's and SC-CLIP's features and
+    values (their thresholds clear of every affinity: see `affinity_features`)."""
 
     def __init__(self, case, device, seed=0):
         super().__init__(case, device, seed)
         s = case.shape
-        if case.op == "masked_affinity_attention":
-            f, beta = affinity_features(s["B"], s["n"], s["C"], torch.Generator().manual_seed(seed))
-            self.inputs = (f.to(device=device, dtype=case.dtype),
-                           self.randn(s["B"], s["H"], s["n"], s["d"]))
-            self.params = {"beta": beta}
+        if case.op in ("masked_affinity_attention", "similarity_aggregation", "averaged_dual_softmax"):
+            self._features(case, s, device, seed)
             return
         count = 3 if case.op == "self_correlation_sum" else 2
         self.inputs = tuple(self.randn(s["B"], s["H"], s["N"], s["d"]) for _ in range(count))
         self.params = {"scale": s["d"] ** -0.5}
         if case.op == "gaussian_self_correlation":
             self.params["grid"] = (s["h"], s["w"])
+
+    def _features(self, case, s, device, seed):
+        n = s.get("n", s.get("N"))
+        f, beta = affinity_features(s["B"], n, s["C"], torch.Generator().manual_seed(seed))
+        f_in = f.to(device=device, dtype=case.dtype)
+        if case.op == "similarity_aggregation":
+            # beta * mean(S) lies in a gap of the affinities: a threshold no rounding flips
+            mean = torch.nn.functional.normalize(f[0], dim=-1).mean(0).square().sum()
+            self.inputs, self.params = (f_in, self.randn(s["B"], n, s["D"])), {"threshold": beta * float(mean)}
+        elif case.op == "averaged_dual_softmax":
+            self.inputs = (f_in, *(self.randn(s["B"], s["H"], n, s["d"]) for _ in range(2)))
+            self.params = {"beta": beta, "scale": s["d"] ** -0.5}
+        else:
+            self.inputs, self.params = (f_in, self.randn(s["B"], s["H"], n, s["d"])), {"beta": beta}
 
     def fn(self, backend):
         call, inputs, params = baseline_call(self.case.op, backend), self.inputs, self.params

@@ -143,12 +143,17 @@ def cosines(fa: Tensor) -> Tensor:
     return torch.matmul(fn, fn.transpose(-2, -1))
 
 
-def _masked_affinity(fa: Tensor, va: Tensor, beta: float, gamma: float) -> Tensor:
-    """ProxyCLIP's map applied to every head of va, in the accumulation dtype."""
+def _affinity_map(fa: Tensor, beta: float, gamma: float) -> Tensor:
+    """ProxyCLIP's map ``[B, n, n]`` of the features fa (float32 or float64)."""
     s = cosines(fa)
     a = gamma * (s - beta * s.mean(dim=(1, 2), keepdim=True))
     eye = torch.eye(a.shape[-1], dtype=torch.bool, device=a.device)
-    p = a.masked_fill((a < 0) & ~eye, float("-inf")).softmax(-1)
+    return a.masked_fill((a < 0) & ~eye, float("-inf")).softmax(-1)
+
+
+def _masked_affinity(fa: Tensor, va: Tensor, beta: float, gamma: float) -> Tensor:
+    """ProxyCLIP's map applied to every head of va, in the accumulation dtype."""
+    p = _affinity_map(fa, beta, gamma)
     # one product with every head's values side by side ([n, H*d]); a broadcast p @ v per head
     # would first copy p once per head
     B, H, n, d = va.shape
@@ -170,8 +175,9 @@ def averaged_dual_softmax_math(f: Tensor, k: Tensor, v: Tensor, scale: float, be
     for float64 inputs)."""
     fa, ka, va = _acc(f, k, v)
     pk = torch.softmax(torch.matmul(ka, ka.transpose(-2, -1)) * scale, dim=-1)
-    out = (_masked_affinity(fa, va, beta, gamma) + torch.matmul(pk, va)) / 2
-    return out.to(v.dtype)
+    # the maps averaged, then one product with v, as SC-CLIP's code does
+    p = (_affinity_map(fa, beta, gamma).unsqueeze(1) + pk) / 2
+    return torch.matmul(p, va).to(v.dtype)
 
 
 SIMILARITY_EPS = 1e-6  # added to the row sums of W: a row of W may be all zeros (threshold > 1)
