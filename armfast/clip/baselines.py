@@ -23,6 +23,11 @@ dropped) and their grid; `armfast.clip.extract` applies ``ln_post`` and ``proj``
 
 The class token takes part as a key and value in every attention here but proxyclip's, which
 lives on the VFM's patch grid only.
+
+scclip (SC-CLIP), sfp (SFP) and resclip (ResCLIP's RCS) also read earlier blocks' outputs or
+attention maps (`LastBlockInput.hidden` / ``.attention``, filled by `armfast.clip.extract` for
+the blocks their `Baseline` names); they live in `armfast.clip.calibrated`. A baseline's keyword
+options (naclip's ``sigma``, resclip's ``rcs_lambda``, ...) come through ``options``.
 """
 from __future__ import annotations
 
