@@ -111,6 +111,9 @@ def test_last_block_formula(name, block64, x64):
 def test_registry():
     assert list(aclip.BASELINES) == ["vanilla", "maskclip", "sclip", "clearclip", "naclip", "proxyclip",
                                      "scclip", "sfp", "resclip"]
+    from armfast.backbones import ALL_BASELINES
+
+    assert ALL_BASELINES == tuple(aclip.BASELINES)  # every name the presets and training accept
     assert aclip.get_baseline("SCLIP").name == "sclip"
     with pytest.raises(TypeError, match="baseline must be a string"):
         aclip.get_baseline(3)
