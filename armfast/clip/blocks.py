@@ -64,11 +64,13 @@ def attention_branch(block: nn.Module, o: Tensor) -> Tensor:
 
 
 def attention_probs(q: Tensor, k: Tensor) -> Tensor:
-    """``softmax(s q k^T)`` ``[B, heads, T, T]`` in float32 or wider (the maps some baselines
-    read from earlier blocks; decisions made on them must not depend on the model's dtype)."""
+    """``softmax(s q k^T)`` ``[B, heads, T, T]`` in float32 or wider, autocast or not (the maps
+    some baselines read from earlier blocks; decisions made on them must not depend on the
+    model's dtype)."""
     dtype = torch.promote_types(q.dtype, torch.float32)
-    scores = (q.to(dtype) * q.shape[-1] ** -0.5) @ k.to(dtype).transpose(-1, -2)
-    return scores.softmax(dim=-1)
+    with torch.autocast(q.device.type, enabled=False):
+        scores = (q.to(dtype) * q.shape[-1] ** -0.5) @ k.to(dtype).transpose(-1, -2)
+        return scores.softmax(dim=-1)
 
 
 def forward_with_attention(block: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -55,10 +55,12 @@ def _outlier_masks(find, per_image) -> Tensor:
 
 
 def _cosine(f: Tensor) -> Tensor:
-    """``cos(f)`` ``[B, N, N]`` of patch tokens ``f [B, N, C]`` in float32 or wider."""
+    """``cos(f)`` ``[B, N, N]`` of patch tokens ``f [B, N, C]`` in float32 or wider, also under
+    autocast (which would run the product in half precision)."""
     f = f.to(decision_dtype(f))
     f = f / f.norm(dim=-1, keepdim=True)
-    return f @ f.transpose(-1, -2)
+    with torch.autocast(f.device.type, enabled=False):
+        return f @ f.transpose(-1, -2)
 
 
 def _aggregate(weights: Tensor, x: Tensor) -> Tensor:

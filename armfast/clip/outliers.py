@@ -24,8 +24,8 @@ Settled where the official code is loose, one image at a time as it runs:
   by the height, which scrambles non-square crops and fails at 336x448); here a mask over the
   row-major tokens is reshaped to ``(h, w)``, which is that mapping;
 - the quantile is taken in the scores' own precision (SC-CLIP rounds them to float32 for it);
-- every decision is made in float32 or wider whatever the token dtype (the official code runs
-  fp16 on a GPU), so a backend or precision change cannot flip an outlier;
+- every decision is made in float32 or wider whatever the token dtype, autocast off (the
+  official code runs fp16 on a GPU), so a backend or precision change cannot flip an outlier;
 - an outlier without a non-outlier neighbour keeps its value (SC-CLIP does; SFP writes 0, which
   turns the crop's features into NaN once normalised); no outlier leaves the tokens unchanged
   (SC-CLIP fails there);
@@ -61,7 +61,8 @@ def lof_scores(x: Tensor, n_neighbors: int = LOF_NEIGHBORS) -> Tensor:
     if k < 1:
         return x.new_ones(x.shape[0])
     # ||x_i - x_j|| from the differences (no |a|^2 + |b|^2 - 2ab cancellation), then squared
-    distances = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist") ** 2
+    with torch.autocast(x.device.type, enabled=False):
+        distances = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist") ** 2
     knn_distances, knn_indices = torch.topk(distances, k=k + 1, largest=False)
     knn_distances, knn_indices = knn_distances[:, 1:], knn_indices[:, 1:]  # drop the token itself
     k_distances = knn_distances[:, -1:].expand_as(knn_distances)

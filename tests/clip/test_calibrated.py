@@ -292,3 +292,17 @@ def test_mask_keeps_the_diagonal_where_a_whole_row_falls_below_the_mean():
     p = calibrated._mask_softmax(s)
     torch.testing.assert_close(p[0, 0], torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64))
     torch.testing.assert_close(p[0, 1:], torch.full((2, 3), 1 / 3, dtype=torch.float64))
+
+
+def test_decisions_stay_float32_under_autocast():
+    """CPU autocast runs matmuls in bfloat16: the cosines, the attention maps and the LOF
+    distances the decisions read do not follow it."""
+    g = torch.Generator().manual_seed(4)
+    f = torch.randn(1, 30, 16, generator=g)
+    q, k = torch.randn(2, 1, 2, 9, 8, generator=g).unbind(0)
+    plain = (calibrated._cosine(f), blocks.attention_probs(q, k), outliers.lof_scores(f[0]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = (calibrated._cosine(f), blocks.attention_probs(q, k), outliers.lof_scores(f[0]))
+    for a, b in zip(plain, under):
+        assert b.dtype == torch.float32
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
