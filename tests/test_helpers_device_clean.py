@@ -4,7 +4,8 @@ These helpers were written on machines without a GPU, where every tensor is a CP
 `torch.zeros(...)` without `device=` inside an oracle passed here and failed on the first GPU
 (46 failures, once). Under `FakeTensorMode` a tensor can claim `device="cuda"` without a GPU:
 ops compute only shapes, and mixing it with a CPU tensor raises as on a real GPU. Each helper
-runs so here; a new public helper in tests/helpers/baseline_math.py must be added to `CALLS`.
+runs so here; a new public helper in tests/helpers/baseline_math.py or sc_clip_math.py must be
+added to `CALLS`.
 Builders that compute on their data (a fake tensor has none) are called with device="meta"
 instead and must return tensors there.
 """
@@ -15,7 +16,7 @@ import inspect
 import pytest
 import torch
 
-from helpers import baseline_math
+from helpers import baseline_math, sc_clip_math
 from helpers import tensors
 
 fake_tensor = pytest.importorskip("torch._subclasses.fake_tensor")
@@ -41,6 +42,11 @@ CALLS = {
     "masked_affinity_f64": lambda: baseline_math.masked_affinity_f64(*_affinity()),
     "heads": lambda: baseline_math.heads(1, 2, 5, 8, device=CUDA, strided=True),
     "two_cluster_features": lambda: [baseline_math.two_cluster_features(3, 4).to(CUDA)],
+    "cosines_f64": lambda: sc_clip_math.cosines_f64(_affinity()[0]),
+    "similarity_f64": lambda: sc_clip_math.similarity_f64(_affinity()[0], torch.randn(1, 12, 5, device=CUDA)),
+    "dual_softmax_f64": lambda: sc_clip_math.dual_softmax_f64(_affinity()[0], *_qkv(N=12)[:2]),
+    "alternating_values": lambda: sc_clip_math.alternating_values(
+        (1, 2, 16, 8), torch.float32, torch.Generator().manual_seed(0), device=CUDA),
     "make_qkv": lambda: tensors.make_qkv(1, 2, 5, 7, 8, device=CUDA, strided=True),
     "attention_f64": lambda: tensors.attention_f64(*_qkv()),
     "patch_text_logits_f64": lambda: tensors.patch_text_logits_f64(
@@ -53,6 +59,13 @@ CALLS = {
 DATA_BUILDERS = {
     "affinity_inputs": lambda device: baseline_math.affinity_inputs(1, 12, 16, 2, 8, device=device,
                                                                     strided=True)[:2],
+    "similarity_inputs": lambda device: sc_clip_math.similarity_inputs(2, 9, device=device,
+                                                                       strided=True)[:2],
+    "near_threshold_features": lambda device: [
+        sc_clip_math.near_threshold_features(torch.bfloat16, device=device)],
+    "dual_inputs": lambda device: sc_clip_math.dual_inputs(2, 9, device=device, strided=True)[:3],
+    "in_widest_gap": lambda device: [torch.tensor(sc_clip_math.in_widest_gap(
+        torch.tensor([0.1, 0.45, 0.9], dtype=torch.float64), 0.3, 0.5), device=device)],
 }
 
 
@@ -63,7 +76,7 @@ def _public_functions(module) -> set[str]:
 
 
 def test_every_shared_helper_is_checked():
-    helpers = _public_functions(baseline_math) | {
+    helpers = _public_functions(baseline_math) | _public_functions(sc_clip_math) | {
         name for name in _public_functions(tensors) if name.endswith("_f64") or name == "make_qkv"}
     assert helpers - set(CALLS) - set(DATA_BUILDERS) == set(), "add these helpers to CALLS"
 

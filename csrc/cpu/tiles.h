@@ -108,6 +108,15 @@ ARMFAST_INLINE T online_softmax_row(T* srow, int64_t nk, int64_t cols, T& m, T& 
   return alpha;
 }
 
+// ProxyCLIP's mask on one row of cosines srow[0:nk]: gamma * S where S >= thresh or on the
+// diagonal (the key index `diagonal` in this tile, if any), -inf elsewhere. S is compared in T.
+template <typename T>
+ARMFAST_INLINE void mask_affinity_row(T* srow, int64_t nk, T thresh, T gamma, int64_t diagonal) {
+#pragma omp simd
+  for (int64_t j = 0; j < nk; ++j)
+    srow[j] = srow[j] >= thresh || j == diagonal ? gamma * srow[j] : -std::numeric_limits<T>::infinity();
+}
+
 // Runs `tile(P, outer, tile_index * block, workspace)` for every (outer < n_outer, tile of
 // `block` over n) on up to `threads` OpenMP threads, each with its own workspace of `ws_elems`
 // elements. Every task writes its own part of the output: no atomics, and the results do not

@@ -8,6 +8,7 @@ import torch
 from armfast import ops
 from helpers.internals import library as _library
 from helpers.baseline_math import affinity_inputs, masked_affinity_f64
+from helpers.threads import with_threads as _with_threads
 
 pytestmark = pytest.mark.skipif(ops.backend_status("cpu")["cpu"] is not None,
                                 reason=f"cpu backend unavailable: {ops.backend_status('cpu')['cpu']}")
@@ -55,15 +56,6 @@ def test_column_major_features(n, dtype):
     fc = f.transpose(1, 2).contiguous().transpose(1, 2)
     assert fc.stride(1) == 1
     torch.testing.assert_close(run(fc, v, beta).double(), masked_affinity_f64(f, v, beta), **TOL[dtype])
-
-
-def _with_threads(threads, fn):
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        return fn()
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])

@@ -6,18 +6,14 @@ import pytest
 import torch
 
 from armfast import ops
-from helpers.internals import library as _library, registry as _registry
+from helpers.internals import registry as _registry
+from helpers.threads import with_threads
 
-pytestmark = pytest.mark.skipif(ops.backend_status("cpu")["cpu"] is not None,
-                                reason=f"cpu backend unavailable: {ops.backend_status('cpu')['cpu']}")
+pytestmark = [pytest.mark.skipif(ops.backend_status("cpu")["cpu"] is not None,
+                                 reason=f"cpu backend unavailable: {ops.backend_status('cpu')['cpu']}"),
+              pytest.mark.usefixtures("poisoned_allocations")]  # outputs start as NaN
 
 TOL = {torch.float32: dict(atol=3e-5, rtol=1e-4), torch.float64: dict(atol=1e-12, rtol=1e-10)}
-
-
-@pytest.fixture(autouse=True)
-def poisoned(monkeypatch):
-    """Outputs start as NaN, so an element the kernel forgets to write fails the comparison."""
-    monkeypatch.setattr(_library, "POISON_ALLOCATIONS", True)
 
 
 def inputs(B, N, C, H, d, dtype=torch.float32, seed=0):
@@ -90,43 +86,41 @@ def test_column_major_features(dtype):
         torch.testing.assert_close(got.double(), w, **TOL[dtype])
 
 
-def _with_threads(threads, fn):
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        return fn()
-    finally:
-        torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
 def test_every_instruction_set_and_thread_count(isa, monkeypatch):
     # The CPU may lack the requested set; the kernel then runs the best one it has. N = 197:
     # three full tiles of 64 and a tail of 5 rows (not a multiple of any micro-tile's rows).
+    # One image on one thread takes the image path (each tile of the symmetric S and k k^T once,
+    # for both row blocks), on two the tile path: the same bits. Three images: the image path.
     monkeypatch.setenv("ARMFAST_CPU_ISA", isa)
-    for dtype in (torch.float32, torch.float64):
-        f, k, v = inputs(2, 197, 72, 2, 32, dtype=dtype, seed=3)
+    for dtype, B in ((torch.float32, 1), (torch.float64, 1), (torch.float32, 3)):
+        f, k, v = inputs(B, 197, 72, 2, 32, dtype=dtype, seed=3)
         threshold, beta = threshold_and_beta(f)
         want = expected(f, k, v, threshold, beta)
-        one, two = (_with_threads(t, lambda: both(f, k, v, threshold, beta)) for t in (1, 2))
+        one, two = (with_threads(t, lambda: both(f, k, v, threshold, beta)) for t in (1, 2))
         for a, b, w in zip(one, two, want):
             assert torch.equal(a, b)  # each task writes its own rows, in a fixed order
             torch.testing.assert_close(a.double(), w, **TOL[dtype])
 
 
-def test_images_in_groups_equal_single_images():
-    # 9 key tiles of 1024 features: 2.4 MB of packed features per image, so a batch of 7 runs as
-    # groups of 6 and 1 (16 MiB of packed operands per group); each image must come out as if alone
-    f, k, v = inputs(7, 520, 1024, 2, 8, seed=4)
+def test_paths_and_groups_give_the_same_bits():
+    # 9 key tiles of 2048 features: 4.7 MB of packed features per image. On two threads five
+    # images take the tile path, in groups of 3 and 2 (16 MiB of packed operands per group); on
+    # one thread the image path (each image packed by its own task). Same bits, and each image
+    # as if alone.
+    f, k, v = inputs(5, 520, 2048, 2, 8, seed=4)
     threshold, beta = threshold_and_beta(f)
-    batch = both(f, k, v, threshold, beta)
-    for b in range(7):
-        single = both(f[b:b + 1], k[b:b + 1], v[b:b + 1], threshold, beta)
-        for got, alone in zip(batch, single):
+    tiles = with_threads(2, lambda: both(f, k, v, threshold, beta))
+    images = with_threads(1, lambda: both(f, k, v, threshold, beta))
+    for b in (0, 4):
+        single = with_threads(2, lambda: both(f[b:b + 1], k[b:b + 1], v[b:b + 1], threshold, beta))
+        for got, alone in zip(tiles, single):
             assert torch.equal(got[b:b + 1], alone), b
+    for a, b in zip(tiles, images):
+        assert torch.equal(a, b)
     sdpa = (ops.similarity_aggregation(f, v[:, 0], threshold=threshold, backend="sdpa"),
             ops.averaged_dual_softmax(f, k, v, beta=beta, backend="sdpa"))
-    for got, want in zip(batch, sdpa):
+    for got, want in zip(tiles, sdpa):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 

@@ -1,5 +1,5 @@
 """SC-CLIP's ops, `similarity_aggregation` and `averaged_dual_softmax`, on every CPU backend against
-float64 formulas written here: awkward sizes, batches against single images, strided views,
+independent float64 formulas (tests/helpers/sc_clip_math.py): awkward sizes, batches against single images, strided views,
 half-precision inputs, pairs built a hair either side of the threshold (no backend may flip
 them), gradients, torch.compile, bad arguments."""
 from __future__ import annotations
@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from armfast import ops
-from helpers.internals import library as _library
+from helpers.sc_clip_math import (alternating_values, cosines_f64, dual_inputs, dual_softmax_f64,
+                                  near_threshold_features, similarity_f64, similarity_inputs)
 
 CPU_READY = ops.backend_status("cpu")["cpu"] is None
 BACKENDS = ["reference", "sdpa", pytest.param("cpu", marks=pytest.mark.skipif(
@@ -18,91 +19,7 @@ HALF = (torch.bfloat16, torch.float16)
 TOL = {torch.float32: dict(atol=3e-5, rtol=1e-4), torch.float64: dict(atol=1e-12, rtol=1e-10),
        torch.float16: dict(atol=3e-3, rtol=3e-3), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 SIZES = [(2, 1), (2, 7), (2, 197), (1, 785)]  # (B, N)
-
-
-@pytest.fixture(autouse=True)
-def poisoned(monkeypatch):
-    """Fused outputs start as NaN, so an element a kernel forgets to write fails the comparison."""
-    monkeypatch.setattr(_library, "POISON_ALLOCATIONS", True)
-
-
-# ---- the float64 formulas ---------------------------------------------------------------------
-
-def cosines_f64(f):
-    f = f.double()
-    return (f @ f.transpose(1, 2)) / (f.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-                                      * f.norm(dim=-1).clamp_min(1e-12).unsqueeze(1))
-
-
-def similarity_f64(f, x, threshold=0.4):
-    S = cosines_f64(f)
-    W = torch.where(S >= threshold, S, torch.zeros_like(S))
-    return (W @ x.double()) / (W.sum(-1, keepdim=True) + 1e-6)
-
-
-def softmax_f64(a):
-    e = torch.exp(a - a.max(-1, keepdim=True).values)
-    return e / e.sum(-1, keepdim=True)
-
-
-def dual_softmax_f64(f, k, v, scale=None, gamma=3.0, beta=1.0):
-    k, v = k.double(), v.double()
-    scale = k.shape[-1] ** -0.5 if scale is None else scale
-    S = cosines_f64(f)
-    A = gamma * (S - beta * S.mean(dim=(1, 2), keepdim=True))
-    off = ~torch.eye(S.shape[-1], dtype=torch.bool, device=S.device)
-    mask = softmax_f64(A.masked_fill((A < 0) & off, float("-inf")))
-    self_k = softmax_f64(scale * k @ k.transpose(-1, -2))
-    return ((mask.unsqueeze(1) + self_k) / 2) @ v
-
-
-# ---- inputs with every decision well clear of the threshold ------------------------------------
-
-def in_widest_gap(values, lo, hi, margin=2e-5):
-    """A number in [lo, hi] in the middle of the widest gap between `values` (a 1-D float64
-    tensor): no value is then near it, where float32 rounding could decide either way."""
-    inside = values[(values > lo) & (values < hi)].sort().values
-    edges = torch.cat([inside.new_tensor([lo]), inside, inside.new_tensor([hi])])
-    gaps = edges[1:] - edges[:-1]
-    i = int(gaps.argmax())
-    assert gaps[i] > 2 * margin, "no gap wide enough: change the seed"
-    return float(edges[i] + gaps[i] / 2)
-
-
-def features(B, N, C, dtype, generator, strided=False):
-    """f [B, N, C] (a per-image shared direction plus noise, so cosines spread around 0.4 and the
-    images' mean similarities differ); strided: a [B, C, N] map seen as [B, N, C]."""
-    shared = torch.randn(B, 1, C, dtype=torch.float64, generator=generator)
-    weight = torch.linspace(0.4, 1.0, B, dtype=torch.float64).view(B, 1, 1)
-    f = torch.randn(B, N, C, dtype=torch.float64, generator=generator) + weight * shared
-    if strided:
-        f = f.transpose(1, 2).contiguous().transpose(1, 2)
-    return f.to(dtype)
-
-
-def values(B, N, D, dtype, generator, strided=False):
-    """[B, N, D]; strided: every other column of a [B, N, 2D] tensor."""
-    x = torch.randn(B, N, 2 * D if strided else D, dtype=torch.float64, generator=generator).to(dtype)
-    return x[..., ::2] if strided else x
-
-
-def similarity_inputs(B, N, C=48, D=40, dtype=torch.float32, strided=False, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    f, x = features(B, N, C, dtype, g, strided), values(B, N, D, dtype, g, strided)
-    return f, x, in_widest_gap(cosines_f64(f).flatten(), 0.3, 0.5)
-
-
-def dual_inputs(B, N, C=48, H=3, d=16, dtype=torch.float32, strided=False, seed=0):
-    """f, k, v and a beta whose thresholds beta * mean(S), one per image, are clear of every S."""
-    g = torch.Generator().manual_seed(seed)
-    f = features(B, N, C, dtype, g, strided)
-    if strided:  # k and v as views of one [B, N, 2, H, d] projection
-        k, v = torch.randn(B, N, 2, H, d, dtype=torch.float64, generator=g).to(dtype).permute(2, 0, 3, 1, 4)
-    else:
-        k, v = (torch.randn(B, H, N, d, dtype=torch.float64, generator=g).to(dtype) for _ in range(2))
-    S = cosines_f64(f)
-    ratio = (S / S.mean(dim=(1, 2), keepdim=True)).flatten()
-    return f, k, v, in_widest_gap(ratio, 0.8, 1.4, margin=1e-5)
+pytestmark = pytest.mark.usefixtures("poisoned_allocations")  # outputs start as NaN
 
 
 def check(got, want, dtype):
@@ -189,46 +106,10 @@ def test_batch_equals_single_images(backend):
 
 # ---- near the threshold: decided in float32 whatever the input dtype ---------------------------
 
-OFFSETS = (1e-3, -1e-3, 5e-4, -5e-4, 3e-4, -3e-4, 2e-4, -2e-4)
-
-
-def _integer_direction(target):
-    """(r, s, t) small integers (exact in bfloat16) whose cosine with (1, 0, 0) is nearest to
-    `target`, and that cosine."""
-    r, s, t = torch.meshgrid(torch.arange(1, 41), torch.arange(0, 41), torch.arange(0, 41),
-                             indexing="ij")
-    cos = r / (r * r + s * s + t * t).double().sqrt()
-    i = int((cos - target).abs().argmin())
-    return (int(r.flatten()[i]), int(s.flatten()[i]), int(t.flatten()[i])), float(cos.flatten()[i])
-
-
-def near_threshold_features(dtype, threshold=0.4):
-    """f [2, 16, 24] exact in `dtype`: eight pairs of tokens, each pair in its own 3 dims (other
-    pairs are orthogonal to it), with cosine threshold + offset for the OFFSETS; the images hold
-    the pairs in different orders and scales."""
-    f = torch.zeros(2, 16, 24, dtype=torch.float64)
-    for p, offset in enumerate(OFFSETS):
-        (r, s, t), cos = _integer_direction(threshold + offset)
-        assert abs(cos - threshold - offset) < abs(offset) / 4 and (cos > threshold) == (offset > 0)
-        for b, scale in enumerate((1, 3)):
-            slot = p if b == 0 else len(OFFSETS) - 1 - p
-            f[b, 2 * slot, 3 * p] = 2 * scale
-            f[b, 2 * slot + 1, 3 * p:3 * p + 3] = torch.tensor([r, s, t], dtype=torch.float64) * scale
-    assert torch.equal(f.to(dtype).double(), f)
-    return f.to(dtype)
-
-
-def _alternating_values(shape, dtype, generator):
-    """Values far apart between the two tokens of each pair, so a flipped decision shows."""
-    sign = torch.ones(shape[-2], 1, dtype=torch.float64)
-    sign[1::2] = -1
-    return (2 * sign + 0.3 * torch.randn(shape, dtype=torch.float64, generator=generator)).to(dtype)
-
-
 @pytest.mark.parametrize("dtype", [*HALF, torch.float32])
 def test_similarity_near_threshold_no_backend_flips(dtype):
     f = near_threshold_features(dtype)
-    x = _alternating_values((2, 16, 8), dtype, torch.Generator().manual_seed(20))
+    x = alternating_values((2, 16, 8), dtype, torch.Generator().manual_seed(20))
     want = similarity_f64(f, x, 0.4)
     # the case can fail: the pairs a hair above 0.4 carry weight, dropping them changes the result
     assert (similarity_f64(f, x, 0.4 + 2e-3) - want).abs().max() > 20 * TOL[dtype]["atol"]
@@ -243,7 +124,7 @@ def test_dual_softmax_near_threshold_no_backend_flips(dtype):
     f = near_threshold_features(dtype)
     g = torch.Generator().manual_seed(21)
     k = torch.randn(2, 2, 16, 8, dtype=torch.float64, generator=g).to(dtype)
-    v = _alternating_values((2, 2, 16, 8), dtype, g)
+    v = alternating_values((2, 2, 16, 8), dtype, g)
     # beta puts the threshold beta * mean(S) at 0.4 in both images (their means are equal: the
     # same pairs), so the pairs sit at 0.4 + OFFSETS from it
     means = cosines_f64(f).mean(dim=(1, 2))
