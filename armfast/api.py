@@ -65,8 +65,8 @@ def segment(image, classes, baseline: Optional[str] = None, arm=None, *,
     Args:
         image: a path, a PIL image, an ``HxWx3`` uint8 array or a ``[3, H, W]`` tensor.
         classes: class names; a list per class for synonyms (``["cat", ["person", "people"]]``).
-        baseline: vanilla, maskclip, sclip (default), clearclip, naclip or proxyclip (needs
-            ``vfm``); the `SegmentorConfig` field.
+        baseline: vanilla, maskclip, sclip (default), clearclip, naclip, proxyclip (needs
+            ``vfm``), scclip, sfp or resclip; the `SegmentorConfig` field.
         arm: an `armfast.ARM` or its ``save_pretrained`` directory; it must have been trained
             for this backbone.
         config, **overrides: a `SegmentorConfig` and its fields (``background``,

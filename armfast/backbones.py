@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-ALL_BASELINES = ("vanilla", "maskclip", "sclip", "clearclip", "naclip", "proxyclip")
+ALL_BASELINES = ("vanilla", "maskclip", "sclip", "clearclip", "naclip", "proxyclip", "scclip",
+                 "sfp", "resclip")
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,13 @@ The background becomes class 0 ("background") ahead of the dataset's other class
 ids match the masks. The other datasets have no background class and no rule.
 
 Expected numbers: ViT-B/16 with OpenAI weights, from the design contract (section 4), which
-quotes the SCLIP, ClearCLIP and NACLIP papers. Other backbones, weights and baselines have
-``expected_miou=None``: we could not check their published tables. The protocols do not change
+quotes the SCLIP, ClearCLIP and NACLIP papers; SC-CLIP's as issue 25 quotes them; ResCLIP's
+(on NACLIP) from the tables of its official README (``figs/main_results_w.png`` and
+``main_results_wo.png`` @ 0e085f7), which are RCS + SFR while armfast's resclip is RCS alone.
+No published SFP figure was found (its official repo's own test log at 2804f5b records VOC21
+61.4, not a paper number). Other backbones, weights and baselines have ``expected_miou=None``:
+we could not check their published tables. ``measured_miou`` is armfast's own measurement of
+the preset, None ("not measured") until one is recorded in `MEASURED_MIOU`. The protocols do not change
 with the backbone: the baselines' code runs ViT-L/14 with the ViT-B/16 crop, stride, short side
 and logit scale.
 """
@@ -44,6 +49,8 @@ _SCLIP_WORDS = {"voc21": SCLIP_BACKGROUND_WORDS, "coco_object": SCLIP_BACKGROUND
                 "context60": ("background",)}
 BACKGROUND_WORDS: dict[str, dict[str, tuple[str, ...]]] = {
     "sclip": _SCLIP_WORDS, "naclip": _SCLIP_WORDS, "vanilla": _SCLIP_WORDS, "maskclip": _SCLIP_WORDS,
+    # SC-CLIP, SFP and ResCLIP ship SCLIP's cls_voc21 / cls_coco_object / cls_context60 line 0
+    "scclip": _SCLIP_WORDS, "sfp": _SCLIP_WORDS, "resclip": _SCLIP_WORDS,
     # ClearCLIP's cls_coco_object.txt is not in our sources; SCLIP's set (its parent) is assumed
     "clearclip": {"voc21": ("background",), "coco_object": SCLIP_BACKGROUND_WORDS,
                   "context60": ("background",)},
@@ -56,13 +63,27 @@ _PUBLISHED = {
     "sclip": (59.1, 30.4, 30.5, 80.4, 34.2, 22.4, 32.2, 16.1),
     "clearclip": (51.8, 32.6, 33.0, 80.9, 35.9, 23.9, 30.0, 16.7),
     "naclip": (58.9, 32.2, 33.2, 79.7, 35.2, 23.3, 35.5, 17.4),
+    "scclip": (64.6, 36.8, 37.7, 84.3, 40.1, 26.6, 41.0, 20.1),
+    "resclip": (61.1, 33.5, 35.0, 86.0, 36.8, 24.7, 35.9, 18.0),
 }
-_PAPERS = {"sclip": "SCLIP (Wang et al., ECCV 2024)", "clearclip": "ClearCLIP (Lan et al., ECCV 2024)",
-           "naclip": "NACLIP (Hajimiri et al., WACV 2025)"}
+_CONTRACT = "as quoted by the design contract"
+_PAPERS = {
+    "sclip": f"SCLIP (Wang et al., ECCV 2024) {_CONTRACT}",
+    "clearclip": f"ClearCLIP (Lan et al., ECCV 2024) {_CONTRACT}",
+    "naclip": f"NACLIP (Hajimiri et al., WACV 2025) {_CONTRACT}",
+    "scclip": "SC-CLIP (Bai et al.) ViT-B/16 as reported elsewhere and quoted by issue 25",
+    "resclip": ("ResCLIP on NACLIP (Yang et al., CVPR 2025), its README's tables; that is RCS + "
+                "SFR, armfast runs RCS alone, so expect less"),
+}
 EXPECTED_MIOU: dict[tuple[str, str, str], float] = {
     (b, d, DEFAULT_BACKBONE): v for b, values in _PUBLISHED.items()
     for d, v in zip(DATASET_NAMES, values)
 }
+# (baseline, dataset, backbone) -> mIoU (%) armfast measured under the preset; none yet: no
+# dataset or CLIP weights were reachable where these presets were written
+MEASURED_MIOU: dict[tuple[str, str, str], float] = {}
+NO_PUBLISHED_FIGURE = {"sfp": "no published SFP figure found (the official repo's test log at "
+                              "2804f5b records VOC21 61.4, not a paper number)"}
 EXPECTED_PRETRAINED = "openai"  # the weights the published numbers were measured with
 
 
@@ -83,6 +104,7 @@ class Preset:
     classnames: Optional[str]  # class-name file (a dataset name or a path); None: the caller's
     expected_miou: Optional[float]  # published mIoU (%), None where we have no citable number
     source: str  # where the protocol and the number come from
+    measured_miou: Optional[float] = None  # armfast's measurement (MEASURED_MIOU), None: not measured
 
     def classes(self) -> Optional[list[list[str]]]:
         """The classes to name (synonym lists), the background class excluded when the
@@ -100,7 +122,8 @@ class Preset:
         return {"name": self.name, "baseline": self.baseline, "dataset": self.dataset,
                 "backbone": self.backbone, "protocol": self.protocol.to_dict(),
                 "background": self.background.describe(), "classnames": self.classnames,
-                "expected_miou": self.expected_miou, "source": self.source}
+                "expected_miou": self.expected_miou, "measured_miou": self.measured_miou,
+                "source": self.source}
 
     def describe(self) -> str:
         """One line: every value the number depends on."""
@@ -110,9 +133,13 @@ class Preset:
                  f"logit_scale {p.logit_scale:g}", f"background {self.background.describe()}"]
         if p.area_thd is not None:
             parts.append(f"area_thd {p.area_thd:g}")
+        parts += [f"{k} {v:g}" for k, v in p.baseline_options]
         parts.append(f"classes {self.classnames or 'given'}")
         parts.append("paper mIoU " + (f"{self.expected_miou:.1f}" if self.expected_miou is not None
                                       else "n/a"))
+        if self.dataset is not None:
+            parts.append("measured " + (f"{self.measured_miou:.1f}" if self.measured_miou is not None
+                                        else "not measured"))
         return f"{self.name}: " + ", ".join(parts)
 
 
@@ -187,14 +214,18 @@ def get_preset(baseline: str, dataset: Optional[str] = None, backbone: str = DEF
     if background is not None:
         rule = _fit_background(_with_threshold(parse_background(background),
                                                overrides.get("prob_thd")), dataset)
-    expected = None
+    expected = measured = None
     if dataset is not None and not overrides and background is None and \
             pretrained == EXPECTED_PRETRAINED:
         expected = EXPECTED_MIOU.get((baseline, dataset, spec.name))
+        measured = MEASURED_MIOU.get((baseline, dataset, spec.name))
     source = protocol.source
     if expected is not None:
-        source += f"; mIoU from {_PAPERS[baseline]} as quoted by the design contract"
-    return Preset(name, baseline, dataset, spec.name, protocol, rule, classnames, expected, source)
+        source += f"; mIoU from {_PAPERS[baseline]}"
+    elif dataset is not None and baseline in NO_PUBLISHED_FIGURE:
+        source += f"; {NO_PUBLISHED_FIGURE[baseline]}"
+    return Preset(name, baseline, dataset, spec.name, protocol, rule, classnames, expected, source,
+                  measured)
 
 
 def default_preset(baseline: str, backbone: Optional[str] = None) -> Preset:

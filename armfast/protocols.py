@@ -8,6 +8,9 @@ covering less than that fraction of the image are dropped).
 
 vanilla and maskclip have no configs of their own; they run under SCLIP's harness, which
 evaluates them in its paper.
+
+A protocol may also set options of the baseline itself (``baseline_options``, passed to
+`armfast.clip.extract`): ResCLIP's configs set its RCS weight lambda per dataset.
 """
 from __future__ import annotations
 
@@ -24,6 +27,8 @@ class Protocol:
     prob_thd: float = 0.0  # pixels whose best probability is below become class 0
     area_thd: float | None = None  # drop classes covering < area_thd of the image (SCLIP VOC21)
     source: str = ""  # where the numbers come from
+    # keyword options of the baseline's last block, as (name, value) pairs (hashable)
+    baseline_options: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self):
         for name, least in (("short_side", 0), ("crop", 0), ("stride", 1)):
@@ -41,6 +46,12 @@ class Protocol:
             raise ValueError(f"prob_thd must be in [0, 1], got {self.prob_thd}")
         if self.area_thd is not None and not 0.0 <= self.area_thd < 1.0:
             raise ValueError(f"area_thd must be in [0, 1) or None, got {self.area_thd}")
+        if isinstance(self.baseline_options, dict):
+            object.__setattr__(self, "baseline_options", tuple(self.baseline_options.items()))
+        if not all(isinstance(o, tuple) and len(o) == 2 and isinstance(o[0], str)
+                   for o in self.baseline_options):
+            raise ValueError(f"baseline_options must be (name, value) pairs or a dict, got "
+                             f"{self.baseline_options!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -58,6 +69,12 @@ _BASE = {
 }
 _BASE["vanilla"] = replace(_BASE["sclip"], source=_SCLIP + ", vanilla under SCLIP's harness")
 _BASE["maskclip"] = replace(_BASE["sclip"], source=_SCLIP + ", MaskCLIP under SCLIP's harness")
+# segmentor defaults of each repo (mmseg Resize scale=(2048, S): short side S)
+_BASE["scclip"] = Protocol(336, 224, 112, 40.0, source="SC-CLIP configs (SuleBai/SC-CLIP @ 0417ba9)")
+_BASE["sfp"] = Protocol(336, 224, 112, 40.0, source="SFP configs (Kimsure/SFP @ 2804f5b, SFP_ICCV)")
+_BASE["resclip"] = Protocol(336, 224, 112, 40.0, baseline_options=(("rcs_lambda", 0.3),),
+                            source="ResCLIP configs (yvhangyang/ResCLIP @ 0e085f7), RCS weights "
+                                   "[tau 2.0, lambda] per dataset")
 
 _SCLIP_OVERRIDES = {
     "voc21": dict(logit_scale=65.0, prob_thd=0.1, area_thd=0.1),
@@ -89,6 +106,30 @@ _OVERRIDES: dict[str, dict[str, dict]] = {
         "coco_object": dict(prob_thd=0.1),
         "cityscapes": dict(short_side=448, crop=224),
     },
+}
+
+_SCCLIP_OVERRIDES = {  # SC-CLIP's cfg_<dataset>.py; SFP's are the same but for ADE20K
+    "voc21": dict(logit_scale=50.0, prob_thd=0.15, area_thd=0.1),
+    "context60": dict(prob_thd=0.15),
+    "coco_object": dict(logit_scale=55.0, prob_thd=0.35),
+    "cityscapes": dict(short_side=560),
+}
+_OVERRIDES["scclip"] = _SCCLIP_OVERRIDES
+_OVERRIDES["sfp"] = {**_SCCLIP_OVERRIDES, "ade20k": dict(short_side=384)}
+
+
+def _rcs(lam: float) -> tuple[tuple[str, float], ...]:
+    return (("rcs_lambda", lam),)
+
+
+_OVERRIDES["resclip"] = {  # its cfg_<dataset>.py: attn_rcs_weights = [2.0, lambda]
+    "voc21": dict(prob_thd=0.1, crop=0),
+    "context60": dict(prob_thd=0.1),
+    "coco_object": dict(prob_thd=0.1, baseline_options=_rcs(0.4)),
+    "voc20": dict(crop=0, baseline_options=_rcs(0.6)),
+    "context59": dict(baseline_options=_rcs(0.4)),
+    "coco_stuff164k": dict(baseline_options=_rcs(0.4)),
+    "cityscapes": dict(short_side=560, baseline_options=_rcs(0.2)),
 }
 
 PROTOCOLS: dict[tuple[str, str], Protocol] = {

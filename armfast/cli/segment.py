@@ -34,7 +34,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                          help="class-name file: one class per line, comma-separated synonyms "
                               "(or a dataset name such as voc21)")
     p.add_argument("--baseline", default="sclip",
-                   help="vanilla, maskclip, sclip, clearclip, naclip or proxyclip (default: sclip)")
+                   help="vanilla, maskclip, sclip, clearclip, naclip, proxyclip, scclip, sfp or "
+                        "resclip (default: sclip)")
     p.add_argument("--arm", metavar="DIR", help="ARM checkpoint directory (ARM.save_pretrained)")
     add_clip_arguments(p)
     p.add_argument("--vfm", metavar="PATH", help="proxyclip: VFM checkpoint (e.g. DINO ViT-B/8)")

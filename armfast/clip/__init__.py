@@ -1,6 +1,7 @@
 """CLIP hooks for ARM: loading, shallow/deep feature extraction, the training-free baselines
 and class-name text embeddings. open_clip is imported only by the functions that need it."""
 from .baselines import BASELINES, Baseline, LastBlockInput, get_baseline, register_baseline
+from . import calibrated  # noqa: F401,E402  (registers scclip, sfp and resclip after the others)
 from .model import (DEFAULT_SHALLOW_LAYERS, OPENAI_MEAN, OPENAI_STD, backbone_of,
                     check_arm_matches, default_shallow_layers, embed, extract, feature_grid,
                     image_stats, interpolate_pos_embed, load_clip, native_grid, output_dim,

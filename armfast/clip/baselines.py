@@ -23,11 +23,17 @@ dropped) and their grid; `armfast.clip.extract` applies ``ln_post`` and ``proj``
 
 The class token takes part as a key and value in every attention here but proxyclip's, which
 lives on the VFM's patch grid only.
+
+scclip (SC-CLIP), sfp (SFP) and resclip (ResCLIP's RCS) also read earlier blocks' outputs or
+attention maps (`LastBlockInput.hidden` / ``.attention``, filled by `armfast.clip.extract` for
+the blocks their `Baseline` names); they live in `armfast.clip.calibrated`. A baseline's keyword
+options (naclip's ``sigma``, resclip's ``rcs_lambda``, ...) come through ``options``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+import inspect
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +62,12 @@ class LastBlockInput:
     backend: str = "auto"  # armfast.ops backend for the attention products
     vfm: Optional[VisionFoundationModel] = None
     batch_first: bool = True  # layout the block's own forward expects (vanilla fallback)
+    # what some baselines read from earlier blocks (0-based block -> tensor), only the blocks
+    # their `Baseline` names: outputs [B, 1 + h*w, W] and attention probabilities
+    # [B, heads, 1 + h*w, 1 + h*w] (float32 or wider)
+    hidden: Mapping[int, Tensor] = field(default_factory=dict)
+    attention: Mapping[int, Tensor] = field(default_factory=dict)
+    depth: int = 0  # blocks in the tower (the last block is depth - 1); 0: not given
 
 
 BaselineFn = Callable[[nn.Module, LastBlockInput], "tuple[Tensor, tuple[int, int]]"]
@@ -67,15 +79,39 @@ class Baseline:
     fn: BaselineFn
     needs_vfm: bool = False
     any_block: bool = False  # True: runs on blocks that are not open_clip's standard one
+    # earlier blocks whose outputs / attention maps the baseline reads (`LastBlockInput.hidden`
+    # and `.attention`); 0-based, negative ones count from the end (-2: the last block's input)
+    hidden_blocks: tuple[int, ...] = ()
+    attention_blocks: tuple[int, ...] = ()
+
+    def blocks(self, depth: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(hidden, attention) block indices on a tower of `depth` blocks; ValueError when one
+        is not a block before the last."""
+        out = []
+        for wanted in (self.hidden_blocks, self.attention_blocks):
+            resolved = tuple(i % depth if -depth <= i < depth else i for i in wanted)
+            if any(not 0 <= i < depth - 1 for i in resolved):
+                raise ValueError(f"baseline {self.name!r} reads blocks {wanted} (0-based, negative "
+                                 f"from the end) and needs them before the last block; this "
+                                 f"tower has {depth} blocks")
+            out.append(resolved)
+        return out[0], out[1]
+
+    def options(self) -> tuple[str, ...]:
+        """The keyword options ``fn`` takes after (block, inp), e.g. naclip's ``sigma``."""
+        return tuple(inspect.signature(self.fn).parameters)[2:]
 
 
 BASELINES: dict[str, Baseline] = {}
 
 
-def register_baseline(name: str, *, needs_vfm: bool = False, any_block: bool = False):
-    """Decorator adding ``fn(block, inp) -> (patch tokens [B, N', W], (h', w'))`` to BASELINES."""
+def register_baseline(name: str, *, needs_vfm: bool = False, any_block: bool = False,
+                      hidden_blocks: Sequence[int] = (), attention_blocks: Sequence[int] = ()):
+    """Decorator adding ``fn(block, inp, **options) -> (patch tokens [B, N', W], (h', w'))``
+    to BASELINES."""
     def wrap(fn: BaselineFn) -> BaselineFn:
-        BASELINES[name] = Baseline(name, fn, needs_vfm, any_block)
+        BASELINES[name] = Baseline(name, fn, needs_vfm, any_block, tuple(hidden_blocks),
+                                   tuple(attention_blocks))
         return fn
     return wrap
 
@@ -157,10 +193,25 @@ def proxyclip(block: nn.Module, inp: LastBlockInput, beta: float = PROXYCLIP_BET
     return attention_branch(block, o), grid
 
 
-def run_baseline(name: str, block: nn.Module, inp: LastBlockInput):
-    """Runs baseline ``name`` on the last block; returns (patch tokens, grid)."""
+def check_options(name: str, options: Optional[Mapping[str, object]]) -> dict:
+    """``options`` as a dict, checked against the keyword options baseline ``name`` takes."""
     baseline = get_baseline(name)
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(baseline.options()))
+    if unknown:
+        known = ", ".join(baseline.options()) or "none"
+        raise ValueError(f"baseline_options: baseline {baseline.name!r} has no option "
+                         f"{', '.join(unknown)} (it takes: {known})")
+    return options
+
+
+def run_baseline(name: str, block: nn.Module, inp: LastBlockInput,
+                 options: Optional[Mapping[str, object]] = None):
+    """Runs baseline ``name`` on the last block with its keyword ``options``; returns (patch
+    tokens, grid)."""
+    baseline = get_baseline(name)
+    options = check_options(baseline.name, options)
     if not baseline.any_block:
         require_standard_block(block, f"baseline {baseline.name!r}")
-    return baseline.fn(block, inp)
+    return baseline.fn(block, inp, **options)
 

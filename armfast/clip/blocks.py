@@ -10,6 +10,7 @@ of another kind.
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from .. import ops
@@ -62,6 +63,25 @@ def attention_branch(block: nn.Module, o: Tensor) -> Tensor:
     return layer_scale(block, 1, block.attn.out_proj(o))
 
 
+def attention_probs(q: Tensor, k: Tensor) -> Tensor:
+    """``softmax(s q k^T)`` ``[B, heads, T, T]`` in float32 or wider, autocast or not (the maps
+    some baselines read from earlier blocks; decisions made on them must not depend on the
+    model's dtype)."""
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    with torch.autocast(q.device.type, enabled=False):
+        scores = (q.to(dtype) * q.shape[-1] ** -0.5) @ k.to(dtype).transpose(-1, -2)
+        return scores.softmax(dim=-1)
+
+
+def forward_with_attention(block: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """A standard block's output and its attention probabilities ``[B, heads, T, T]``
+    (`attention_probs`), the output computed from those very maps (no fused kernel)."""
+    q, k, v = qkv(block.attn, block.ln_1(x))
+    probs = attention_probs(q, k)
+    o = (probs.to(v.dtype) @ v).transpose(1, 2).flatten(2)
+    return mlp_residual(block, x + attention_branch(block, o)), probs
+
+
 def mlp_residual(block: nn.Module, x: Tensor) -> Tensor:
     """``x + ls_2(mlp(ln_2(x)))``, the block's second half."""
     return x + layer_scale(block, 2, block.mlp(block.ln_2(x)))
@@ -96,5 +116,6 @@ def transformer_batch_first(transformer: nn.Module) -> bool:
 
 
 __all__ = ["is_standard_block", "require_standard_block", "qkv", "value", "merge_heads", "attend",
-           "attention_branch", "mlp_residual", "standard_forward", "block_forward",
-           "run_block_module", "transformer_batch_first", "layer_scale"]
+           "attention_branch", "mlp_residual", "attention_probs", "forward_with_attention",
+           "standard_forward", "block_forward", "run_block_module", "transformer_batch_first",
+           "layer_scale"]

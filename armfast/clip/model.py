@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..backbones import ALIASES, BackboneSpec, canonical_name, find_backbone
-from .baselines import LastBlockInput, get_baseline, run_baseline
-from .blocks import block_forward, transformer_batch_first
+from .baselines import LastBlockInput, check_options, get_baseline, run_baseline
+from .blocks import (block_forward, forward_with_attention, require_standard_block,
+                     transformer_batch_first)
 from .vfm import as_vfm
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP preprocessing
@@ -317,7 +318,7 @@ def resample_tokens(tokens: Tensor, grid: Sequence[int], new_grid: Sequence[int]
 
 def extract(model: nn.Module, images: Tensor, *, baseline: str = "vanilla",
             shallow_layers: Sequence[int] | None = None, backend: str = "auto",
-            vfm=None) -> tuple[list[Tensor], Tensor]:
+            vfm=None, baseline_options=None) -> tuple[list[Tensor], Tensor]:
     """Shallow tokens and a baseline's deep patch features, ARM's two inputs.
 
     Args:
@@ -329,6 +330,8 @@ def extract(model: nn.Module, images: Tensor, *, baseline: str = "vanilla",
             the backbone's default (`default_shallow_layers`, ``(4, 6, 8)`` for ViT-B/16).
         backend: `armfast.ops` backend for the attention products.
         vfm: proxyclip's vision foundation model (an object or a checkpoint path).
+        baseline_options: keyword options of the baseline (e.g. ``{"rcs_lambda": 0.4}`` for
+            resclip, as its per-dataset protocol sets it); None: its defaults.
 
     Returns:
         ``(shallow, deep)``: ``shallow`` a list of ``[B, N, W]`` patch tokens (class token
@@ -342,19 +345,28 @@ def extract(model: nn.Module, images: Tensor, *, baseline: str = "vanilla",
     if shallow_layers is None:
         shallow_layers = default_shallow_layers(visual)
     layers = _check_layers(shallow_layers, len(blocks))
+    options = check_options(spec.name, baseline_options)
+    hidden_blocks, attention_blocks = spec.blocks(len(blocks))
     vfm = as_vfm(vfm) if spec.needs_vfm else None
     batch_first = transformer_batch_first(visual.transformer)
 
     x, grid = embed(visual, images)
-    shallow = {}
+    shallow, hidden, attention = {}, {}, {}
     for i, block in enumerate(blocks[:-1]):
-        x = block_forward(block, x, batch_first=batch_first, backend=backend)
+        if i in attention_blocks:
+            require_standard_block(block, f"baseline {spec.name!r} (attention maps of block {i})")
+            x, attention[i] = forward_with_attention(block, x)
+        else:
+            x = block_forward(block, x, batch_first=batch_first, backend=backend)
         if i in layers:
             shallow[i] = x[:, 1:]
+        if i in hidden_blocks:
+            hidden[i] = x
     mean, std = image_stats(visual)
     inp = LastBlockInput(x=x, grid=grid, images=images, image_mean=mean, image_std=std,
-                         backend=backend, vfm=vfm, batch_first=batch_first)
-    tokens, deep_grid = run_baseline(spec.name, blocks[-1], inp)
+                         backend=backend, vfm=vfm, batch_first=batch_first, hidden=hidden,
+                         attention=attention, depth=len(blocks))
+    tokens, deep_grid = run_baseline(spec.name, blocks[-1], inp, options)
     deep = visual.ln_post(tokens)
     if visual.proj is not None:
         deep = deep @ visual.proj

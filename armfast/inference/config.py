@@ -110,6 +110,7 @@ class Resolved:
     logit_scale: float
     area_thd: Optional[float]
     background: Background
+    baseline_options: tuple = ()  # the protocol's (name, value) options of the baseline
 
 
 def _pair(name: str, v) -> Pair:
@@ -160,4 +161,5 @@ def resolve(config: SegmentorConfig, backbone: Optional[str]) -> Resolved:
             raise ValueError(f"prob_thd must be in [0, 1], got {thd}")
         background = (Background.threshold(thd, index=0, name=None) if thd > 0
                       else Background(index=0, name=None))
-    return Resolved(short_side, crop, stride, logit_scale, area_thd, background)
+    options = tuple(getattr(protocol, "baseline_options", None) or ())
+    return Resolved(short_side, crop, stride, logit_scale, area_thd, background, options)

@@ -61,14 +61,18 @@ def resolve_budget(max_memory, device: torch.device | str) -> int:
 
 def crop_bytes(*, tokens: int, width: int, heads: int, queries: int, patches: int,
                embed_dim: int, shallow_layers: int = 0, explicit_softmax: bool = False,
-               arm_heads: Optional[int] = None, elem_size: int = 4) -> int:
+               arm_heads: Optional[int] = None, elem_size: int = 4, held_blocks: int = 0,
+               held_maps: int = 0) -> int:
     """Estimated peak bytes one crop adds to a batch (see the module docstring).
 
     tokens: CLIP tokens of the crop (patches + class token); width: ViT width; heads: CLIP
     heads; queries: text embeddings scored; patches: tokens of the deep features (the VFM's
     for proxyclip); shallow_layers: how many layers ARM keeps (0 without ARM);
     explicit_softmax: a ``[heads, T, T]`` score matrix is written out (the reference backend);
-    arm_heads: ARM's heads when ARM runs; elem_size: bytes per activation.
+    arm_heads: ARM's heads when ARM runs; elem_size: bytes per activation; held_blocks,
+    held_maps: earlier blocks' outputs and float32 ``[heads, T, T]`` attention maps the baseline
+    reads in its last block (SC-CLIP, SFP, ResCLIP), which also build a few float32 ``[T, T]``
+    similarity or distance matrices.
     """
     f32 = 4
     # x, LN(x) in float32; q, k, v, up to three attention outputs, out_proj, MLP 4W + GELU 4W
@@ -80,7 +84,10 @@ def crop_bytes(*, tokens: int, width: int, heads: int, queries: int, patches: in
         arm = patches * embed_dim * (4 * f32 + 12 * elem_size)
         arm += 3 * arm_heads * patches * patches * f32 if explicit_softmax else 0
     logits = 2 * patches * queries * f32
-    return block + kept + scores + arm + logits
+    held = held_blocks * tokens * width * elem_size + held_maps * heads * tokens * tokens * f32
+    if held_blocks or held_maps:
+        held += 4 * tokens * tokens * f32
+    return block + kept + scores + arm + logits + held
 
 
 def crops_per_batch(budget: int, per_crop: int, cap: int = MAX_CROPS) -> int:

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from ..clip.baselines import get_baseline
 from ..clip.model import extract, feature_grid, output_dim, patch_size, vision_tower
 from . import crop_budget
 
@@ -60,12 +61,15 @@ class CropModel:
         arm: None or an `armfast.ARM` built for this CLIP.
         vfm: proxyclip's vision foundation model (a `VisionFoundationModel`).
         backend: `armfast.ops` backend of every attention and the logits.
+        baseline_options: keyword options of `baseline` (the protocol's, e.g. resclip's
+            ``rcs_lambda``); another baseline given to `features` runs with its defaults.
     """
 
     def __init__(self, clip: nn.Module, *, baseline: str, arm: Optional[nn.Module] = None,
-                 vfm=None, backend: str = "auto"):
+                 vfm=None, backend: str = "auto", baseline_options=None):
         self.clip, self.visual = clip, vision_tower(clip)
         self.baseline, self.vfm, self.backend = baseline, vfm, backend
+        self.baseline_options = dict(baseline_options or {})
         self.head = LogitHead(arm)
         self.shallow_layers = tuple(arm.config.shallow_layers) if arm is not None else ()
         self.patch = patch_size(self.visual)
@@ -78,10 +82,11 @@ class CropModel:
                  ) -> tuple[list[Tensor], Tensor, tuple[int, int]]:
         """``(shallow, deep, (h, w))``: ARM's inputs (`armfast.clip.extract`) and the deep
         features' grid. Runs under the caller's grad mode."""
+        options = self.baseline_options if baseline in (None, self.baseline) else None
         baseline = baseline or self.baseline
         shallow, deep = extract(self.clip, crops, baseline=baseline,
                                 shallow_layers=self.shallow_layers, backend=self.backend,
-                                vfm=self.vfm)
+                                vfm=self.vfm, baseline_options=options)
         return shallow, deep, feature_grid(self.visual, crops.shape[-2:], baseline, self.vfm)
 
     def __call__(self, crops: Tensor, text: Tensor, logit_scale: Optional[float] = 1.0) -> Tensor:
@@ -98,12 +103,13 @@ class CropModel:
         padded = (-(-crop_shape[0] // ph) * ph, -(-crop_shape[1] // pw) * pw)
         grid = (padded[0] // ph, padded[1] // pw)
         deep = feature_grid(self.visual, padded, self.baseline, self.vfm)
-        last = self.visual.transformer.resblocks[-1]
-        heads = getattr(getattr(last, "attn", None), "num_heads", 1)
+        blocks = self.visual.transformer.resblocks
+        heads = getattr(getattr(blocks[-1], "attn", None), "num_heads", 1)
+        held_blocks, held_maps = get_baseline(self.baseline).blocks(len(blocks))
         return crop_budget.crop_bytes(
             tokens=grid[0] * grid[1] + 1, width=self.visual.conv1.weight.shape[0], heads=heads,
             queries=queries, patches=deep[0] * deep[1], embed_dim=output_dim(self.visual),
             shallow_layers=len(self.shallow_layers),
             explicit_softmax=self.backend == "reference",  # the fused ops keep no T x T map
             arm_heads=self.arm.config.num_heads if self.arm is not None else None,
-            elem_size=elem_size)
+            elem_size=elem_size, held_blocks=len(held_blocks), held_maps=len(held_maps))

@@ -34,6 +34,7 @@ from .. import precision as precision_lib
 from ..arm import load_arm
 from ..background import Background
 from ..clip import as_vfm, get_baseline
+from ..clip.baselines import check_options
 from ..clip import model as clip_model_lib
 from . import crop_budget, postprocess
 from .config import SegmentorConfig, make_config, resolve
@@ -102,7 +103,9 @@ class Segmentor:
             clip_model_lib.check_arm_matches(arm.config, self.clip)
             arm = arm.to(self.device).eval()
         self.crop_model = CropModel(clip_model, baseline=self.baseline, arm=arm, vfm=self.vfm,
-                                    backend=self.backend)
+                                    backend=self.backend,
+                                    baseline_options=check_options(self.baseline,
+                                                                   dict(resolved.baseline_options)))
         self.preparer = Preparer(None if self.short_side is None else self.short_side[0],
                                  self.image_mean, self.image_std)
         cuda_graphs = config.cuda_graphs
@@ -271,6 +274,7 @@ class Segmentor:
         pair = lambda v: None if v is None else (v[0] if v[0] == v[1] else list(v))  # noqa: E731
         return {
             "baseline": self.baseline,
+            "baseline_options": dict(self.crop_model.baseline_options),
             "backbone": clip_model_lib.backbone_label(self.clip),
             "arm": None if self.arm is None else self.arm.config.to_dict(),
             "short_side": pair(self.short_side), "crop": pair(self.crop),

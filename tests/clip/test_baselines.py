@@ -109,7 +109,11 @@ def test_last_block_formula(name, block64, x64):
 
 
 def test_registry():
-    assert list(aclip.BASELINES) == ["vanilla", "maskclip", "sclip", "clearclip", "naclip", "proxyclip"]
+    assert list(aclip.BASELINES) == ["vanilla", "maskclip", "sclip", "clearclip", "naclip", "proxyclip",
+                                     "scclip", "sfp", "resclip"]
+    from armfast.backbones import ALL_BASELINES
+
+    assert ALL_BASELINES == tuple(aclip.BASELINES)  # every name the presets and training accept
     assert aclip.get_baseline("SCLIP").name == "sclip"
     with pytest.raises(TypeError, match="baseline must be a string"):
         aclip.get_baseline(3)
@@ -121,7 +125,7 @@ def test_gaussian_bias_zero_on_cls():
     torch.testing.assert_close(torch.diagonal(g)[1:], torch.ones(6))
 
 
-@pytest.mark.parametrize("name", list(aclip.BASELINES)[:-1])
+@pytest.mark.parametrize("name", [n for n, b in aclip.BASELINES.items() if not b.needs_vfm])
 def test_every_baseline_extracts_vit_b16(name):
     images = torch.randn(2, 3, 32, 48, generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
