@@ -36,12 +36,13 @@ constexpr double kLog2e = 1.4426950408889634;
 template <typename T>
 constexpr T kNegInf = -std::numeric_limits<T>::infinity();
 
-// 2^x for the softmax in base 2, written without library calls so `omp simd` vectorises it:
-// 2^x = 2^n 2^f with n = round(x), |f| <= 1/2, 2^f by its degree-6 Taylor polynomial (within
-// 1.3e-7 relative, about an ulp). Below -126 the result is 0 (so is -inf: masked or first-tile
-// terms); NaN propagates as through std::exp2; above 127 it saturates at 2^127 * 2^f.
+// 2^x for x <= 0 (the softmax's s - max, in base 2), written without library calls so `omp simd`
+// vectorises it: 2^x = 2^n 2^f with n = round(x), |f| <= 1/2, 2^f by its degree-6 Taylor
+// polynomial (within 1.3e-7 relative, about an ulp). x is clamped at -127, where the exponent
+// field 0 makes the result exactly 0 (so -inf, the first tile's old max, gives 0); NaN passes the
+// clamp (x < -127 is false) and the polynomial, so it comes out NaN as from std::exp2.
 ARMFAST_INLINE float fast_exp2(float x) {
-  const float xc = x < -126.0f ? -126.0f : (x > 127.0f ? 127.0f : x);  // NaN: both false
+  const float xc = x < -127.0f ? -127.0f : x;
   const float shifted = xc + 12582912.0f;  // 1.5 * 2^23: round(xc) lands in the low mantissa
   const float n = shifted - 12582912.0f;
   const float f = xc - n;
@@ -52,10 +53,9 @@ ARMFAST_INLINE float fast_exp2(float x) {
   p = p * f + 2.4022650695910071e-1f;
   p = p * f + 6.9314718055994531e-1f;
   p = p * f + 1.0f;
-  // the exponent from the integer bits of `shifted` (0x4B400000 + n): no float-to-int conversion
-  const int32_t bits = __builtin_bit_cast(int32_t, shifted) - 0x4B400000 + 127;
-  const float y = p * __builtin_bit_cast(float, bits << 23);
-  return x < -126.0f ? 0.0f : y;
+  // 2^n from the integer bits of `shifted` (0x4B400000 + n): no float-to-int conversion
+  const int32_t bits = __builtin_bit_cast(int32_t, shifted) - (0x4B400000 - 127);
+  return p * __builtin_bit_cast(float, bits << 23);
 }
 ARMFAST_INLINE double fast_exp2(double x) { return std::exp2(x); }
 
@@ -188,44 +188,49 @@ void grid_factors(const SelfCorrelationProblem<T>* P, int64_t q0, int64_t nq, T*
   }
 }
 
-// The online softmax of one tile st [nk, BQ] (keys down, queries across; base 2), NACLIP's G
-// added first (BIAS): st becomes p = 2^(st - m_new), and m, l, alpha are updated column by
-// column, all vector ops across the queries.
+// The online softmax of one tile st [nk, BQ] (keys down, queries across; base 2), all vector ops
+// across the queries: st becomes p = 2^(st + log2(e) G - m_new) (G: NACLIP's bias, BIAS), and m,
+// l, alpha are updated column by column. With G (<= 1) the reference is max(st) + log2(e), a bound
+// on st + log2(e) G taken without a pass that writes the biased scores: the exponentials stay
+// <= 1, at most 2^-1.45 from those of the exact maximum, and the softmax does not depend on it.
 template <bool BIAS, typename T>
 ARMFAST_INLINE void online_softmax_columns(const SelfCorrelationProblem<T>* P, T* st, int64_t k0,
                                            int64_t nk, const T* rf, const T* cf, T* m, T* l,
                                            T* alpha) {
-  alignas(64) T mx[kBlockQ];
-#pragma omp simd
-  for (int64_t i = 0; i < kBlockQ; ++i) mx[i] = m[i];
+  alignas(64) T mx[kBlockQ], sum[kBlockQ];
+  std::fill(mx, mx + kBlockQ, kNegInf<T>);
   for (int64_t j = 0; j < nk; ++j) {
-    T* row = st + j * kBlockQ;
-    if constexpr (BIAS) {
-      const int64_t p = k0 + j - P->first;
-      if (p >= 0) {  // the class token's column of G is 0
-        const T* gr = rf + (p / P->grid_w) * kBlockQ;
-        const T* gc = cf + (p % P->grid_w) * kBlockQ;
-#pragma omp simd
-        for (int64_t i = 0; i < kBlockQ; ++i) row[i] += gr[i] * gc[i];
-      }
-    }
+    const T* row = st + j * kBlockQ;
 #pragma omp simd
     for (int64_t i = 0; i < kBlockQ; ++i) mx[i] = row[i] > mx[i] ? row[i] : mx[i];
   }
-  alignas(64) T sum[kBlockQ];
+  const T bound = BIAS ? static_cast<T>(kLog2e) : T(0);
 #pragma omp simd
   for (int64_t i = 0; i < kBlockQ; ++i) {
-    alpha[i] = fast_exp2(m[i] - mx[i]);  // 0 on the first tile (m_old = -inf)
-    m[i] = mx[i];
+    const T top = mx[i] + bound, mnew = top > m[i] ? top : m[i];
+    alpha[i] = fast_exp2(m[i] - mnew);  // 0 on the first tile (m_old = -inf)
+    m[i] = mnew;
     sum[i] = T(0);
   }
   for (int64_t j = 0; j < nk; ++j) {
     T* row = st + j * kBlockQ;
+    const int64_t p = k0 + j - P->first;  // the key's patch index (< 0: the class token, G = 0)
+    if (BIAS && p >= 0) {
+      const T* gr = rf + (p / P->grid_w) * kBlockQ;
+      const T* gc = cf + (p % P->grid_w) * kBlockQ;
 #pragma omp simd
-    for (int64_t i = 0; i < kBlockQ; ++i) {
-      const T p = fast_exp2(row[i] - mx[i]);
-      row[i] = p;
-      sum[i] += p;
+      for (int64_t i = 0; i < kBlockQ; ++i) {
+        const T e = fast_exp2(row[i] + gr[i] * gc[i] - m[i]);
+        row[i] = e;
+        sum[i] += e;
+      }
+    } else {
+#pragma omp simd
+      for (int64_t i = 0; i < kBlockQ; ++i) {
+        const T e = fast_exp2(row[i] - m[i]);
+        row[i] = e;
+        sum[i] += e;
+      }
     }
   }
 #pragma omp simd
