@@ -29,7 +29,7 @@ namespace armfast::cpu {
 namespace {
 
 constexpr int64_t kBlockQ = 64;  // queries per task: the columns of S^T (a multiple of every width)
-constexpr int64_t kBlockK = 64;  // keys per tile: the rows of S^T
+constexpr int64_t kBlockK = 128;  // keys per tile: the rows of S^T
 constexpr int64_t kRowPad = 8;   // tiles' row counts are padded to this (a multiple of every R)
 constexpr double kLog2e = 1.4426950408889634;
 
