@@ -30,7 +30,7 @@ def test_cpu_baselines_vs_sdpa(request, capsys):
         "ARMFAST_BENCH_QUICK", "").strip().lower() not in ("", "0", "false", "no")
     sides = ["7"] if quick else ["21", "28", "32"]
     args = ["--batches", "1", "--sides", *sides, "--repeats", "2" if quick else "5"]
-    assert _script().main(args + (["--quick-ceiling"] if quick else [])) == 0
+    assert _script().main(args) == 0
     out = capsys.readouterr().out
     rows = out[out.index("x sdpa"):].splitlines()[1:]
     assert [row.split()[0] for row in rows] == ["SCLIP", "ClearCLIP", "NACLIP"] * len(sides)

@@ -13,6 +13,8 @@
 //     per task from the queries' (idx // w, idx % w): two vector loads and an FMA per key row.
 // SCLIP's two operands share each value tile (one pass over V); ClearCLIP reads X alone (q = k).
 // Every task writes its own rows of the output, so results do not depend on the thread count.
+// Tasks are (batch*head, query tile) pairs, so B = 1 still feeds every thread. On a machine shared
+// with other processes, OMP_WAIT_POLICY=passive stops idle OpenMP threads spinning on busy cores.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -28,9 +30,9 @@
 namespace armfast::cpu {
 namespace {
 
-constexpr int64_t kBlockQ = 64;  // queries per task: the columns of S^T (a multiple of every width)
-constexpr int64_t kBlockK = 128;  // keys per tile: the rows of S^T
-constexpr int64_t kRowPad = 8;   // tiles' row counts are padded to this (a multiple of every R)
+constexpr int64_t kBlockQ = 64;   // queries per task: the columns of S^T (a multiple of every width)
+constexpr int64_t kBlockK = 128;  // keys per tile: the rows of S^T (S^T 32 KiB, in L1 with qt)
+constexpr int64_t kRowPad = 8;    // tiles' row counts are padded to this (a multiple of every R)
 constexpr double kLog2e = 1.4426950408889634;
 
 template <typename T>
