@@ -61,72 +61,35 @@ ARMFAST_INLINE float fast_exp2(float x) {
 }
 ARMFAST_INLINE double fast_exp2(double x) { return std::exp2(x); }
 
-// C[0:R, 0:NV*W] = (SCALE ? alpha[r] C : 0) + A B over K, A read as a[r*sar + k*sak] (any
-// strides: key rows in place, or P^T), B rows ldb apart; R*NV accumulators stay in registers.
-template <class Isa, int R, int NV, bool SCALE, typename T>
-ARMFAST_INLINE void micro_tile(int64_t K, const T* a, int64_t sar, int64_t sak, const T* b,
-                               int64_t ldb, T* c, int64_t ldc, const T* alpha) {
-  typedef T V __attribute__((vector_size(Isa::VBYTES)));
-  constexpr int W = Isa::VBYTES / sizeof(T);
-  V acc[R][NV];
-#pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 8
-    for (int j = 0; j < NV; ++j) {
-      if constexpr (SCALE) {
-        __builtin_memcpy(&acc[r][j], c + r * ldc + j * W, sizeof(V));
-        acc[r][j] *= alpha[r];
-      } else {
-        acc[r][j] = V{};
-      }
-    }
-  }
-  for (int64_t k = 0; k < K; ++k) {
-    V y[NV];
-#pragma GCC unroll 8
-    for (int j = 0; j < NV; ++j) __builtin_memcpy(&y[j], b + k * ldb + j * W, sizeof(V));
-#pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) {
-      const T s = a[r * sar + k * sak];
-#pragma GCC unroll 8
-      for (int j = 0; j < NV; ++j) acc[r][j] += s * y[j];
-    }
-  }
-#pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 8
-    for (int j = 0; j < NV; ++j) __builtin_memcpy(c + r * ldc + j * W, &acc[r][j], sizeof(V));
-  }
-}
-
-// C[M, N] = (SCALE ? diag(alpha) C : 0) + A[M, K] B[K, N]; M a multiple of kRowPad, N of the
+// C[M, N] = (diag(alpha) C if SCALED, else 0) + A[M, K] B[K, N]; M a multiple of kRowPad, N of the
 // vector width. Narrow products (N <= NV/2 vectors: d = 32) take twice the rows per micro-tile,
 // so that there are still R*NV independent accumulators to hide the FMA latency.
-template <class Isa, bool SCALE, typename T>
+template <class Isa, bool SCALED, typename T>
 ARMFAST_INLINE void tile_gemm(int64_t M, int64_t N, int64_t K, const T* a, int64_t sar,
                               int64_t sak, const T* b, int64_t ldb, T* c, int64_t ldc,
                               const T* alpha) {
   constexpr int R = Isa::R, NV = Isa::NV, W = Isa::VBYTES / sizeof(T);
+  constexpr Start START = SCALED ? Start::scaled : Start::zero;
   static_assert(kRowPad % (2 * R) == 0, "row padding must suit both micro-tile heights");
   if (NV >= 2 && N <= (NV / 2) * W) {
     constexpr int R2 = 2 * R, NV2 = NV / 2 > 0 ? NV / 2 : 1;
     for (int64_t i = 0; i < M; i += R2) {
-      const T* al = SCALE ? alpha + i : nullptr;
+      const T* al = SCALED ? alpha + i : nullptr;
       if (N == NV2 * W)
-        micro_tile<Isa, R2, NV2, SCALE>(K, a + i * sar, sar, sak, b, ldb, c + i * ldc, ldc, al);
+        micro_tile<T, Isa, R2, NV2, START>(K, a + i * sar, sar, sak, b, ldb, c + i * ldc, ldc, al);
       else
         for (int64_t j = 0; j < N; j += W)
-          micro_tile<Isa, R2, 1, SCALE>(K, a + i * sar, sar, sak, b + j, ldb, c + i * ldc + j, ldc, al);
+          micro_tile<T, Isa, R2, 1, START>(K, a + i * sar, sar, sak, b + j, ldb, c + i * ldc + j, ldc, al);
     }
     return;
   }
   for (int64_t i = 0; i < M; i += R) {
-    const T* al = SCALE ? alpha + i : nullptr;
+    const T* al = SCALED ? alpha + i : nullptr;
     int64_t j = 0;
     for (; j + NV * W <= N; j += NV * W)
-      micro_tile<Isa, R, NV, SCALE>(K, a + i * sar, sar, sak, b + j, ldb, c + i * ldc + j, ldc, al);
+      micro_tile<T, Isa, R, NV, START>(K, a + i * sar, sar, sak, b + j, ldb, c + i * ldc + j, ldc, al);
     for (; j < N; j += W)
-      micro_tile<Isa, R, 1, SCALE>(K, a + i * sar, sar, sak, b + j, ldb, c + i * ldc + j, ldc, al);
+      micro_tile<T, Isa, R, 1, START>(K, a + i * sar, sar, sak, b + j, ldb, c + i * ldc + j, ldc, al);
   }
 }
 
