@@ -38,11 +38,11 @@ constexpr double kLog2e = 1.4426950408889634;
 template <typename T>
 constexpr T kNegInf = -std::numeric_limits<T>::infinity();
 
-// 2^x for x <= 0 (the softmax's s - max, in base 2), written without library calls so `omp simd`
-// vectorises it: 2^x = 2^n 2^f with n = round(x), |f| <= 1/2, 2^f by its degree-6 Taylor
-// polynomial (within 1.3e-7 relative, about an ulp). x is clamped at -127, where the exponent
-// field 0 makes the result exactly 0 (so -inf, the first tile's old max, gives 0); NaN passes the
-// clamp (x < -127 is false) and the polynomial, so it comes out NaN as from std::exp2.
+// 2^x for x <= 127 (the softmax's s - max <= 0, in base 2), written without library calls so
+// `omp simd` vectorises it: 2^x = 2^n 2^f with n = round(x), |f| <= 1/2, 2^f by its degree-6
+// Taylor polynomial (within 1.3e-7 relative, about an ulp). x is clamped at -127 only, where the
+// exponent field 0 makes the result exactly 0 (so -inf, the first tile's old max, gives 0); NaN
+// passes the clamp (x < -127 is false) and the polynomial, so it comes out NaN as from std::exp2.
 ARMFAST_INLINE float fast_exp2(float x) {
   const float xc = x < -127.0f ? -127.0f : x;
   const float shifted = xc + 12582912.0f;  // 1.5 * 2^23: round(xc) lands in the low mantissa
