@@ -1,11 +1,6 @@
-// The attentions of the training-free baselines on the CPU, forward only: flash-style tiles with
-// an online softmax, and no N x N (or n x n) buffer anywhere.
+// ProxyCLIP's masked-affinity attention on the CPU, forward only: flash-style tiles with an online
+// softmax, and no n x n buffer anywhere (the self-correlation baselines: self_correlation.cpp).
 //
-// self_correlation_forward: one task per (batch*head, query tile) walks over the key tiles of the
-//   same operand X: softmax(s X X^T) V (ClearCLIP). NACLIP adds G = exp(-dist^2 / (2 sigma^2)) of
-//   the two tokens' grid positions, computed per tile from the token indices. SCLIP's operands Q
-//   and K run in the same pass: two score tiles, two online-softmax states, two accumulators, and
-//   each V tile copied once for both.
 // masked_affinity_forward (ProxyCLIP): S = cos(f_i, f_j), S < beta mean(S) masked (never the
 //   diagonal), softmax(gamma S) online, applied to all heads at once (one accumulator row of H*d
 //   per query), since the map is shared by every head. An O(n C) first pass takes each row's
@@ -41,135 +36,6 @@ constexpr double kNormEps = 1e-12;  // as torch.nn.functional.normalize
 
 template <typename T>
 constexpr T kNegInf = -std::numeric_limits<T>::infinity();
-
-// ---- self-correlation: ClearCLIP, SCLIP, NACLIP ------------------------------------------------
-
-template <typename T>
-struct SelfCorrelationProblem {
-  SelfCorrelationShape s;
-  Strided<const T> x[2], v;  // x[1]: SCLIP's second operand
-  Strided<T> out;
-  T scale;
-  int64_t dp;  // d rounded up to the widest vector: row length of padded local tiles
-  // NACLIP: grid height, width, index of the first patch token (1 after a class token), and the
-  // separable factors of G: exp(-(dr^2 + dc^2) / (2 sigma^2)) = row_gauss[|dr|] * col_gauss[|dc|]
-  int64_t grid_h, grid_w, first;
-  const T *row_gauss, *col_gauss;
-};
-
-// NACLIP's G for one query row: its factors over every grid row (rf[0:h]) and column (cf[0:w]),
-// or false for the class token (G = 0 on its row).
-template <typename T>
-ARMFAST_INLINE bool grid_factors(const SelfCorrelationProblem<T>* P, int64_t token, T* rf, T* cf) {
-  const int64_t p = token - P->first;
-  if (p < 0) return false;
-  const int64_t r = p / P->grid_w, c = p % P->grid_w;
-  for (int64_t i = 0; i < P->grid_h; ++i) rf[i] = P->row_gauss[i < r ? r - i : i - r];
-  for (int64_t i = 0; i < P->grid_w; ++i) cf[i] = P->col_gauss[i < c ? c - i : i - c];
-  return true;
-}
-
-// srow[j] += G(query, key k0 + j) for j < nk. The keys of a tile cover a few grid rows; along
-// each row's run of columns G is rf[row] times a contiguous slice of cf: one vector FMA per key.
-template <typename T>
-ARMFAST_INLINE void add_grid_bias(const SelfCorrelationProblem<T>* P, T* srow, int64_t k0, int64_t nk,
-                                  const T* rf, const T* cf) {
-  int64_t j = std::max<int64_t>(0, P->first - k0);  // class-token columns of G are 0
-  while (j < nk) {
-    const int64_t p = k0 + j - P->first, r = p / P->grid_w, c = p % P->grid_w;
-    const int64_t run = min_of(P->grid_w - c, nk - j);
-    const T g = rf[r];
-    T* dst = srow + j;
-    const T* src = cf + c;
-#pragma omp simd
-    for (int64_t t = 0; t < run; ++t) dst[t] += g * src[t];
-    j += run;
-  }
-}
-
-int64_t self_correlation_workspace(int64_t d, int64_t dp, int operands, int64_t grid_cells) {
-  return operands * (kBlockQ * d + d * kBlockK + kBlockQ * kBlockK + kBlockQ * dp + 2 * kBlockQ) +
-         kBlockK * dp + kBlockQ * grid_cells + kBlockQ;
-}
-
-// One (batch*head, query tile) task. DUAL: SCLIP's two operands; BIAS: NACLIP's G.
-template <bool DUAL, bool BIAS>
-struct SelfCorrelationTile {
-  template <class Isa, typename T>
-  ARMFAST_INLINE static void run(const SelfCorrelationProblem<T>* P, int64_t bh, int64_t q0, T* ws) {
-    constexpr int kOperands = DUAL ? 2 : 1;
-    constexpr int64_t R = Isa::R, W = Isa::VBYTES / sizeof(T);
-    const SelfCorrelationShape& s = P->s;
-    const int64_t d = s.d, dp = P->dp, b = bh / s.H, h = bh % s.H;
-    const int64_t nq = min_of(kBlockQ, s.N - q0), rows = round_up(nq, R);
-    struct Operand {
-      Slice<T> x;
-      T *xs, *xt, *sc, *acc, *m, *l;  // [BQ,d] scale*x, [d,BK] x^T, [BQ,BK], [BQ,dp], [BQ], [BQ]
-    } op[kOperands];
-    T* w = ws;
-    for (int o = 0; o < kOperands; ++o) {
-      Operand& a = op[o];
-      a.x = slice(P->x[o], b, h);
-      a.xs = w, w += kBlockQ * d;
-      a.xt = w, w += d * kBlockK;
-      a.sc = w, w += kBlockQ * kBlockK;
-      a.acc = w, w += kBlockQ * dp;
-      a.m = w, w += kBlockQ;
-      a.l = w, w += kBlockQ;
-      copy_rows(a.xs, d, a.x, q0, nq, rows, d, P->scale);
-      std::fill(a.acc, a.acc + rows * dp, T(0));
-      std::fill(a.m, a.m + rows, kNegInf<T>);
-      std::fill(a.l, a.l + rows, T(0));
-    }
-    T* vs = w;  // [BK, dp] v, shared by both operands
-    // BIAS: per query row, G's factors over the grid rows and columns, and whether it is a patch
-    const int64_t cells = P->grid_h + P->grid_w;
-    T* factors = vs + kBlockK * dp;    // [BQ, h + w]
-    T* patch = factors + kBlockQ * cells;  // [BQ]
-    if constexpr (BIAS)
-      for (int64_t i = 0; i < nq; ++i)
-        patch[i] = grid_factors(P, q0 + i, factors + i * cells, factors + i * cells + P->grid_h);
-    const Slice<T> vh = slice(P->v, b, h);
-    for (int64_t k0 = 0; k0 < s.N; k0 += kBlockK) {
-      const int64_t nk = min_of(kBlockK, s.N - k0), cols = round_up(nk, W);
-      copy_rows(vs, dp, vh, k0, nk, nk, d, T(1));
-      for (Operand& a : op) {
-        copy_transposed(a.xt, kBlockK, a.x, k0, nk, cols, d, T(1));
-        gemm<T, Isa>(rows, cols, d, a.xs, d, a.xt, kBlockK, a.sc, kBlockK, false);
-        for (int64_t i = 0; i < nq; ++i) {
-          T* srow = a.sc + i * kBlockK;
-          if constexpr (BIAS)
-            if (patch[i] != T(0))
-              add_grid_bias(P, srow, k0, nk, factors + i * cells, factors + i * cells + P->grid_h);
-          const T alpha = online_softmax_row(srow, nk, cols, a.m[i], a.l[i]);
-          T* orow = a.acc + i * dp;
-#pragma omp simd
-          for (int64_t c = 0; c < dp; ++c) orow[c] *= alpha;
-        }
-        // Rows nq..rows of sc are zero (zero-padded x) and add nothing.
-        gemm<T, Isa>(rows, dp, nk, a.sc, kBlockK, vs, dp, a.acc, dp, true);
-      }
-    }
-    const Strided<T>& o = P->out;
-    T* ob = o.data + b * o.stride[0] + h * o.stride[1];
-    for (int64_t i = 0; i < nq; ++i) {
-      T* orow = ob + (q0 + i) * o.stride[2];
-      const T inv0 = T(1) / op[0].l[i];
-      if constexpr (DUAL) {
-        const T inv1 = T(1) / op[1].l[i];
-        for (int64_t c = 0; c < d; ++c)
-          orow[c * o.stride[3]] = op[0].acc[i * dp + c] * inv0 + op[1].acc[i * dp + c] * inv1;
-      } else {
-        for (int64_t c = 0; c < d; ++c) orow[c * o.stride[3]] = op[0].acc[i * dp + c] * inv0;
-      }
-    }
-  }
-};
-
-double self_correlation_flops(const SelfCorrelationShape& s, int operands) {
-  return 4.0 * operands * static_cast<double>(s.B * s.H) * static_cast<double>(s.N) *
-         static_cast<double>(s.N) * static_cast<double>(s.d);
-}
 
 // ---- masked affinity: ProxyCLIP ----------------------------------------------------------------
 
@@ -478,38 +344,6 @@ void affinity_first_pass(const AffinityProblem<T>& P, int threads) {
 }  // namespace
 
 template <typename T>
-void self_correlation_forward(const SelfCorrelationShape& s, Strided<const T> x,
-                              Strided<const T> x2, Strided<const T> v, Strided<T> out,
-                              double scale, const GridBias* bias, int threads) {
-  SelfCorrelationProblem<T> P{};
-  P.s = s;
-  P.x[0] = x, P.x[1] = x2, P.v = v, P.out = out;
-  P.scale = static_cast<T>(scale);
-  P.dp = round_up(s.d, kMaxLanes<T>);
-  const bool dual = x2.data != nullptr;
-  std::vector<T> row_gauss, col_gauss;
-  if (bias != nullptr) {
-    const double coef = -1.0 / (2.0 * bias->sigma * bias->sigma);
-    for (int64_t i = 0; i < bias->h; ++i) row_gauss.push_back(static_cast<T>(std::exp(coef * i * i)));
-    for (int64_t i = 0; i < bias->w; ++i) col_gauss.push_back(static_cast<T>(std::exp(coef * i * i)));
-    P.grid_h = bias->h, P.grid_w = bias->w;
-    P.first = bias->class_token ? 1 : 0;
-    P.row_gauss = row_gauss.data(), P.col_gauss = col_gauss.data();
-  }
-  using Tile = void (*)(const SelfCorrelationProblem<T>*, int64_t, int64_t, T*);
-  Tile tile = dual ? isa_kernel<SelfCorrelationTile<true, false>, const SelfCorrelationProblem<T>*,
-                                int64_t, int64_t, T*>()
-              : bias ? isa_kernel<SelfCorrelationTile<false, true>, const SelfCorrelationProblem<T>*,
-                                  int64_t, int64_t, T*>()
-                     : isa_kernel<SelfCorrelationTile<false, false>, const SelfCorrelationProblem<T>*,
-                                  int64_t, int64_t, T*>();
-  const int operands = dual ? 2 : 1;
-  run_tiles(tile, P, s.B * s.H, s.N, kBlockQ,
-            self_correlation_workspace(s.d, P.dp, operands, P.grid_h + P.grid_w),
-            threads_for(threads, self_correlation_flops(s, operands)));
-}
-
-template <typename T>
 void masked_affinity_forward(const AffinityShape& s, Strided<const T> f, Strided<const T> v,
                              Strided<T> out, double beta, double gamma, int threads) {
   AffinityProblem<T> P{};
@@ -560,9 +394,6 @@ void masked_affinity_forward(const AffinityShape& s, Strided<const T> f, Strided
 }
 
 #define ARMFAST_INSTANTIATE(T)                                                                     \
-  template void self_correlation_forward<T>(const SelfCorrelationShape&, Strided<const T>,         \
-                                            Strided<const T>, Strided<const T>, Strided<T>, double, \
-                                            const GridBias*, int);                                 \
   template void masked_affinity_forward<T>(const AffinityShape&, Strided<const T>, Strided<const T>, \
                                            Strided<T>, double, double, int);
 ARMFAST_INSTANTIATE(float)

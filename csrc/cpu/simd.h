@@ -67,22 +67,27 @@ ARMFAST_INLINE float fast_exp(float x_in) {
 }
 ARMFAST_INLINE double fast_exp(double x) { return std::exp(x); }
 
-// C[0:R, 0:NV*W] (+)= A[0:R, 0:K] * B[0:K, 0:NV*W]: R rows of A broadcast against NV vectors of
+// How a micro-tile's accumulators start: at zero, from C, or from C scaled by alpha[r] per row.
+enum class Start { zero, load, scaled };
+
+// C[0:R, 0:NV*W] = start + A[0:R, 0:K] * B[0:K, 0:NV*W], A read as a[r*sar + k*sak] (any strides:
+// row-major, or a transposed tile), B rows ldb apart: R rows of A broadcast against NV vectors of
 // B's row k; the R*NV accumulators stay in registers for the whole K loop.
-template <typename T, class Isa, int NV>
-ARMFAST_INLINE void gemm_micro(int64_t K, const T* a, int64_t lda, const T* b, int64_t ldb, T* c,
-                               int64_t ldc, bool accumulate) {
+template <typename T, class Isa, int R, int NV, Start START>
+ARMFAST_INLINE void micro_tile(int64_t K, const T* a, int64_t sar, int64_t sak, const T* b,
+                               int64_t ldb, T* c, int64_t ldc, const T* alpha = nullptr) {
   typedef T V __attribute__((vector_size(Isa::VBYTES)));
-  constexpr int R = Isa::R, W = Isa::VBYTES / sizeof(T);
+  constexpr int W = Isa::VBYTES / sizeof(T);
   V acc[R][NV];
-#pragma GCC unroll 8
+#pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 8
     for (int j = 0; j < NV; ++j) {
-      if (accumulate) {
-        __builtin_memcpy(&acc[r][j], c + r * ldc + j * W, sizeof(V));
-      } else {
+      if constexpr (START == Start::zero) {
         acc[r][j] = V{};
+      } else {
+        __builtin_memcpy(&acc[r][j], c + r * ldc + j * W, sizeof(V));
+        if constexpr (START == Start::scaled) acc[r][j] *= alpha[r];
       }
     }
   }
@@ -90,18 +95,28 @@ ARMFAST_INLINE void gemm_micro(int64_t K, const T* a, int64_t lda, const T* b, i
     V y[NV];
 #pragma GCC unroll 8
     for (int j = 0; j < NV; ++j) __builtin_memcpy(&y[j], b + k * ldb + j * W, sizeof(V));
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
-      const T s = a[r * lda + k];
+      const T s = a[r * sar + k * sak];
 #pragma GCC unroll 8
       for (int j = 0; j < NV; ++j) acc[r][j] += s * y[j];
     }
   }
-#pragma GCC unroll 8
+#pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 8
     for (int j = 0; j < NV; ++j) __builtin_memcpy(c + r * ldc + j * W, &acc[r][j], sizeof(V));
   }
+}
+
+// C[0:R, 0:NV*W] (+)= A[0:R, 0:K] * B[0:K, 0:NV*W], A row-major (lda), R = Isa::R.
+template <typename T, class Isa, int NV>
+ARMFAST_INLINE void gemm_micro(int64_t K, const T* a, int64_t lda, const T* b, int64_t ldb, T* c,
+                               int64_t ldc, bool accumulate) {
+  if (accumulate)
+    micro_tile<T, Isa, Isa::R, NV, Start::load>(K, a, lda, 1, b, ldb, c, ldc);
+  else
+    micro_tile<T, Isa, Isa::R, NV, Start::zero>(K, a, lda, 1, b, ldb, c, ldc);
 }
 
 // Picks the micro-kernel of width nv <= NV for the last, narrower column block.

@@ -97,6 +97,59 @@ def test_gaussian_without_class_token(grid, backend):
     _check(got, want, torch.float32)
 
 
+# (N, grid): one token, a few, ViT-B/16 at 224 and 448 px (the key tiles' last rows partial)
+AWKWARD = ((1, (1, 1)), (7, (2, 3)), (197, (14, 14)), (785, (28, 28)))
+SELF_OPS = OPS[:3]
+
+
+def self_inputs(op, N, grid, *, B, H, d, strided, generator, dtype=torch.float32):
+    """Inputs of a self-correlation op with N tokens (a class token unless grid covers them all)."""
+    ts = heads(B, H, N, d, dtype=dtype, strided=strided, generator=generator,
+               count=3 if op == "self_correlation_sum" else 2)
+    return (*ts, grid, N > grid[0] * grid[1]) if op == "gaussian_self_correlation" else ts
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("N,grid", AWKWARD)
+@pytest.mark.parametrize("op", SELF_OPS)
+def test_self_correlations_at_awkward_sizes(op, N, grid, backend):
+    # one head, strided views of a fused projection, head dims with and without a vector tail
+    for d, strided in ((32, True), (20, False), (128, N < 500)):
+        g = torch.Generator().manual_seed(N * 1000 + d)
+        inputs = self_inputs(op, N, grid, B=1, H=1, d=d, strided=strided, generator=g)
+        got, want = call(op, inputs, backend)
+        _check(got, want, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", SELF_OPS)
+def test_self_correlations_propagate_nan(op, backend):
+    # a NaN feature makes every score with that token NaN: the softmax (and its exp) must carry
+    # it into the output as std::exp does, not drop it as a max or a clamp would
+    g = torch.Generator().manual_seed(12)
+    inputs = list(self_inputs(op, 197, (14, 14), B=1, H=2, d=64, strided=False, generator=g))
+    inputs[0][0, 1, 150, 7] = float("nan")
+    got, want = call(op, tuple(inputs), backend)
+    assert want[0, 1].isnan().all() and not want[0, 0].isnan().any()
+    torch.testing.assert_close(got.double(), want, equal_nan=True, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", SELF_OPS)
+def test_self_correlations_with_peaked_scores(op, backend):
+    # scores up to a few hundred: a row's maximum found in a late key tile rescales what came first
+    g = torch.Generator().manual_seed(13)
+    inputs = self_inputs(op, 197, (14, 14), B=1, H=2, d=64, strided=False, generator=g)
+    got = call(op, inputs, backend, scale=1.0)[0]
+    if op == "gaussian_self_correlation":
+        want = gaussian_self_correlation_f64(*inputs[:3], class_token=True, scale=1.0)
+    elif op == "self_correlation_sum":
+        want = self_correlation_sum_f64(*inputs, scale=1.0)
+    else:
+        want = self_correlation_f64(*inputs, scale=1.0)
+    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gaussian_sigma_and_scale(backend):
     g = torch.Generator().manual_seed(8)

@@ -5,6 +5,8 @@ import torch
 from armfast import ops
 from helpers.internals import cpu_backend, cuda_backend, extension as _extension
 from helpers.internals import library as _library
+from helpers.baseline_math import (gaussian_self_correlation_f64, heads, self_correlation_f64,
+                                   self_correlation_sum_f64)
 from helpers.tensors import AWKWARD_N, attention_f64, make_qkv, patch_text_logits_f64
 
 CPU_BACKEND = cpu_backend.BACKEND
@@ -100,6 +102,20 @@ def test_every_instruction_set_path(isa, monkeypatch):
     x = torch.randn(2, 9, 21, generator=g, requires_grad=True)
     text = torch.randn(5, 21, generator=g, requires_grad=True)
     check_logits(x, text, torch.tensor(3.0, requires_grad=True), generator=g)
+    for d, strided in ((20, False), (64, True)):  # value rows copied (a vector tail) / in place
+        for op, got, want in self_correlations(heads(1, 2, 75, d, strided=strided, generator=g),
+                                               grid=(2, 37)):
+            torch.testing.assert_close(got.double(), want, **OUT_TOL[torch.float32], msg=op)
+
+
+def self_correlations(tensors, grid):
+    """(op, cpu output, float64 formula) of ClearCLIP, SCLIP and NACLIP on q, k, v = tensors."""
+    q, k, v = tensors
+    yield ("self_correlation", ops.self_correlation(q, v, backend="cpu"), self_correlation_f64(q, v))
+    yield ("self_correlation_sum", ops.self_correlation_sum(q, k, v, backend="cpu"),
+           self_correlation_sum_f64(q, k, v))
+    yield ("gaussian_self_correlation", ops.gaussian_self_correlation(q, v, grid=grid, backend="cpu"),
+           gaussian_self_correlation_f64(q, v, grid))
 
 
 def test_results_do_not_depend_on_thread_count():
@@ -118,6 +134,21 @@ def test_results_do_not_depend_on_thread_count():
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
+
+
+def test_self_correlations_do_not_depend_on_thread_count():
+    g = torch.Generator().manual_seed(15)
+    tensors = heads(1, 3, 1 + 10 * 13, 64, generator=g)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append([got for _, got, _ in self_correlations(tensors, grid=(10, 13))])
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
 
 
 def test_attention_gradcheck_float64():
