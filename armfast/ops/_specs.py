@@ -16,6 +16,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from ._affinity import affinities
 from ._library import NORM_EPS, ForwardOnlyOp, lse_dtype
 
 
@@ -139,16 +140,16 @@ def gaussian_self_correlation_math(x: Tensor, v: Tensor, scale: float, grid_h: i
 def masked_affinity_math(f: Tensor, v: Tensor, beta: float, gamma: float) -> Tensor:
     """ProxyCLIP: ``softmax(gamma (S - beta mean(S)))`` of the cosine affinities S of f
     ``[B, n, C]``, entries below 0 masked but the diagonal kept, applied to every head of v
-    ``[B, H, n, d]``. mean(S) is per image (ProxyCLIP runs one crop at a time)."""
-    fa, va = _acc(f, v)
-    fn = torch.nn.functional.normalize(fa, dim=-1, eps=NORM_EPS)
-    s = torch.matmul(fn, fn.transpose(-2, -1))
+    ``[B, H, n, d]``. mean(S) is per image (ProxyCLIP runs one crop at a time). S, its mean and
+    the mask are float32 for half inputs (`_affinity`: the mask is a discrete decision)."""
+    s = affinities(f)
     a = gamma * (s - beta * s.mean(dim=(1, 2), keepdim=True))
     eye = torch.eye(a.shape[-1], dtype=torch.bool, device=a.device)
     p = a.masked_fill((a < 0) & ~eye, float("-inf")).softmax(-1)
     # one product with every head's values side by side ([n, H*d]); a broadcast p @ v per head
     # would first copy p once per head
     B, H, n, d = v.shape
+    va = v.to(p.dtype)
     out = torch.matmul(p, va.transpose(1, 2).reshape(B, n, H * d))
     return out.view(B, n, H, d).transpose(1, 2).to(v.dtype)
 

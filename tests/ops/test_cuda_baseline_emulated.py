@@ -9,7 +9,7 @@ import ctypes
 import pytest
 import torch
 
-from helpers.internals import library
+from helpers.internals import affinity
 from helpers.baseline_math import (gaussian_self_correlation_f64, grid_gaussian_f64,
                                    masked_affinity_f64, self_correlation_f64,
                                    self_correlation_sum_f64)
@@ -129,7 +129,7 @@ def test_masked_affinity(emu, dtype, C, H, d):
     f.copy_(_clustered((40, 20, 10), C, dtype, g))
     v, _ = guarded((1, H, 70, d), dtype, float("nan"), "heads_inner", g)
     out, ob = guarded((1, H, 70, d), dtype, SENTINEL, "contiguous")
-    rnorm, thresh = library.affinity_first_pass(f, 1.2)
+    rnorm, thresh = affinity.first_pass(f, 1.2)
     emu.masked_affinity(f, rnorm, thresh, v, out, 3.0, **H100)
     assert untouched_outside(out, ob, SENTINEL)
     truth = masked_affinity_f64(f, v)

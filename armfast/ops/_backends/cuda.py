@@ -22,7 +22,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._library import affinity_first_pass, empty
+from .. import _affinity
+from .._library import empty
 from .._limits import DTYPE_NAMES, Limits
 from .._registry import fused_backend
 from .._specs import GAUSSIAN_SELF_CORRELATION, MASKED_AFFINITY, SELF_CORRELATION, SELF_CORRELATION_SUM
@@ -197,7 +198,7 @@ def cuda_gaussian_self_correlation_forward(x: Tensor, v: Tensor, scale: float, g
 
 def cuda_masked_affinity_forward(f: Tensor, v: Tensor, beta: float, gamma: float, out: Tensor) -> None:
     _tf32_only("masked_affinity_attention", f.dtype)
-    rnorm, thresh = affinity_first_pass(f, beta)
+    rnorm, thresh = _affinity.first_pass(f, beta)
     module("_C_cuda").masked_affinity_forward(
         DTYPE_NAMES[f.dtype], arg(f), arg(rnorm), arg(thresh), arg(v), arg(out), float(gamma),
         _allow_tf32(f.dtype), *_launch(f))

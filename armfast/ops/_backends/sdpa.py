@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import _affinity
 from .._library import NORM_EPS, plain
 from .._limits import ANY_DTYPE, Limits
 from .._registry import Backend
@@ -60,15 +61,13 @@ def gaussian_self_correlation(x: Tensor, v: Tensor, scale: float, grid_h: int, g
 def masked_affinity_attention(f: Tensor, v: Tensor, beta: float, gamma: float,
                               heads_last: bool = False) -> Tensor:
     """One SDPA over the n x n boolean mask (which needs S itself), all heads of v side by side
-    as one value of width H*d, since the map is shared by every head."""
-    fn = F.normalize(f, dim=-1, eps=NORM_EPS)
-    s = torch.matmul(fn, fn.transpose(-2, -1))
-    n = s.shape[-1]
-    keep = (s >= beta * s.mean(dim=(1, 2), keepdim=True)) | torch.eye(n, dtype=torch.bool,
-                                                                       device=s.device)
-    B, H, _, d = v.shape
+    as one value of width H*d, since the map is shared by every head. S, its mean and the mask
+    are float32 whatever f's dtype (`_affinity`); SDPA's scores may round, the mask may not."""
+    rnorm, thresh = _affinity.first_pass(f, beta)
+    keep = _affinity.keep_mask(_affinity.affinities(f), thresh)
+    fn = (f.to(rnorm.dtype) * rnorm.unsqueeze(-1)).to(f.dtype).unsqueeze(1)
+    B, H, n, d = v.shape
     values = v.transpose(1, 2).reshape(B, 1, n, H * d)
-    fn = fn.unsqueeze(1)
     out = F.scaled_dot_product_attention(fn, fn, values, attn_mask=keep.unsqueeze(1), scale=gamma)
     out = out.view(B, n, H, d)  # [B, n, H, d]: heads last already
     return out if heads_last else out.transpose(1, 2)
