@@ -195,9 +195,11 @@ def self_correlation_sum_key(B: int, H: int, N: int, d: int) -> tuple[int, int]:
 
 
 def masked_affinity_key(B: int, n: int, C: int, H: int, d: int) -> tuple[int, int]:
-    """(head dim, forward FLOPs) of ProxyCLIP's attention: the affinities S (2 n^2 C per image),
-    then one n x n map applied to all H heads of v (2 n^2 H d)."""
-    return d, 2 * B * n * n * (C + H * d)
+    """(head dim, forward FLOPs) of ProxyCLIP's attention, its algorithmic minimum: the
+    affinities once per image, the same for every head, and symmetric (S_ij = S_ji: n (n + 1)
+    / 2 distinct dot products of length C, n (n + 1) C FLOPs), then one n x n map applied to all
+    H heads of v (2 n^2 H d)."""
+    return d, B * (n * (n + 1) * C + 2 * n * n * H * d)
 
 
 @dataclass(frozen=True)
