@@ -29,21 +29,23 @@ def first_pass(f: Tensor, beta: float) -> tuple[Tensor, Tensor]:
     return rnorm.contiguous(), (beta * mean.square().sum(-1)).contiguous()
 
 
-def _dots(f: Tensor) -> Tensor:
-    """f f^T [B, n, n] in float32 (float64 for float64). On CUDA half inputs multiply on tensor
-    cores into float32 (products of two halves are exact in float32, so this is the float32
-    sum); elsewhere they are widened first. float32 inputs follow torch's matmul precision."""
-    acc = lse_dtype(f.dtype)
+def normalized(f: Tensor, rnorm: Tensor) -> Tensor:
+    """f_i rnorm_i [B, n, C] in rnorm's dtype (float32, or float64 for float64)."""
+    return f.to(rnorm.dtype) * rnorm.unsqueeze(-1)
+
+
+def affinities(f: Tensor, rnorm: Tensor | None = None) -> Tensor:
+    """S [B, n, n] = cos(f_i, f_j) (F.normalize's eps), float32 (float64 for float64); rnorm:
+    `inverse_norms(f)` if already at hand. On CUDA half features multiply on tensor cores into
+    float32 (products of two halves are exact in float32: the float32 sum), then scale by the
+    inverse norms; elsewhere the features are normalised in float32 first. float32 inputs
+    follow torch's matmul precision (TF32 only where the user allowed it)."""
+    rnorm = inverse_norms(f) if rnorm is None else rnorm
     if f.is_cuda and f.dtype in (torch.float16, torch.bfloat16):
-        return torch.bmm(f, f.transpose(1, 2), out_dtype=acc)
-    fa = f.to(acc)
-    return torch.bmm(fa, fa.transpose(1, 2))
-
-
-def affinities(f: Tensor) -> Tensor:
-    """S [B, n, n] = cos(f_i, f_j) (F.normalize's eps), float32 (float64 for float64)."""
-    rnorm = inverse_norms(f)
-    return _dots(f) * rnorm.unsqueeze(2) * rnorm.unsqueeze(1)
+        dots = torch.bmm(f, f.transpose(1, 2), out_dtype=rnorm.dtype)
+        return dots * rnorm.unsqueeze(2) * rnorm.unsqueeze(1)
+    fn = normalized(f, rnorm)
+    return torch.bmm(fn, fn.transpose(1, 2))
 
 
 def keep_mask(s: Tensor, thresh: Tensor) -> Tensor:
