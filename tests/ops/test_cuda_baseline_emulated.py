@@ -9,6 +9,7 @@ import ctypes
 import pytest
 import torch
 
+from helpers.affinity_cases import CASES, affinity_case, max_relative_error
 from helpers.internals import affinity
 from helpers.baseline_math import (gaussian_self_correlation_f64, grid_gaussian_f64,
                                    masked_affinity_f64, self_correlation_f64,
@@ -139,3 +140,53 @@ def test_masked_affinity(emu, dtype, C, H, d):
     peer = _peer((3.0 * S).masked_fill(masked, float("-inf")).unsqueeze(1), v, dtype)
     assert_close_to_truth(out, truth, peer, "masked_affinity_attention")
     assert emu.kernels() == [f"masked_affinity_fwd_kernel<{_name(dtype)}>"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, **DTYPE_IDS)
+def test_masked_affinity_wide_values_vector_loads_and_tails(emu, dtype):
+    # 13 heads of 64: 832 value columns, two column blocks of 768 (the second mostly past the
+    # end); row-major features with C a multiple of the chunk and values [B, n, H, d]: the
+    # 16-byte load paths; n = 75: tails in the query and key tiles; two images
+    g = torch.Generator().manual_seed(75)
+    B, n, C, H, d = 2, 75, 128, 13, 64
+    f_buf = torch.full((B * n * C + 64,), float("nan"), dtype=dtype)
+    f = f_buf[64:].view(B, n, C)
+    f.copy_(torch.cat([_clustered((30, 25, 20), C, dtype, g) for _ in range(B)]))
+    v, _ = guarded((B, H, n, d), dtype, float("nan"), "heads_inner", g)
+    out, ob = guarded((B, H, n, d), dtype, SENTINEL, "contiguous")
+    rnorm, thresh = affinity.first_pass(f, 1.2)
+    emu.masked_affinity(f, rnorm, thresh, v, out, 3.0, **H100)
+    assert untouched_outside(out, ob, SENTINEL)
+    fn = torch.nn.functional.normalize(f.float(), dim=-1)
+    S = fn @ fn.transpose(1, 2)
+    masked = (S < 1.2 * S.mean(dim=(1, 2), keepdim=True)) & ~torch.eye(n, dtype=torch.bool)
+    peer = _peer((3.0 * S).masked_fill(masked, float("-inf")).unsqueeze(1), v, dtype)
+    assert_close_to_truth(out, masked_affinity_f64(f, v), peer, "masked_affinity_attention")
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", DTYPES, **DTYPE_IDS)
+def test_masked_affinity_decides_the_mask_in_float32(emu, dtype, case):
+    # affinities near the threshold (tests/helpers/affinity_cases.py): half-precision products
+    # are exact in the float32 accumulators, float32 ones are split into TF32 parts (3 mma)
+    f, v, beta, gamma = affinity_case(case, 1, 64, 768, 1, 64, dtype=dtype,
+                                      generator=torch.Generator().manual_seed(64))
+    out = torch.full_like(v, SENTINEL)
+    rnorm, thresh = affinity.first_pass(f, beta)
+    emu.masked_affinity(f, rnorm, thresh, v, out, gamma, **H100)
+    error = float(max_relative_error(out, masked_affinity_f64(f, v, beta, gamma)))
+    assert error <= 1.5e-2, f"{case}: max relative error {error:.3g}"
+
+
+def test_masked_affinity_nan_feature_poisons_its_image(emu):
+    # as the reference: a NaN feature makes mean(S) and every score of its image NaN
+    g = torch.Generator().manual_seed(5)
+    f = torch.cat([_clustered((20, 13), 32, torch.bfloat16, g) for _ in range(2)])
+    f[1, 7, 3] = float("nan")
+    v = torch.randn(2, 1, 33, 32, generator=g).to(torch.bfloat16)
+    out = torch.full_like(v, SENTINEL)
+    rnorm, thresh = affinity.first_pass(f, 1.2)
+    emu.masked_affinity(f, rnorm, thresh, v, out, 3.0, **H100)
+    want = masked_affinity_f64(f, v).isnan()
+    assert want[1].all() and not want[0].any()
+    assert torch.equal(out.isnan(), want)
