@@ -50,3 +50,13 @@ def test_a_crop_of_784_patches(case):
     half = DEVICE.type == "cuda"
     _check(case, 784, torch.bfloat16, torch.bfloat16 if half else torch.float32, B=1,
            H=12 if half else 1, d=64 if half else 32)
+
+
+def test_a_nan_feature_poisons_its_image_as_in_the_reference():
+    f, v, beta, gamma = affinity_case("positive_mean", 2, 40, 64, 1, 32, device=DEVICE,
+                                      generator=torch.Generator().manual_seed(3))
+    f[1, 9, 5] = float("nan")
+    want = ops.masked_affinity_attention(f, v, beta=beta, gamma=gamma, backend="reference").isnan()
+    got = ops.masked_affinity_attention(f, v, beta=beta, gamma=gamma, backend="triton").isnan()
+    assert want[1].all() and not want[0].any()
+    assert torch.equal(got, want)
