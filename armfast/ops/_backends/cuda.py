@@ -11,7 +11,8 @@ are picked per call from the GPU's shared memory and SM count; ARMFAST_CUDA_MAX_
 The baseline attentions (self_correlation, self_correlation_sum, gaussian_self_correlation,
 masked_affinity_attention) are forward kernels (their gradients recompute the reference math),
 on tensor cores for float16/bfloat16 and, when torch allows TF32, float32 (at precision
-'highest' this backend refuses float32 for them).
+'highest' this backend refuses float32 for them). ProxyCLIP's affinities, whose mask is a discrete
+decision, are float32 whatever the dtype (float32 features: split into TF32 parts, 3 products).
 """
 from __future__ import annotations
 
