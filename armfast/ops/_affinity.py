@@ -38,10 +38,12 @@ def affinities(f: Tensor, rnorm: Tensor | None = None) -> Tensor:
     """S [B, n, n] = cos(f_i, f_j) (F.normalize's eps), float32 (float64 for float64); rnorm:
     `inverse_norms(f)` if already at hand. On CUDA half features multiply on tensor cores into
     float32 (products of two halves are exact in float32: the float32 sum), then scale by the
-    inverse norms; elsewhere the features are normalised in float32 first. float32 inputs
-    follow torch's matmul precision (TF32 only where the user allowed it)."""
+    inverse norms (not where autograd records: that product has no derivative); elsewhere the
+    features are normalised in float32 first. float32 inputs follow torch's matmul precision
+    (TF32 only where the user allowed it)."""
     rnorm = inverse_norms(f) if rnorm is None else rnorm
-    if f.is_cuda and f.dtype in (torch.float16, torch.bfloat16):
+    recorded = torch.is_grad_enabled() and f.requires_grad
+    if f.is_cuda and f.dtype in (torch.float16, torch.bfloat16) and not recorded:
         dots = torch.bmm(f, f.transpose(1, 2), out_dtype=rnorm.dtype)
         return dots * rnorm.unsqueeze(2) * rnorm.unsqueeze(1)
     fn = normalized(f, rnorm)

@@ -86,3 +86,20 @@ def test_first_pass_threshold_is_beta_times_the_mean_affinity():
     s = affinity.affinities(f.double())
     assert rnorm.dtype == thresh.dtype == torch.float32
     torch.testing.assert_close(thresh.double(), beta * s.mean(dim=(1, 2)), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["reference", "sdpa", "cpu", "cuda"])
+def test_gradients_flow_through_the_float32_affinities(backend, device):
+    # the fused backends' backward recomputes the reference math under autograd, so the
+    # affinities must stay differentiable where autograd records (half inputs on CUDA included)
+    _skip_unless_runs(backend, device)
+    dtype = torch.float32 if backend == "cpu" else torch.bfloat16
+    f, v, beta, gamma = affinity_case("positive_mean", 2, 33, 48, 2, 32, dtype=dtype, device=device,
+                                      generator=torch.Generator().manual_seed(7))
+    f.requires_grad_(True)
+    v.requires_grad_(True)
+    out = ops.masked_affinity_attention(f, v, beta=beta, gamma=gamma, backend=backend)
+    df, dv = torch.autograd.grad(out.float().square().sum(), (f, v))
+    assert df.dtype == f.dtype and torch.isfinite(df).all() and df.abs().sum() > 0
+    assert dv.dtype == v.dtype and torch.isfinite(dv).all()

@@ -64,7 +64,8 @@ def masked_affinity_attention(f: Tensor, v: Tensor, beta: float, gamma: float,
     as one value of width H*d, since the map is shared by every head. S, its mean and the mask
     are float32 whatever f's dtype (`_affinity`); SDPA's scores may round, the mask may not."""
     rnorm, thresh = _affinity.first_pass(f, beta)
-    keep = _affinity.keep_mask(_affinity.affinities(f, rnorm), thresh)
+    with torch.no_grad():  # a mask has no gradient: record nothing for it
+        keep = _affinity.keep_mask(_affinity.affinities(f, rnorm), thresh)
     fn = _affinity.normalized(f, rnorm).to(f.dtype).unsqueeze(1)
     B, H, n, d = v.shape
     values = v.transpose(1, 2).reshape(B, 1, n, H * d)
