@@ -233,14 +233,16 @@ __global__ void __launch_bounds__(C::THREADS) self_corr_fwd_kernel(const Params 
 // float32 features each product is split into TF32 parts (hi hi + hi lo + lo hi: 3 mma), so the mask
 // S < beta mean(S), a discrete decision, is taken on float32 affinities.
 
-template <typename T>
+// SMALL: half the keys per tile, for GPUs with under ~128 KiB of shared memory per block (sm_86,
+// sm_89: 99 KiB); more k-step sharing in S, the same accumulators.
+template <typename T, bool SMALL>
 struct AffinityConfig {
   using Elem = T;
   static constexpr bool SPLIT_TF32 = std::is_same_v<T, float>;
   static constexpr int WARPS = 8, THREADS = 32 * WARPS;
   static constexpr int BQ = 32, ROW_GROUPS = BQ / 16, COL_GROUPS = WARPS / ROW_GROUPS;
-  // keys per tile: the V tile [BK][DVB] takes 97 KiB of shared memory either way
-  static constexpr int BK = SPLIT_TF32 ? 32 : 64;
+  // keys per tile: the V tile [BK][DVB] takes 97 KiB of shared memory (49 KiB when SMALL)
+  static constexpr int BK = (SPLIT_TF32 ? 32 : 64) / (SMALL ? 2 : 1);
   static constexpr int CK = 64;  // features per chunk of S = F F^T
   static constexpr int DVB = 768, WCOLS = DVB / COL_GROUPS, DT = WCOLS / 8, NT = BK / 8;
   static constexpr int PIECES = (BQ / 16) * (BK / 16), KSPLIT = WARPS / PIECES;
@@ -501,10 +503,12 @@ void self_correlation(const SelfCorrelationShape& s, const Strided& x, const Str
 template <typename T, class Launcher>
 void masked_affinity(const AffinityShape& s, const Strided& f, const float* rnorm, const float* thresh,
                      const Strided& v, const Strided& out, float gamma, const DeviceLimits& dev, Launcher&& launch) {
-  using C = AffinityConfig<T>;
+  using Large = AffinityConfig<T, false>;
+  using Small = AffinityConfig<T, true>;
   if (s.n > 0x7fffffff || s.C > 0x7fffffff || s.H * s.d > 0x7fffffff)
     throw std::invalid_argument("armfast CUDA masked affinity attention: sizes too large");
-  check_smem<C>("masked affinity", static_cast<int>(s.d), dev);
+  const bool large = Large::SMEM <= dev.smem;
+  if (!large) check_smem<Small>("masked affinity", static_cast<int>(s.d), dev);
   Params prm{};
   AttnParams& p = prm.a;
   p.v = v.data, p.out = out.data;
@@ -513,16 +517,22 @@ void masked_affinity(const AffinityShape& s, const Strided& f, const float* rnor
   p.vec_v = vec_ok<T>(v) && s.d % per == 0;
   prm.f = f.data;
   copy_strides(prm.sf, f, 3);
+  static_assert(Large::CK == Small::CK && Large::DVB == Small::DVB && Large::BQ == Small::BQ, "one grid for both");
   prm.vec_f = f.stride[2] == 1 && reinterpret_cast<std::uintptr_t>(f.data) % 16 == 0 && f.stride[0] % per == 0 &&
-              f.stride[1] % per == 0 && s.C % C::CK == 0;
+              f.stride[1] % per == 0 && s.C % Large::CK == 0;
   prm.rnorm = rnorm, prm.thresh = thresh;
   prm.n = static_cast<int>(s.n), prm.C = static_cast<int>(s.C), prm.H = static_cast<int>(s.H);
   prm.d = static_cast<int>(s.d);
-  prm.value_blocks = ceil_div_int(prm.H * prm.d, C::DVB);
+  prm.value_blocks = ceil_div_int(prm.H * prm.d, Large::DVB);
   prm.gamma_log2 = gamma * kLog2e;
-  p.n_tiles = ceil_div_int(prm.n, C::BQ);
-  launch(masked_affinity_fwd_kernel<C>, kernel_name<C>("masked_affinity_fwd_kernel"),
-         s.B * prm.value_blocks * p.n_tiles, C::THREADS, C::SMEM, prm);
+  p.n_tiles = ceil_div_int(prm.n, Large::BQ);
+  auto run = [&](auto config, const char* name) {
+    using C = decltype(config);
+    launch(masked_affinity_fwd_kernel<C>, kernel_name<C>(name), s.B * prm.value_blocks * p.n_tiles, C::THREADS,
+           C::SMEM, prm);
+  };
+  if (large) run(Large{}, "masked_affinity_fwd_kernel");
+  else run(Small{}, "masked_affinity_fwd_kernel_small");
 }
 
 }  // namespace armfast::cuda::baseline

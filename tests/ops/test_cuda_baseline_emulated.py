@@ -142,8 +142,13 @@ def test_masked_affinity(emu, dtype, C, H, d):
     assert emu.kernels() == [f"masked_affinity_fwd_kernel<{_name(dtype)}>"]
 
 
+# an sm_86/sm_89 GPU: 99 KiB of shared memory per block, too little for the large key tiles
+RTX = dict(smem=99 * 1024, sms=84)
+
+
+@pytest.mark.parametrize("gpu", [H100, RTX], ids=["large_tiles", "small_tiles"])
 @pytest.mark.parametrize("dtype", DTYPES, **DTYPE_IDS)
-def test_masked_affinity_wide_values_vector_loads_and_tails(emu, dtype):
+def test_masked_affinity_wide_values_vector_loads_and_tails(emu, dtype, gpu):
     # 13 heads of 64: 832 value columns, two column blocks of 768 (the second mostly past the
     # end); row-major features with C a multiple of the chunk and values [B, n, H, d]: the
     # 16-byte load paths; n = 75: tails in the query and key tiles; two images
@@ -155,7 +160,9 @@ def test_masked_affinity_wide_values_vector_loads_and_tails(emu, dtype):
     v, _ = guarded((B, H, n, d), dtype, float("nan"), "heads_inner", g)
     out, ob = guarded((B, H, n, d), dtype, SENTINEL, "contiguous")
     rnorm, thresh = affinity.first_pass(f, 1.2)
-    emu.masked_affinity(f, rnorm, thresh, v, out, 3.0, **H100)
+    emu.masked_affinity(f, rnorm, thresh, v, out, 3.0, **gpu)
+    small = "_small" if gpu is RTX else ""
+    assert emu.kernels() == [f"masked_affinity_fwd_kernel{small}<{_name(dtype)}>"]
     assert untouched_outside(out, ob, SENTINEL)
     fn = torch.nn.functional.normalize(f.float(), dim=-1)
     S = fn @ fn.transpose(1, 2)
@@ -164,16 +171,17 @@ def test_masked_affinity_wide_values_vector_loads_and_tails(emu, dtype):
     assert_close_to_truth(out, masked_affinity_f64(f, v), peer, "masked_affinity_attention")
 
 
+@pytest.mark.parametrize("gpu", [H100, RTX], ids=["large_tiles", "small_tiles"])
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", DTYPES, **DTYPE_IDS)
-def test_masked_affinity_decides_the_mask_in_float32(emu, dtype, case):
+def test_masked_affinity_decides_the_mask_in_float32(emu, dtype, case, gpu):
     # affinities near the threshold (tests/helpers/affinity_cases.py): half-precision products
     # are exact in the float32 accumulators, float32 ones are split into TF32 parts (3 mma)
     f, v, beta, gamma = affinity_case(case, 1, 64, 768, 1, 64, dtype=dtype,
                                       generator=torch.Generator().manual_seed(64))
     out = torch.full_like(v, SENTINEL)
     rnorm, thresh = affinity.first_pass(f, beta)
-    emu.masked_affinity(f, rnorm, thresh, v, out, gamma, **H100)
+    emu.masked_affinity(f, rnorm, thresh, v, out, gamma, **gpu)
     error = float(max_relative_error(out, masked_affinity_f64(f, v, beta, gamma)))
     assert error <= 1.5e-2, f"{case}: max relative error {error:.3g}"
 
