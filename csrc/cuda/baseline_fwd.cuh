@@ -227,7 +227,10 @@ __global__ void __launch_bounds__(C::THREADS) self_corr_fwd_kernel(const Params 
 // one 16 x 16 piece (or a share of its k steps, where a tile has fewer pieces than warps), and every
 // warp reads back its rows' scores. The 4 warps of a row group repeat the rows' online softmax (the
 // same numbers in the same order give the same max and sum) instead of exchanging it: 16 x BK
-// exponentials per warp and tile, against 16 x BK x 192 x 2 FLOPs of P V.
+// exponentials per warp and tile, against 16 x BK x 192 x 2 FLOPs of P V. (Why not one warp set
+// looping over column chunks of a stored S tile: the online softmax rescales every column of a
+// row whenever its max grows, so all 768 columns stay live for the whole key loop; split over the
+// warps they stay in registers. Split over blocks, S would be computed once per block.)
 //
 // S is float32 whatever T: products of two 16-bit values are exact in the float32 accumulators; for
 // float32 features each product is split into TF32 parts (hi hi + hi lo + lo hi: 3 mma), so the mask
