@@ -56,6 +56,11 @@ struct Params {
   int n, C, H, d, value_blocks;
   float gamma_log2;
   bool vec_f;  // 16-byte feature loads: unit feature stride, aligned rows, C a multiple of the chunk
+  // split keys (too few blocks to fill the GPU): `splits` ranges of keys_per_split keys each write
+  // their unnormalised rows to `workspace` (acc [splits][B][n][value_blocks * 768], then (max, sum)
+  // [splits][B][n][2]) and a second kernel combines them; splits == 1: straight to the output
+  int splits, keys_per_split;
+  float* workspace;
 };
 
 // Grid position of token t: row, column, and whether it is a patch (not a class token).
@@ -364,11 +369,13 @@ __global__ void __launch_bounds__(C::THREADS, 1) masked_affinity_fwd_kernel(cons
   float* ss = reinterpret_cast<float*>(smem + C::S);
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  // blockIdx.x = (b * value_blocks + value block) * n_tiles + query tile
+  // blockIdx.x = ((b * value_blocks + value block) * splits + split) * n_tiles + query tile
   const int tile = blockIdx.x % p.n_tiles;
-  const int64_t rest = blockIdx.x / p.n_tiles, b = rest / prm.value_blocks;
-  const int col0 = static_cast<int>(rest % prm.value_blocks) * C::DVB;  // first value column of the block
+  const int64_t rest = blockIdx.x / p.n_tiles, vblock = rest / prm.splits, b = vblock / prm.value_blocks;
+  const int split = static_cast<int>(rest % prm.splits);
+  const int col0 = static_cast<int>(vblock % prm.value_blocks) * C::DVB;  // first value column of the block
   const int n = prm.n, q0 = tile * BQ, nq = std::min(BQ, n - q0);
+  const int k_begin = split * prm.keys_per_split, k_end = std::min(n, k_begin + prm.keys_per_split);
   const int value_width = prm.H * prm.d;
   const T* fb = static_cast<const T*>(prm.f) + b * prm.sf[0];
   const T* vb = static_cast<const T*>(p.v) + b * p.sv[0];
@@ -392,7 +399,7 @@ __global__ void __launch_bounds__(C::THREADS, 1) masked_affinity_fwd_kernel(cons
   row_max[0][0] = row_max[0][1] = -INFINITY;
   row_sum[0][0] = row_sum[0][1] = 0.0f;
 
-  for (int k0 = 0; k0 < n; k0 += BK) {
+  for (int k0 = k_begin; k0 < k_end; k0 += BK) {
     const int nk = std::min(BK, n - k0);
     // the V tile streams in while S is computed (the chunks' first wait covers it)
     load_values<C>(vs, vb, p.sv, prm.d, value_width, col0, k0, nk, p.vec_v);
@@ -435,6 +442,26 @@ __global__ void __launch_bounds__(C::THREADS, 1) masked_affinity_fwd_kernel(cons
     __syncthreads();  // every warp is done with the S and V tiles
   }
 
+  if (prm.splits > 1) {  // this key range's unnormalised rows and their (max, sum)
+    const int64_t width = static_cast<int64_t>(prm.value_blocks) * C::DVB;
+    float* ws = prm.workspace + (split * p.BH + b) * n * width;  // p.BH: the images
+    float* ml = prm.workspace + prm.splits * p.BH * n * width + (split * p.BH + b) * n * 2;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = q0 + wrow + mma::c_row(lane, 2 * half);
+      const float sum = quad_sum(row_sum[0][half]);
+      if (row >= n) continue;
+      if (col0 == 0 && wcol == 0 && mma::lane_quad(lane) == 0) {
+        ml[row * 2] = row_max[0][half];
+        ml[row * 2 + 1] = sum;
+      }
+#pragma unroll
+      for (int dt = 0; dt < DT; ++dt)
+        store_pair<float>(ws + row * width + col0 + wcol + 8 * dt + mma::c_col(lane, 2 * half), acc[0][dt][2 * half],
+                          acc[0][dt][2 * half + 1]);
+    }
+    return;
+  }
   // the diagonal is never masked, so every stored row has l >= 1 (or NaN, as the reference)
   T* out = static_cast<T*>(p.out) + b * p.so[0];
 #pragma unroll
@@ -451,6 +478,33 @@ __global__ void __launch_bounds__(C::THREADS, 1) masked_affinity_fwd_kernel(cons
           out[(col / prm.d) * p.so[1] + row * p.so[2] + (col % prm.d) * p.so[3]] = from_float<T>(acc[0][dt][e] * inv);
       }
   }
+}
+
+// The key ranges' rows combined (split keys): out = sum_s acc_s 2^((m_s - M) gamma log2 e) / the
+// same sum of l_s, M = max_s m_s, as flash-decoding does; one thread per output element.
+template <typename T>
+__global__ void __launch_bounds__(256) masked_affinity_combine_kernel(const Params prm) {
+  const AttnParams& p = prm.a;
+  const int width = prm.H * prm.d;
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= p.BH * prm.n * width) return;
+  const int col = static_cast<int>(idx % width);
+  const int64_t bn = idx / width, b = bn / prm.n, row = bn % prm.n;
+  const int64_t padded = static_cast<int64_t>(prm.value_blocks) * 768, images = p.BH;
+  const float* ml = prm.workspace + prm.splits * images * prm.n * padded;
+  float m = -INFINITY;
+  for (int sp = 0; sp < prm.splits; ++sp) m = fmaxf(m, ml[((sp * images + b) * prm.n + row) * 2]);
+  const float m_scaled = m == -INFINITY ? 0.0f : m * prm.gamma_log2;
+  float num = 0.0f, den = 0.0f;
+  for (int sp = 0; sp < prm.splits; ++sp) {
+    const int64_t r = (sp * images + b) * prm.n + row;
+    const float ms = ml[r * 2];
+    const float w = ms == -INFINITY ? 0.0f : exp2f(ms * prm.gamma_log2 - m_scaled);  // a range of masked keys: 0
+    num += prm.workspace[r * padded + col] * w;
+    den += ml[r * 2 + 1] * w;
+  }
+  T* out = static_cast<T*>(p.out) + b * p.so[0];
+  out[(col / prm.d) * p.so[1] + row * p.so[2] + (col % prm.d) * p.so[3]] = from_float<T>(num / den);
 }
 
 // ---- host side: parameters, tile choice and launches (the launcher runs them: on the GPU, or in
@@ -502,10 +556,35 @@ void self_correlation(const SelfCorrelationShape& s, const Strided& x, const Str
   });
 }
 
-// f [B, n, C]; rnorm [B, n], thresh [B]: float32, contiguous (the first pass); v, out [B, H, n, d].
+// Key ranges per (image, query tile) for masked_affinity: enough blocks to fill the GPU when the
+// images and query tiles alone do not (a batch of one), at most 8 ranges of at least 128 keys.
+// Ranges are whole multiples of 64 keys, so the choice does not depend on the tiles.
+struct AffinitySplit {
+  int splits, keys_per_split;
+};
+inline AffinitySplit affinity_split(const AffinityShape& s, const DeviceLimits& dev) {
+  constexpr int kBQ = 32, kDVB = 768, kGrain = 64;
+  const int64_t blocks = s.B * ((s.H * s.d + kDVB - 1) / kDVB) * ((s.n + kBQ - 1) / kBQ);
+  const int64_t grains = (s.n + kGrain - 1) / kGrain;
+  const int64_t want = std::min<int64_t>({8, dev.sms / std::max<int64_t>(blocks, 1), grains / 2});
+  if (want < 2) return {1, static_cast<int>(grains * kGrain)};
+  const int64_t per = (grains + want - 1) / want;  // grains per range
+  return {static_cast<int>((grains + per - 1) / per), static_cast<int>(per * kGrain)};
+}
+
+// float32 elements of masked_affinity's workspace (0: it writes the output directly).
+inline int64_t masked_affinity_workspace(const AffinityShape& s, const DeviceLimits& dev) {
+  const AffinitySplit sp = affinity_split(s, dev);
+  if (sp.splits == 1) return 0;
+  return sp.splits * s.B * s.n * (((s.H * s.d + 767) / 768) * 768 + 2);
+}
+
+// f [B, n, C]; rnorm [B, n], thresh [B]: float32, contiguous (the first pass); v, out [B, H, n, d];
+// workspace: masked_affinity_workspace(s, dev) float32 elements (null when 0).
 template <typename T, class Launcher>
 void masked_affinity(const AffinityShape& s, const Strided& f, const float* rnorm, const float* thresh,
-                     const Strided& v, const Strided& out, float gamma, const DeviceLimits& dev, Launcher&& launch) {
+                     const Strided& v, const Strided& out, float gamma, float* workspace, int64_t workspace_size,
+                     const DeviceLimits& dev, Launcher&& launch) {
   using Large = AffinityConfig<T, false>;
   using Small = AffinityConfig<T, true>;
   if (s.n > 0x7fffffff || s.C > 0x7fffffff || s.H * s.d > 0x7fffffff)
@@ -529,13 +608,28 @@ void masked_affinity(const AffinityShape& s, const Strided& f, const float* rnor
   prm.value_blocks = ceil_div_int(prm.H * prm.d, Large::DVB);
   prm.gamma_log2 = gamma * kLog2e;
   p.n_tiles = ceil_div_int(prm.n, Large::BQ);
+  p.BH = s.B;  // the images (the combine and the split rows index by it)
+  const AffinitySplit sp = affinity_split(s, dev);
+  prm.splits = sp.splits, prm.keys_per_split = sp.keys_per_split;
+  if (workspace_size < masked_affinity_workspace(s, dev) || (sp.splits > 1 && workspace == nullptr))
+    throw std::invalid_argument("armfast CUDA masked affinity attention: workspace of " +
+                                std::to_string(workspace_size) + " floats, expected " +
+                                std::to_string(masked_affinity_workspace(s, dev)));
+  prm.workspace = workspace;
+  static_assert(Large::BQ == 32 && Large::DVB == 768 && 64 % Large::BK == 0 && 64 % Small::BK == 0,
+                "affinity_split's sizes");
   auto run = [&](auto config, const char* name) {
     using C = decltype(config);
-    launch(masked_affinity_fwd_kernel<C>, kernel_name<C>(name), s.B * prm.value_blocks * p.n_tiles, C::THREADS,
-           C::SMEM, prm);
+    launch(masked_affinity_fwd_kernel<C>, kernel_name<C>(name),
+           s.B * prm.value_blocks * prm.splits * p.n_tiles, C::THREADS, C::SMEM, prm);
   };
   if (large) run(Large{}, "masked_affinity_fwd_kernel");
   else run(Small{}, "masked_affinity_fwd_kernel_small");
+  if (prm.splits > 1) {
+    const int64_t elements = s.B * s.n * s.H * s.d;
+    launch(masked_affinity_combine_kernel<T>, std::string("masked_affinity_combine_kernel<") +
+           flash::dtype_name<T>() + ">", (elements + 255) / 256, 256, 0, prm);
+  }
 }
 
 }  // namespace armfast::cuda::baseline

@@ -200,9 +200,14 @@ def cuda_gaussian_self_correlation_forward(x: Tensor, v: Tensor, scale: float, g
 def cuda_masked_affinity_forward(f: Tensor, v: Tensor, beta: float, gamma: float, out: Tensor) -> None:
     _tf32_only("masked_affinity_attention", f.dtype)
     rnorm, thresh = _affinity.first_pass(f, beta)
-    module("_C_cuda").masked_affinity_forward(
+    compiled = module("_C_cuda")
+    B, n, C = f.shape
+    # a batch too small to fill the GPU splits the keys into ranges, combined from this workspace
+    size = compiled.masked_affinity_workspace(B, n, C, v.shape[1], v.shape[3], f.device.index)
+    workspace = empty((max(size, 1),), torch.float32, f.device)  # the binding takes no empty tensor
+    compiled.masked_affinity_forward(
         DTYPE_NAMES[f.dtype], arg(f), arg(rnorm), arg(thresh), arg(v), arg(out), float(gamma),
-        _allow_tf32(f.dtype), *_launch(f))
+        arg(workspace), _allow_tf32(f.dtype), *_launch(f))
 
 
 BACKEND = fused_backend(
