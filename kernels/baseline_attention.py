@@ -13,10 +13,12 @@ from the token indices. SCLIP keeps two online-softmax states and two accumulato
 is loaded once and feeds both.
 
 `masked_affinity_fwd` (ProxyCLIP): one program per (batch * value block, query tile). S is the
-cosine of the VFM features F [B, n, C], from their dot products (C in BLOCK_C slices) and the
-inverse row norms of a first pass; entries S_ij < THRESH (= beta mean(S)) are masked except on
-the diagonal; softmax(gamma S) online, applied to the values of every head at once: V is read as
-[n, H * d] in BLOCK_DV columns, since one map serves all heads.
+cosine of the VFM features F [B, n, C], from their dot products (C in BLOCK_C slices, float32
+accumulators: exact products of half inputs) and the inverse row norms of a first pass; entries
+S_ij < THRESH (= beta mean(S)) are masked except on the diagonal; softmax(gamma (S - THRESH))
+online, applied to the values of every head at once: V is read as [n, H * d] in BLOCK_DV columns,
+since one map serves all heads. S is computed once per BLOCK_DV columns (3 to 6 times at
+H d = 768): a [BLOCK_M, H d] accumulator in one program would not fit its registers.
 
 Scores are in log2 units (scale * log2(e) folded in) so the softmax uses `exp2`; the row max
 is guarded so that a row whose keys are all masked so far stays at zero weight, not NaN. Any
@@ -207,8 +209,10 @@ def masked_affinity_fwd(
             dots = tl.dot(fq, tl.trans(fk), dots, input_precision=DOT_PRECISION)
         r_n = tl.load(RNORM + offs_kn * stride_rn, mask=mask_n, other=0.0).to(ACC_DTYPE)
         cos = dots * r_m[:, None] * r_n[None, :]
-        keep = (cos >= thresh) | (offs_m[:, None] == offs_kn[None, :])
-        s = tl.where(keep & mask_n[None, :], cos * (gamma * _log2e()), float("-inf"))
+        # gamma (S - beta mean(S)) as the reference writes it (softmax(gamma S), shifted), masked
+        # below 0 off the diagonal: a NaN threshold (a NaN feature) leaves every score NaN, as there
+        masked = (cos < thresh) & (offs_m[:, None] != offs_kn[None, :])
+        s = tl.where(~masked & mask_n[None, :], (cos - thresh) * (gamma * _log2e()), float("-inf"))
         v = tl.load(V + offs_kn[:, None] * stride_vn + v_cols[None, :],
                     mask=mask_n[:, None] & mask_dv[None, :], other=0.0)
         m_i, l_i, acc = _online_softmax_step(s, m_i, l_i, acc, v, DOT_PRECISION)

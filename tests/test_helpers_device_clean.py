@@ -4,19 +4,20 @@ These helpers were written on machines without a GPU, where every tensor is a CP
 `torch.zeros(...)` without `device=` inside an oracle passed here and failed on the first GPU
 (46 failures, once). Under `FakeTensorMode` a tensor can claim `device="cuda"` without a GPU:
 ops compute only shapes, and mixing it with a CPU tensor raises as on a real GPU. Each helper
-runs so here; a new public helper in tests/helpers/baseline_math.py or sc_clip_math.py must be
-added to `CALLS`.
+runs so here; a new public helper in tests/helpers/baseline_math.py, sc_clip_math.py or
+affinity_cases.py must be added to `CALLS` (or `DATA_BUILDERS`).
 Builders that compute on their data (a fake tensor has none) are called with device="meta"
 instead and must return tensors there.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 
 import pytest
 import torch
 
-from helpers import baseline_math, sc_clip_math
+from helpers import affinity_cases, baseline_math, sc_clip_math
 from helpers import tensors
 
 fake_tensor = pytest.importorskip("torch._subclasses.fake_tensor")
@@ -49,6 +50,7 @@ CALLS = {
         (1, 2, 16, 8), torch.float32, torch.Generator().manual_seed(0), device=CUDA),
     "make_qkv": lambda: tensors.make_qkv(1, 2, 5, 7, 8, device=CUDA, strided=True),
     "attention_f64": lambda: tensors.attention_f64(*_qkv()),
+    "max_relative_error": lambda: [affinity_cases.max_relative_error(*_affinity()[:1] * 2)],
     "patch_text_logits_f64": lambda: tensors.patch_text_logits_f64(
         torch.randn(1, 5, 8, device=CUDA), torch.randn(3, 8, device=CUDA),
         torch.tensor(2.0, device=CUDA)),
@@ -66,6 +68,10 @@ DATA_BUILDERS = {
     "dual_inputs": lambda device: sc_clip_math.dual_inputs(2, 9, device=device, strided=True)[:3],
     "in_widest_gap": lambda device: [torch.tensor(sc_clip_math.in_widest_gap(
         torch.tensor([0.1, 0.45, 0.9], dtype=torch.float64), 0.3, 0.5), device=device)],
+    **{f"affinity_case[{case}]": functools.partial(
+        lambda device, case: affinity_cases.affinity_case(case, 2, 12, 16, 2, 8, device=device,
+                                                          dtype=torch.bfloat16)[:2], case=case)
+       for case in affinity_cases.CASES},
 }
 
 
@@ -76,9 +82,11 @@ def _public_functions(module) -> set[str]:
 
 
 def test_every_shared_helper_is_checked():
-    helpers = _public_functions(baseline_math) | _public_functions(sc_clip_math) | {
-        name for name in _public_functions(tensors) if name.endswith("_f64") or name == "make_qkv"}
-    assert helpers - set(CALLS) - set(DATA_BUILDERS) == set(), "add these helpers to CALLS"
+    helpers = (_public_functions(baseline_math) | _public_functions(sc_clip_math)
+               | _public_functions(affinity_cases) | {
+        name for name in _public_functions(tensors) if name.endswith("_f64") or name == "make_qkv"})
+    checked = set(CALLS) | {name.split("[")[0] for name in DATA_BUILDERS}
+    assert helpers - checked == set(), "add these helpers to CALLS or DATA_BUILDERS"
 
 
 @pytest.mark.parametrize("name", sorted(CALLS))

@@ -24,8 +24,9 @@ inputs. FLOP and byte counts follow the design contract (ARM_DESIGN.md, section 
 - the baseline attentions (forward only, as the baselines run frozen), per head: ``4 N^2 d``
   for self_correlation and gaussian_self_correlation (one attention; NACLIP's bias is
   element-wise), ``6 N^2 d`` for self_correlation_sum (two score products, one value product);
-  masked_affinity_attention ``2 n^2 C`` per image for the affinities plus ``2 n^2 d`` per head
-  (`armfast.ops._specs` holds these key functions). Memory floor: read the inputs, write the
+  masked_affinity_attention ``n (n + 1) C`` per image for the affinities (one symmetric S for
+  all heads: its distinct entries once) plus ``2 n^2 d`` per head (`armfast.ops._specs` holds
+  these key functions). Memory floor: read the inputs, write the
   output (x, v, out: ``3 N d`` per head; SCLIP ``4 N d``; ProxyCLIP ``n C`` per image plus
   ``2 n d`` per head). SC-CLIP's ops at their algorithmic minimum, S once per image:
   similarity_aggregation ``2 N^2 (C + D)`` per image (S, then W x), averaged_dual_softmax

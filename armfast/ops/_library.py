@@ -391,13 +391,3 @@ def baseline_ops(backend: str, forwards: dict[ForwardOnlyOp, Callable], limits: 
     return {op.name: ForwardOnlyImpl(op, backend, forward, limits, device_types)
             for op, forward in forwards.items()}
 
-
-def affinity_first_pass(f: Tensor, beta: float) -> tuple[Tensor, Tensor]:
-    """The O(n C) first pass of masked_affinity_attention for the GPU backends: (rnorm [B, n],
-    thresh [B]) with rnorm = 1 / max(|f_i|, eps) (as F.normalize) and thresh = beta * mean(S),
-    where mean(S) over all n x n cosines is |mean_i f_i rnorm_i|^2. float32 (float64 for float64
-    features), contiguous."""
-    acc = lse_dtype(f.dtype)
-    rnorm = 1.0 / torch.linalg.vector_norm(f, dim=-1, dtype=acc).clamp_min(NORM_EPS)
-    mean = torch.bmm(rnorm.unsqueeze(1), f.to(acc)).squeeze(1) / f.shape[1]  # [B, C]
-    return rnorm.contiguous(), (beta * mean.square().sum(-1)).contiguous()

@@ -164,7 +164,8 @@ def _masked_affinity(fa: Tensor, va: Tensor, beta: float, gamma: float) -> Tenso
 def masked_affinity_math(f: Tensor, v: Tensor, beta: float, gamma: float) -> Tensor:
     """ProxyCLIP: ``softmax(gamma (S - beta mean(S)))`` of the cosine affinities S of f
     ``[B, n, C]``, entries below 0 masked but the diagonal kept, applied to every head of v
-    ``[B, H, n, d]``. mean(S) is per image (ProxyCLIP runs one crop at a time)."""
+    ``[B, H, n, d]``. mean(S) is per image (ProxyCLIP runs one crop at a time). S, its mean and
+    the mask are float32 for half inputs (the mask is a discrete decision)."""
     return _masked_affinity(*_acc(f, v), beta, gamma).to(v.dtype)
 
 
@@ -241,9 +242,11 @@ def self_correlation_sum_key(B: int, H: int, N: int, d: int) -> tuple[int, int]:
 
 
 def masked_affinity_key(B: int, n: int, C: int, H: int, d: int) -> tuple[int, int]:
-    """(head dim, forward FLOPs) of ProxyCLIP's attention: the affinities S (2 n^2 C per image),
-    then one n x n map applied to all H heads of v (2 n^2 H d)."""
-    return d, 2 * B * n * n * (C + H * d)
+    """(head dim, forward FLOPs) of ProxyCLIP's attention, its algorithmic minimum: the
+    affinities once per image, the same for every head, and symmetric (S_ij = S_ji: n (n + 1)
+    / 2 distinct dot products of length C, n (n + 1) C FLOPs), then one n x n map applied to all
+    H heads of v (2 n^2 H d)."""
+    return d, B * (n * (n + 1) * C + 2 * n * n * H * d)
 
 
 def similarity_aggregation_key(B: int, N: int, C: int, D: int) -> tuple[int, int]:

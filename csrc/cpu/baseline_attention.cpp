@@ -180,8 +180,8 @@ ARMFAST_INLINE void affinity_scores(const T* fs, int64_t rows, int64_t C, const 
 
 // Rows r0..r0+nr of an image take keys k0..k0+nk: their S (tile [nr, nk], pitch kBlockK, rows
 // nr..round_up(nr, R) zero) masked where S < beta mean(S) but never on the diagonal, the online
-// softmax of gamma S into the rows' states m, l (from r0) and acc (from row r0, pitch H * dv),
-// then P V for every head at once (the map is shared by all heads).
+// softmax of gamma (S - beta mean(S)) into the rows' states m, l (from r0) and acc (from row r0,
+// pitch H * dv), then P V for every head at once (the map is shared by all heads).
 template <class Isa, typename T>
 ARMFAST_INLINE void affinity_update(const AffinityOperands<T>& im, const AffinityProblem<T>* P,
                                     T* tile, int64_t r0, int64_t nr, int64_t k0, int64_t nk, T* m,
@@ -192,9 +192,12 @@ ARMFAST_INLINE void affinity_update(const AffinityOperands<T>& im, const Affinit
   for (int64_t i = 0; i < nr; ++i) {
     T* srow = tile + i * kBlockK;
     const int64_t diagonal = r0 + i - k0;  // the key index of S_ii in this tile, if any
+    // gamma (S - beta mean(S)), masked where below 0, as the reference writes it: the same
+    // softmax as gamma S (a shift per row), and a NaN threshold (a NaN feature anywhere in the
+    // image) makes every row NaN through its diagonal, as it does the reference's
 #pragma omp simd
     for (int64_t j = 0; j < nk; ++j)
-      srow[j] = srow[j] >= thresh || j == diagonal ? gamma * srow[j] : kNegInf<T>;
+      srow[j] = srow[j] < thresh && j != diagonal ? kNegInf<T> : gamma * (srow[j] - thresh);
     const T alpha = online_softmax_row(srow, nk, cols, m[i], l[i]);
     if (alpha != T(1)) {  // once a row's maximum has settled, most tiles leave it alone
       T* orow = acc + i * hdv;

@@ -12,8 +12,8 @@
 // masked_affinity_fwd_kernel (ProxyCLIP): S = cos(f_i, f_j) from the VFM features (dot products
 //   over C in CK-wide chunks, times the inverse row norms of a first pass), S < beta mean(S)
 //   masked off the diagonal, softmax(gamma S) online, applied to the values of all heads, read
-//   as one [n, H * d] matrix: a block owns DVB of its columns (DVB / d heads), so the map is
-//   computed once per DVB value columns rather than once per head.
+//   as one [n, H * d] matrix: a block owns 768 of its columns (all of them for H d <= 768), so
+//   each tile of S is computed once per image and query tile, not once per head.
 //
 // Plainly pipelined: each key tile is loaded, then used, between two barriers.
 #pragma once
@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -54,6 +55,12 @@ struct Params {
   const float *rnorm, *thresh;
   int n, C, H, d, value_blocks;
   float gamma_log2;
+  bool vec_f;  // 16-byte feature loads: unit feature stride, aligned rows, C a multiple of the chunk
+  // split keys (too few blocks to fill the GPU): `splits` ranges of keys_per_split keys each write
+  // their unnormalised rows to `workspace` (acc [splits][B][n][value_blocks * 768], then (max, sum)
+  // [splits][B][n][2]) and a second kernel combines them; splits == 1: straight to the output
+  int splits, keys_per_split;
+  float* workspace;
 };
 
 // Grid position of token t: row, column, and whether it is a patch (not a class token).
@@ -215,19 +222,46 @@ __global__ void __launch_bounds__(C::THREADS) self_corr_fwd_kernel(const Params 
 }
 
 // ---- masked affinity: ProxyCLIP -------------------------------------------------------------------
+//
+// The map softmax(gamma S) is one per image, shared by all H heads, so a block owns BQ query rows
+// of one image and DVB = 768 value columns (every head of a ViT-B: H d = 768): each tile of S is
+// computed once and applied to all of them (wider values take ceil(H d / 768) column blocks, each
+// computing S again). The accumulator, BQ x DVB floats (32 x 768: 96 KiB), cannot live in one
+// warp's registers, so the block's 8 warps split it: 2 row groups of 16 rows times 4 column groups
+// of 192 columns, 96 floats per thread. S is computed cooperatively into shared memory, each warp
+// one 16 x 16 piece (or a share of its k steps, where a tile has fewer pieces than warps), and every
+// warp reads back its rows' scores. The 4 warps of a row group repeat the rows' online softmax (the
+// same numbers in the same order give the same max and sum) instead of exchanging it: 16 x BK
+// exponentials per warp and tile, against 16 x BK x 192 x 2 FLOPs of P V. (Why not one warp set
+// looping over column chunks of a stored S tile: the online softmax rescales every column of a
+// row whenever its max grows, so all 768 columns stay live for the whole key loop; split over the
+// warps they stay in registers. Split over blocks, S would be computed once per block.)
+//
+// S is float32 whatever T: products of two 16-bit values are exact in the float32 accumulators; for
+// float32 features each product is split into TF32 parts (hi hi + hi lo + lo hi: 3 mma), so the mask
+// S < beta mean(S), a discrete decision, is taken on float32 affinities.
 
-template <typename T>
+// SMALL: half the keys per tile, for GPUs with under ~128 KiB of shared memory per block (sm_86,
+// sm_89: 99 KiB); more k-step sharing in S, the same accumulators.
+template <typename T, bool SMALL>
 struct AffinityConfig {
   using Elem = T;
-  static constexpr int WARPS = 4, MT = 1, BK = 64;
-  static constexpr int CK = 64;   // features per chunk of S = F F^T
-  static constexpr int DVB = 128; // value columns (of H * d) per block
-  static constexpr int THREADS = 32 * WARPS, BQ = 16 * MT * WARPS;
-  static constexpr int LDF = CK + kPad, LDV = DVB + kPad;
-  static constexpr size_t FQ = 0;                              // [BQ][LDF]
-  static constexpr size_t FK = FQ + sizeof(T) * BQ * LDF;      // [BK][LDF]
-  static constexpr size_t V = FK + sizeof(T) * BK * LDF;       // [BK][LDV]
-  static constexpr size_t SMEM = V + sizeof(T) * BK * LDV;
+  static constexpr bool SPLIT_TF32 = std::is_same_v<T, float>;
+  static constexpr int WARPS = 8, THREADS = 32 * WARPS;
+  static constexpr int BQ = 32, ROW_GROUPS = BQ / 16, COL_GROUPS = WARPS / ROW_GROUPS;
+  // keys per tile: the V tile [BK][DVB] takes 97 KiB of shared memory (49 KiB when SMALL)
+  static constexpr int BK = (SPLIT_TF32 ? 32 : 64) / (SMALL ? 2 : 1);
+  static constexpr int CK = 64;  // features per chunk of S = F F^T
+  static constexpr int DVB = 768, WCOLS = DVB / COL_GROUPS, DT = WCOLS / 8, NT = BK / 8;
+  static constexpr int PIECES = (BQ / 16) * (BK / 16), KSPLIT = WARPS / PIECES;
+  static constexpr int LDF = CK + kPad, LDV = DVB + kPad, LDS = BK + 4;
+  static constexpr size_t FQ = 0;                                       // [BQ][LDF]
+  static constexpr size_t FK = FQ + sizeof(T) * BQ * LDF;               // [BK][LDF]
+  static constexpr size_t V = FK + sizeof(T) * BK * LDF;                // [BK][LDV]
+  static constexpr size_t S = V + sizeof(T) * BK * LDV;                 // KSPLIT x [BQ][LDS] float
+  static constexpr size_t SMEM = S + sizeof(float) * KSPLIT * BQ * LDS;
+  static_assert(WARPS % PIECES == 0 && (CK / Mma<T>::K) % KSPLIT == 0, "whole pieces and k steps per warp");
+  static_assert(WCOLS % 16 == 0 && BK % 16 == 0, "tiles are whole 16 x 16 blocks");
 };
 
 // dst[r][c] = src[(row0 + r) * rs + (col0 + c) * cs] for r < nrows, c < ncols, else 0.
@@ -241,100 +275,236 @@ __device__ __forceinline__ void load_block(T* dst, int ld, const T* src, int64_t
   }
 }
 
+// Rows row0 .. row0 + ROWS - 1 (valid below nrows), features c0 .. c0 + CK - 1 of f [n, C] into
+// dst [ROWS][LDF]; cp.async when `vec` (unit feature stride, aligned rows, C a multiple of CK).
+template <class C, int ROWS>
+__device__ __forceinline__ void load_features(typename C::Elem* dst, const typename C::Elem* fb, const int64_t (&sf)[3],
+                                              int row0, int nrows, int c0, int ncols, bool vec) {
+  if (vec)
+    flash::load_rows<typename C::Elem, ROWS, C::CK, C::THREADS>(dst, C::LDF, fb + c0, sf[1], 1, row0, nrows, true);
+  else
+    load_block<typename C::Elem, ROWS, C::CK, C::THREADS>(dst, C::LDF, fb, sf[1], sf[2], row0, nrows, c0, ncols);
+}
+
+// Keys k0 .. k0 + nk - 1 of value columns col0 .. col0 + DVB - 1 of v seen as [n, H * d] (column c:
+// head c / d, element c % d) into vs [BK][LDV]; past the keys or the columns, zeros. With `vec`
+// (unit element stride, aligned rows, d a multiple of the 16-byte chunk: no chunk straddles two
+// heads) as cp.async 16-byte copies.
 template <class C>
-__global__ void __launch_bounds__(C::THREADS) masked_affinity_fwd_kernel(const Params prm) {
+__device__ __forceinline__ void load_values(typename C::Elem* vs, const typename C::Elem* vb, const int64_t (&sv)[4],
+                                            int d, int value_width, int col0, int k0, int nk, bool vec) {
+  using T = typename C::Elem;
+  if (vec) {
+    constexpr int PER = 16 / sizeof(T), CHUNKS = C::DVB / PER;
+    for (int idx = threadIdx.x; idx < C::BK * CHUNKS; idx += C::THREADS) {
+      const int r = idx / CHUNKS, c = (idx % CHUNKS) * PER, col = col0 + c;
+      const bool ok = r < nk && col < value_width;
+      cp_async_16(vs + r * C::LDV + c, ok ? vb + (col / d) * sv[1] + (k0 + r) * sv[2] + col % d : vb, ok ? 16 : 0);
+    }
+  } else {
+    for (int idx = threadIdx.x; idx < C::BK * C::DVB; idx += C::THREADS) {
+      const int r = idx / C::DVB, c = idx % C::DVB, col = col0 + c;
+      vs[r * C::LDV + c] = r < nk && col < value_width ? vb[(col / d) * sv[1] + (k0 + r) * sv[2] + (col % d) * sv[3]]
+                                                       : from_float<T>(0.0f);
+    }
+  }
+}
+
+// float32 x as TF32 hi + lo (both rounded, as the tensor cores take them).
+__device__ __forceinline__ void split_tf32(float x, uint32_t& hi, uint32_t& lo) {
+  hi = to_tf32(x);
+  float h;
+  memcpy(&h, &hi, sizeof h);
+  lo = to_tf32(x - h);
+}
+
+// dots[2][4] += the 16 x 16 piece of F_q F_k^T at fq (16 rows of pitch LDF) and fk (16 keys), over
+// this warp's share of the chunk's k steps (kk = part, part + KSPLIT, ...).
+template <class C>
+__device__ __forceinline__ void piece_dots(float (&dots)[2][4], const typename C::Elem* fq,
+                                           const typename C::Elem* fk, int part) {
   using T = typename C::Elem;
   using M = Mma<T>;
-  constexpr int MT = C::MT, BK = C::BK, BQ = C::BQ, CK = C::CK, DVB = C::DVB, THREADS = C::THREADS;
-  constexpr int LDF = C::LDF, LDV = C::LDV, NT = BK / 8, DT = DVB / 8, KS = CK / M::K;
+  constexpr int LD = C::LDF;
+#pragma unroll
+  for (int kk = part; kk < C::CK / M::K; kk += C::KSPLIT) {
+    if constexpr (C::SPLIT_TF32) {
+      // the A and B fragments of Mma<float> (see warp_mma.cuh), read unrounded and split
+      const int lane = threadIdx.x % 32, g = mma::lane_group(lane), t = mma::lane_quad(lane);
+      const float* a = fq + kk * M::K;
+      const float av[4] = {a[g * LD + 2 * t], a[(g + 8) * LD + 2 * t], a[g * LD + 2 * t + 1], a[(g + 8) * LD + 2 * t + 1]};
+      uint32_t ahi[4], alo[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) split_tf32(av[i], ahi[i], alo[i]);
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const float* b = fk + (8 * j + g) * LD + kk * M::K + 2 * t;
+        uint32_t bhi[2], blo[2];
+        split_tf32(b[0], bhi[0], blo[0]);
+        split_tf32(b[1], bhi[1], blo[1]);
+        mma_sync<T>(dots[j], alo, bhi);  // the small terms first
+        mma_sync<T>(dots[j], ahi, blo);
+        mma_sync<T>(dots[j], ahi, bhi);
+      }
+    } else {
+      uint32_t a[4], b[2][2];
+      M::load_a(a, fq + kk * M::K, LD);
+      M::load_b(b, fk + kk * M::K, LD);
+      mma_sync<T>(dots[0], a, b[0]);
+      mma_sync<T>(dots[1], a, b[1]);
+    }
+  }
+}
+
+template <class C>
+__global__ void __launch_bounds__(C::THREADS, 1) masked_affinity_fwd_kernel(const Params prm) {
+  using T = typename C::Elem;
+  constexpr int BK = C::BK, BQ = C::BQ, LDS = C::LDS, NT = C::NT, DT = C::DT;
   const AttnParams& p = prm.a;
 
   ARMFAST_DYNAMIC_SMEM(smem);
   T* fq = reinterpret_cast<T*>(smem + C::FQ);
   T* fk = reinterpret_cast<T*>(smem + C::FK);
   T* vs = reinterpret_cast<T*>(smem + C::V);
+  float* ss = reinterpret_cast<float*>(smem + C::S);
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  // blockIdx.x = (b * value_blocks + value block) * n_tiles + query tile
+  // blockIdx.x = ((b * value_blocks + value block) * splits + split) * n_tiles + query tile
   const int tile = blockIdx.x % p.n_tiles;
-  const int64_t rest = blockIdx.x / p.n_tiles, b = rest / prm.value_blocks;
-  const int col0 = static_cast<int>(rest % prm.value_blocks) * DVB;  // first value column of the block
-  const int n = prm.n, q0 = tile * BQ, nq = std::min(BQ, n - q0), wrow = warp * MT * 16;
+  const int64_t rest = blockIdx.x / p.n_tiles, vblock = rest / prm.splits, b = vblock / prm.value_blocks;
+  const int split = static_cast<int>(rest % prm.splits);
+  const int col0 = static_cast<int>(vblock % prm.value_blocks) * C::DVB;  // first value column of the block
+  const int n = prm.n, q0 = tile * BQ, nq = std::min(BQ, n - q0);
+  const int k_begin = split * prm.keys_per_split, k_end = std::min(n, k_begin + prm.keys_per_split);
   const int value_width = prm.H * prm.d;
   const T* fb = static_cast<const T*>(prm.f) + b * prm.sf[0];
   const T* vb = static_cast<const T*>(p.v) + b * p.sv[0];
   const float* rn = prm.rnorm + b * n;
   const float thresh = prm.thresh[b];
 
-  float rq[MT][2];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int row = q0 + wrow + 16 * mt + mma::c_row(lane, 2 * half);
-      rq[mt][half] = row < n ? rn[row] : 0.0f;
-    }
-  float acc[MT][DT][4], row_max[MT][2], row_sum[MT][2];
-  zero(acc);
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-    row_max[mt][0] = row_max[mt][1] = -INFINITY;
-    row_sum[mt][0] = row_sum[mt][1] = 0.0f;
-  }
+  // the piece of S this warp computes: 16 rows at prow, 16 keys at pcol, k steps part, part + KSPLIT, ..
+  const int piece = warp % C::PIECES, part = warp / C::PIECES;
+  const int prow = (piece % C::ROW_GROUPS) * 16, pcol = (piece / C::ROW_GROUPS) * 16;
+  // the accumulator this warp owns: rows wrow .. wrow + 15, value columns wcol .. wcol + WCOLS - 1
+  const int wrow = (warp % C::ROW_GROUPS) * 16, wcol = (warp / C::ROW_GROUPS) * C::WCOLS;
 
-  for (int k0 = 0; k0 < n; k0 += BK) {
+  float rq[2];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int row = q0 + wrow + mma::c_row(lane, 2 * half);
+    rq[half] = row < n ? rn[row] : 0.0f;
+  }
+  float acc[1][DT][4], row_max[1][2], row_sum[1][2];
+  zero(acc);
+  row_max[0][0] = row_max[0][1] = -INFINITY;
+  row_sum[0][0] = row_sum[0][1] = 0.0f;
+
+  for (int k0 = k_begin; k0 < k_end; k0 += BK) {
     const int nk = std::min(BK, n - k0);
-    float s[MT][NT][4];
-    zero(s);
-    for (int c0 = 0; c0 < prm.C; c0 += CK) {  // S = F_q F_k^T, CK features at a time
-      load_block<T, BQ, CK, THREADS>(fq, LDF, fb, prm.sf[1], prm.sf[2], q0, nq, c0, prm.C - c0);
-      load_block<T, BK, CK, THREADS>(fk, LDF, fb, prm.sf[1], prm.sf[2], k0, nk, c0, prm.C - c0);
+    // the V tile streams in while S is computed (the chunks' first wait covers it)
+    load_values<C>(vs, vb, p.sv, prm.d, value_width, col0, k0, nk, p.vec_v);
+    float dots[2][4] = {};
+    for (int c0 = 0; c0 < prm.C; c0 += C::CK) {  // S = F_q F_k^T, CK features at a time
+      load_features<C, BQ>(fq, fb, prm.sf, q0, nq, c0, prm.C - c0, prm.vec_f);
+      load_features<C, BK>(fk, fb, prm.sf, k0, nk, c0, prm.C - c0, prm.vec_f);
+      cp_async_commit();
+      cp_async_wait<0>();
       __syncthreads();
-      scores<T, MT, NT, KS>(s, QInSharedMemory<T>{fq + wrow * LDF, LDF}, fk, LDF);
+      piece_dots<C>(dots, fq + prow * C::LDF, fk + pcol * C::LDF, part);
       __syncthreads();  // before the next chunk overwrites fq, fk
     }
-    // V columns col0 .. col0 + DVB of [n, H * d]: head c / d, column c % d
-    for (int idx = threadIdx.x; idx < BK * DVB; idx += THREADS) {
-      const int r = idx / DVB, c = idx % DVB, col = col0 + c;
-      vs[r * LDV + c] = r < nk && col < value_width
-                            ? vb[(col / prm.d) * p.sv[1] + (k0 + r) * p.sv[2] + (col % prm.d) * p.sv[3]]
-                            : from_float<T>(0.0f);
-    }
+    float* sp = ss + part * BQ * LDS;  // this warp's share of the piece, summed when read
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
+    for (int j = 0; j < 2; ++j)
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
+      for (int e = 0; e < 4; ++e)
+        sp[(prow + mma::c_row(lane, e)) * LDS + pcol + 8 * j + mma::c_col(lane, e)] = dots[j][e];
+    __syncthreads();  // the S tile (and the V tile) in place
+
+    // this warp's rows of the tile: gamma (S - beta mean(S)) as the reference writes it (the
+    // softmax of gamma S, shifted), -inf where S < beta mean(S) off the diagonal or past the keys;
+    // a NaN threshold leaves every score NaN, as in the reference
+    float s[1][NT][4];
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int row = q0 + wrow + 16 * mt + mma::c_row(lane, e), col = k0 + 8 * nt + mma::c_col(lane, e);
-          const float cosine = s[mt][nt][e] * rq[mt][e >> 1] * (col < n ? rn[col] : 0.0f);
-          const bool keep = col < n && (cosine >= thresh || row == col);  // the diagonal always stays
-          s[mt][nt][e] = keep ? cosine : -INFINITY;
-        }
-    __syncthreads();  // the V tile is in place
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = wrow + mma::c_row(lane, e), c = 8 * nt + mma::c_col(lane, e), key = k0 + c;
+        float dot = ss[r * LDS + c];
+#pragma unroll
+        for (int k = 1; k < C::KSPLIT; ++k) dot += ss[k * BQ * LDS + r * LDS + c];
+        const float cosine = dot * rq[e >> 1] * (key < n ? rn[key] : 0.0f);
+        const bool masked = key >= n || (cosine < thresh && q0 + r != key);  // the diagonal always stays
+        s[0][nt][e] = masked ? -INFINITY : cosine - thresh;
+      }
     online_softmax(s, row_max, row_sum, acc, prm.gamma_log2);
-    accumulate_pv<T>(acc, s, vs, LDV);
-    __syncthreads();  // every warp is done with the V tile
+    accumulate_pv<T>(acc, s, vs + wcol, C::LDV);
+    __syncthreads();  // every warp is done with the S and V tiles
   }
 
-  // the diagonal is never masked, so every stored row has l >= 1
-  T* out = static_cast<T*>(p.out) + b * p.so[0];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
+  if (prm.splits > 1) {  // this key range's unnormalised rows and their (max, sum)
+    const int64_t width = static_cast<int64_t>(prm.value_blocks) * C::DVB;
+    float* ws = prm.workspace + (split * p.BH + b) * n * width;  // p.BH: the images
+    float* ml = prm.workspace + prm.splits * p.BH * n * width + (split * p.BH + b) * n * 2;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      const int row = q0 + wrow + 16 * mt + mma::c_row(lane, 2 * half);
-      const float inv = 1.0f / quad_sum(row_sum[mt][half]);
+      const int row = q0 + wrow + mma::c_row(lane, 2 * half);
+      const float sum = quad_sum(row_sum[0][half]);
       if (row >= n) continue;
+      if (col0 == 0 && wcol == 0 && mma::lane_quad(lane) == 0) {
+        ml[row * 2] = row_max[0][half];
+        ml[row * 2 + 1] = sum;
+      }
 #pragma unroll
       for (int dt = 0; dt < DT; ++dt)
-#pragma unroll
-        for (int e = 2 * half; e < 2 * half + 2; ++e) {
-          const int col = col0 + 8 * dt + mma::c_col(lane, e);
-          if (col < value_width)
-            out[(col / prm.d) * p.so[1] + row * p.so[2] + (col % prm.d) * p.so[3]] = from_float<T>(acc[mt][dt][e] * inv);
-        }
+        store_pair<float>(ws + row * width + col0 + wcol + 8 * dt + mma::c_col(lane, 2 * half), acc[0][dt][2 * half],
+                          acc[0][dt][2 * half + 1]);
     }
+    return;
+  }
+  // the diagonal is never masked, so every stored row has l >= 1 (or NaN, as the reference)
+  T* out = static_cast<T*>(p.out) + b * p.so[0];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int row = q0 + wrow + mma::c_row(lane, 2 * half);
+    const float inv = 1.0f / quad_sum(row_sum[0][half]);
+    if (row >= n) continue;
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+      for (int e = 2 * half; e < 2 * half + 2; ++e) {
+        const int col = col0 + wcol + 8 * dt + mma::c_col(lane, e);
+        if (col < value_width)
+          out[(col / prm.d) * p.so[1] + row * p.so[2] + (col % prm.d) * p.so[3]] = from_float<T>(acc[0][dt][e] * inv);
+      }
+  }
+}
+
+// The key ranges' rows combined (split keys): out = sum_s acc_s 2^((m_s - M) gamma log2 e) / the
+// same sum of l_s, M = max_s m_s, as flash-decoding does; one thread per output element.
+template <typename T>
+__global__ void __launch_bounds__(256) masked_affinity_combine_kernel(const Params prm) {
+  const AttnParams& p = prm.a;
+  const int width = prm.H * prm.d;
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= p.BH * prm.n * width) return;
+  const int col = static_cast<int>(idx % width);
+  const int64_t bn = idx / width, b = bn / prm.n, row = bn % prm.n;
+  const int64_t padded = static_cast<int64_t>(prm.value_blocks) * 768, images = p.BH;
+  const float* ml = prm.workspace + prm.splits * images * prm.n * padded;
+  float m = -INFINITY;
+  for (int sp = 0; sp < prm.splits; ++sp) m = fmaxf(m, ml[((sp * images + b) * prm.n + row) * 2]);
+  const float m_scaled = m == -INFINITY ? 0.0f : m * prm.gamma_log2;
+  float num = 0.0f, den = 0.0f;
+  for (int sp = 0; sp < prm.splits; ++sp) {
+    const int64_t r = (sp * images + b) * prm.n + row;
+    const float ms = ml[r * 2];
+    const float w = ms == -INFINITY ? 0.0f : exp2f(ms * prm.gamma_log2 - m_scaled);  // a range of masked keys: 0
+    num += prm.workspace[r * padded + col] * w;
+    den += ml[r * 2 + 1] * w;
+  }
+  T* out = static_cast<T*>(p.out) + b * p.so[0];
+  out[(col / prm.d) * p.so[1] + row * p.so[2] + (col % prm.d) * p.so[3]] = from_float<T>(num / den);
 }
 
 // ---- host side: parameters, tile choice and launches (the launcher runs them: on the GPU, or in
@@ -386,28 +556,80 @@ void self_correlation(const SelfCorrelationShape& s, const Strided& x, const Str
   });
 }
 
-// f [B, n, C]; rnorm [B, n], thresh [B]: float32, contiguous (the first pass); v, out [B, H, n, d].
+// Key ranges per (image, query tile) for masked_affinity: enough blocks to fill the GPU when the
+// images and query tiles alone do not (a batch of one), at most 8 ranges of at least 128 keys.
+// Ranges are whole multiples of 64 keys, so the choice does not depend on the tiles.
+struct AffinitySplit {
+  int splits, keys_per_split;
+};
+inline AffinitySplit affinity_split(const AffinityShape& s, const DeviceLimits& dev) {
+  constexpr int kBQ = 32, kDVB = 768, kGrain = 64;
+  const int64_t blocks = s.B * ((s.H * s.d + kDVB - 1) / kDVB) * ((s.n + kBQ - 1) / kBQ);
+  const int64_t grains = (s.n + kGrain - 1) / kGrain;
+  const int64_t want = std::min<int64_t>({8, dev.sms / std::max<int64_t>(blocks, 1), grains / 2});
+  if (want < 2) return {1, static_cast<int>(grains * kGrain)};
+  const int64_t per = (grains + want - 1) / want;  // grains per range
+  return {static_cast<int>((grains + per - 1) / per), static_cast<int>(per * kGrain)};
+}
+
+// float32 elements of masked_affinity's workspace (0: it writes the output directly).
+inline int64_t masked_affinity_workspace(const AffinityShape& s, const DeviceLimits& dev) {
+  const AffinitySplit sp = affinity_split(s, dev);
+  if (sp.splits == 1) return 0;
+  return sp.splits * s.B * s.n * (((s.H * s.d + 767) / 768) * 768 + 2);
+}
+
+// f [B, n, C]; rnorm [B, n], thresh [B]: float32, contiguous (the first pass); v, out [B, H, n, d];
+// workspace: masked_affinity_workspace(s, dev) float32 elements (null when 0).
 template <typename T, class Launcher>
 void masked_affinity(const AffinityShape& s, const Strided& f, const float* rnorm, const float* thresh,
-                     const Strided& v, const Strided& out, float gamma, const DeviceLimits& dev, Launcher&& launch) {
-  using C = AffinityConfig<T>;
+                     const Strided& v, const Strided& out, float gamma, float* workspace, int64_t workspace_size,
+                     const DeviceLimits& dev, Launcher&& launch) {
+  using Large = AffinityConfig<T, false>;
+  using Small = AffinityConfig<T, true>;
   if (s.n > 0x7fffffff || s.C > 0x7fffffff || s.H * s.d > 0x7fffffff)
     throw std::invalid_argument("armfast CUDA masked affinity attention: sizes too large");
-  check_smem<C>("masked affinity", static_cast<int>(s.d), dev);
+  const bool large = Large::SMEM <= dev.smem;
+  if (!large) check_smem<Small>("masked affinity", static_cast<int>(s.d), dev);
   Params prm{};
   AttnParams& p = prm.a;
   p.v = v.data, p.out = out.data;
   copy_strides(p.sv, v, 4), copy_strides(p.so, out, 4);
+  constexpr int64_t per = 16 / sizeof(T);
+  p.vec_v = vec_ok<T>(v) && s.d % per == 0;
   prm.f = f.data;
   copy_strides(prm.sf, f, 3);
+  static_assert(Large::CK == Small::CK && Large::DVB == Small::DVB && Large::BQ == Small::BQ, "one grid for both");
+  prm.vec_f = f.stride[2] == 1 && reinterpret_cast<std::uintptr_t>(f.data) % 16 == 0 && f.stride[0] % per == 0 &&
+              f.stride[1] % per == 0 && s.C % Large::CK == 0;
   prm.rnorm = rnorm, prm.thresh = thresh;
   prm.n = static_cast<int>(s.n), prm.C = static_cast<int>(s.C), prm.H = static_cast<int>(s.H);
   prm.d = static_cast<int>(s.d);
-  prm.value_blocks = ceil_div_int(prm.H * prm.d, C::DVB);
+  prm.value_blocks = ceil_div_int(prm.H * prm.d, Large::DVB);
   prm.gamma_log2 = gamma * kLog2e;
-  p.n_tiles = ceil_div_int(prm.n, C::BQ);
-  launch(masked_affinity_fwd_kernel<C>, kernel_name<C>("masked_affinity_fwd_kernel"),
-         s.B * prm.value_blocks * p.n_tiles, C::THREADS, C::SMEM, prm);
+  p.n_tiles = ceil_div_int(prm.n, Large::BQ);
+  p.BH = s.B;  // the images (the combine and the split rows index by it)
+  const AffinitySplit sp = affinity_split(s, dev);
+  prm.splits = sp.splits, prm.keys_per_split = sp.keys_per_split;
+  if (workspace_size < masked_affinity_workspace(s, dev) || (sp.splits > 1 && workspace == nullptr))
+    throw std::invalid_argument("armfast CUDA masked affinity attention: workspace of " +
+                                std::to_string(workspace_size) + " floats, expected " +
+                                std::to_string(masked_affinity_workspace(s, dev)));
+  prm.workspace = workspace;
+  static_assert(Large::BQ == 32 && Large::DVB == 768 && 64 % Large::BK == 0 && 64 % Small::BK == 0,
+                "affinity_split's sizes");
+  auto run = [&](auto config, const char* name) {
+    using C = decltype(config);
+    launch(masked_affinity_fwd_kernel<C>, kernel_name<C>(name),
+           s.B * prm.value_blocks * prm.splits * p.n_tiles, C::THREADS, C::SMEM, prm);
+  };
+  if (large) run(Large{}, "masked_affinity_fwd_kernel");
+  else run(Small{}, "masked_affinity_fwd_kernel_small");
+  if (prm.splits > 1) {
+    const int64_t elements = s.B * s.n * s.H * s.d;
+    launch(masked_affinity_combine_kernel<T>, std::string("masked_affinity_combine_kernel<") +
+           flash::dtype_name<T>() + ">", (elements + 255) / 256, 256, 0, prm);
+  }
 }
 
 }  // namespace armfast::cuda::baseline

@@ -189,7 +189,7 @@ void self_correlation_forward(const std::string& dtype, const PyTensor& x, const
 
 void masked_affinity_forward(const std::string& dtype, const PyTensor& f, const PyTensor& rnorm,
                              const PyTensor& thresh, const PyTensor& v, const PyTensor& out, double gamma,
-                             bool allow_tf32, int device, std::uintptr_t stream) {
+                             const PyTensor& workspace, bool allow_tf32, int device, std::uintptr_t stream) {
   const cu::DType dt = parse_dtype(dtype);
   const TensorArg fa = tensor_arg("f", f, {-1, -1, -1});
   const int64_t B = fa.size(0), n = fa.size(1), C = fa.size(2);
@@ -200,12 +200,15 @@ void masked_affinity_forward(const std::string& dtype, const PyTensor& f, const 
   const TensorArg va = tensor_arg("v", v, {B, -1, n, -1});
   const int64_t H = va.size(1), d = va.size(3);
   const TensorArg oa = tensor_arg("out", out, {B, H, n, d});
+  const TensorArg wa = tensor_arg("workspace", workspace, {-1});
+  require_contiguous("workspace", wa);
   if (!std::isfinite(gamma) || gamma <= 0)
     throw std::invalid_argument("gamma must be finite and > 0, got " + std::to_string(gamma));
   check_device(device);
   py::gil_scoped_release release;
   cu::masked_affinity_forward(dt, {B, n, C, H, d}, strided(fa), ra.data<const float>(), ta.data<const float>(),
-                              strided(va), strided(oa), static_cast<float>(gamma), allow_tf32, device, stream);
+                              strided(va), strided(oa), static_cast<float>(gamma),
+                              wa.size(0) ? wa.data<float>() : nullptr, wa.size(0), allow_tf32, device, stream);
 }
 
 // f [B,N,C]; rnorm [B,N] (float32, contiguous); x, out [B,N,D]; rowsum [B,N] (float32, contiguous).
@@ -314,11 +317,18 @@ PYBIND11_MODULE(_C_cuda, m) {
         py::arg("stream"),
         ("out [B,H,N,d] = softmax(scale x x^T + G) v, G of grid=(h, w, class_token, sigma) or none; with x2, "
          "(softmax(scale x x^T) + softmax(scale x2 x2^T)) v. float32 needs allow_tf32." + tensors).c_str());
+  m.def("masked_affinity_workspace",
+        [](int64_t B, int64_t n, int64_t C, int64_t H, int64_t d, int device) {
+          return cu::masked_affinity_workspace({B, n, C, H, d}, device);
+        },
+        py::arg("B"), py::arg("n"), py::arg("C"), py::arg("H"), py::arg("d"), py::arg("device"),
+        "float32 elements of masked_affinity_forward's workspace on `device` (0: none needed).");
   m.def("masked_affinity_forward", &masked_affinity_forward, py::arg("dtype"), py::arg("f"), py::arg("rnorm"),
-        py::arg("thresh"), py::arg("v"), py::arg("out"), py::arg("gamma"), py::arg("allow_tf32"),
-        py::arg("device"), py::arg("stream"),
+        py::arg("thresh"), py::arg("v"), py::arg("out"), py::arg("gamma"), py::arg("workspace"),
+        py::arg("allow_tf32"), py::arg("device"), py::arg("stream"),
         ("out [B,H,n,d] = softmax(gamma S, S < thresh masked off the diagonal) v, S the cosines of the rows "
-         "of f [B,n,C]; rnorm [B,n] and thresh [B]: float32 from the first pass. float32 needs allow_tf32." +
+         "of f [B,n,C]; rnorm [B,n] and thresh [B]: float32 from the first pass; workspace: "
+         "masked_affinity_workspace(...) float32 elements. float32 needs allow_tf32." +
          tensors).c_str());
   m.def("similarity_aggregation_forward", &similarity_aggregation_forward, py::arg("dtype"), py::arg("f"),
         py::arg("rnorm"), py::arg("x"), py::arg("out"), py::arg("rowsum"), py::arg("threshold"),

@@ -76,9 +76,13 @@ void self_correlation_forward(DType dtype, const SelfCorrelationShape& s, Stride
 // ProxyCLIP: out[b, h] = softmax(gamma S, S < thresh[b] masked off the diagonal) v[b, h], S the
 // cosines of the rows of f[b]; rnorm [B, n] = 1 / max(|f_i|, eps) and thresh [B] = beta mean(S)
 // (float32 on the device, contiguous) come from a first pass. dtypes as self_correlation_forward.
+// workspace: masked_affinity_workspace(s, device) float32 elements on the device (null when 0).
 void masked_affinity_forward(DType dtype, const AffinityShape& s, Strided f, const float* rnorm,
-                             const float* thresh, Strided v, Strided out, float gamma, bool allow_tf32,
-                             int device, std::uintptr_t stream);
+                             const float* thresh, Strided v, Strided out, float gamma, float* workspace,
+                             int64_t workspace_size, bool allow_tf32, int device, std::uintptr_t stream);
+// float32 elements of the workspace masked_affinity_forward needs on `device` (0: none): a batch
+// too small to fill the GPU splits the keys into ranges combined by a second kernel.
+int64_t masked_affinity_workspace(const AffinityShape& s, int device);
 
 // ---- SC-CLIP's similarity ops (similarity_attention.cu), forward only ------------------------------
 

@@ -149,7 +149,39 @@ def test_baseline_attention_flops_match_the_executed_matmuls():
     assert {c.op for c in cases} == set(BASELINE_OPS) and all(c.mode == "forward" for c in cases)
     for case in cases:
         fn = workloads.build(case, "cpu").fn("reference")
-        assert counted_flops(fn) == case.flops, case.op
+        executed = counted_flops(fn)
+        if case.op == "masked_affinity_attention":  # the count takes each S_ij = S_ji once
+            s = case.shape
+            executed -= s["B"] * (s["n"] - 1) * s["n"] * s["C"]
+        assert executed == case.flops, case.op
+
+
+def test_proxyclip_counts_its_affinities_once_per_image():
+    """The affinities S (C wide) serve every head: a count that took them per head would put
+    the cpu kernel at several times the matmul ceiling (it once read 466%)."""
+    def flops(B=2, n=784, C=768, H=12, d=64):
+        return Case("masked_affinity_attention", "forward",
+                    (("B", B), ("n", n), ("C", C), ("H", H), ("d", d))).flops
+    n, C, d = 784, 768, 64
+    per_head = 2 * n * n * d
+    assert flops(H=12) - flops(H=1) == 2 * 11 * per_head  # only P V grows with the heads
+    assert flops(B=2) == 2 * flops(B=1)
+    assert flops() == 2 * (n * (n + 1) * C + 12 * per_head)  # S's distinct entries, once
+    # percent of the matmul ceiling, from a result at exactly the ceiling's rate for that work
+    ceiling_tflops = 0.2
+    case = Case("masked_affinity_attention", "forward",
+                (("B", 16), ("n", n), ("C", C), ("H", 12), ("d", d)))
+    at_ceiling = Result(case, "cpu", "cpu", timer.Timing((case.flops / (ceiling_tflops * 1e12),), 1))
+    row = report.rows([at_ceiling.to_dict()], {"matmul_tflops": ceiling_tflops})[0]
+    assert row["% mm peak"] == "100.0%"
+
+
+def test_ceilings_are_the_best_of_their_measurements():
+    from armfast.bench.ceilings import Ceilings
+    low = Ceilings(matmul_tflops=0.09, copy_gbps=30.0, matmul_n=3072, copy_bytes=1, dtype="float32")
+    high = Ceilings(matmul_tflops=0.2, copy_gbps=20.0, matmul_n=3072, copy_bytes=1, dtype="float32")
+    best = low.best(high)
+    assert (best.matmul_tflops, best.copy_gbps) == (0.2, 30.0)
 
 
 def test_baseline_attention_cases_cover_the_crops():

@@ -243,18 +243,25 @@ const char* emu_self_correlation_forward(int dtype, const int64_t* shape, void* 
   });
 }
 
-// shape = {B, n, C, H, d}; rnorm [B, n], thresh [B] float32 contiguous.
+// float32 elements of the workspace emu_masked_affinity_forward needs; shape = {B, n, C, H, d}.
+int64_t emu_masked_affinity_workspace(const int64_t* shape, int64_t smem, int sms) {
+  const armfast::cuda::AffinityShape s{shape[0], shape[1], shape[2], shape[3], shape[4]};
+  return armfast::cuda::baseline::masked_affinity_workspace(s, {0, static_cast<size_t>(smem), false, sms});
+}
+
+// shape = {B, n, C, H, d}; rnorm [B, n], thresh [B] float32 contiguous; workspace: the floats above.
 const char* emu_masked_affinity_forward(int dtype, const int64_t* shape, void* f, const int64_t* sf,
                                         const float* rnorm, const float* thresh, void* v, const int64_t* sv,
-                                        void* out, const int64_t* so, float gamma, int64_t smem, int sms) {
+                                        void* out, const int64_t* so, float gamma, float* workspace,
+                                        int64_t workspace_size, int64_t smem, int sms) {
   return guarded([&] {
     const armfast::cuda::AffinityShape s{shape[0], shape[1], shape[2], shape[3], shape[4]};
     const armfast::cuda::DeviceLimits dev{0, static_cast<size_t>(smem), false, sms};
     EmuLauncher launch{dev, {}};
     with_dtype(dtype, [&](auto tag) {
       armfast::cuda::baseline::masked_affinity<decltype(tag)>(s, strided(f, sf, 3), rnorm, thresh,
-                                                              strided(v, sv, 4), strided(out, so, 4), gamma, dev,
-                                                              launch);
+                                                              strided(v, sv, 4), strided(out, so, 4), gamma,
+                                                              workspace, workspace_size, dev, launch);
     });
     g_log = launch.log;
   });

@@ -4,6 +4,7 @@ buckets, the allocation poisoning switch, the op specs' key functions, a backend
 Tests take these names from here, so a move inside `armfast.ops` changes this file only."""
 from __future__ import annotations
 
+from armfast.ops import _affinity as affinity
 from armfast.ops import _auto as auto
 from armfast.ops import _library as library
 from armfast.ops import _registry as registry
@@ -20,7 +21,7 @@ try:  # the triton backend's package: launchers by op family (`attention`, `patc
 except ImportError:
     triton_backend = None
 
-__all__ = ["auto", "library", "registry", "specs", "extension", "cpu_backend", "cuda_backend",
+__all__ = ["affinity", "auto", "library", "registry", "specs", "extension", "cpu_backend", "cuda_backend",
            "reference_backend", "sdpa_backend", "triton_backend", "backend"]
 
 

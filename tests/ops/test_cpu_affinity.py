@@ -103,3 +103,23 @@ def test_images_in_groups_equal_one_image_at_a_time():
             single = _with_threads(threads, lambda: run(f[b:b + 1], v[b:b + 1], beta))
             assert torch.equal(batch[b:b + 1], single), (threads, b)
     torch.testing.assert_close(batch.double(), masked_affinity_f64(f, v, beta), **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("B,n", [(1, 7), (2, 130), (3, 197)])
+def test_nan_reaches_the_outputs_the_reference_poisons(B, n, threads):
+    # A NaN feature makes its image's mean(S), hence every score gamma (S - beta mean(S)), NaN:
+    # the reference's whole image is NaN, the other images untouched. A NaN value reaches every
+    # row of its image and head (0 * NaN in P V). The kernel once kept the mask's decisions but
+    # not the NaN: every row but the NaN one kept only its diagonal and came out finite.
+    g = torch.Generator().manual_seed(n)
+    f, v, beta = affinity_inputs(B, n, 40, 2, 16, generator=g)
+    nan_f = f.clone()
+    nan_f[B - 1, n // 2, 3] = float("nan")
+    nan_v = v.clone()
+    nan_v[0, 1, n - 1, 4] = float("nan")
+    for ff, vv in ((nan_f, v), (f, nan_v)):
+        want = ops.masked_affinity_attention(ff, vv, beta=beta, backend="reference").isnan()
+        got = _with_threads(threads, lambda: run(ff, vv, beta)).isnan()
+        assert want.any() and not want.all() or B == 1
+        assert torch.equal(got, want)

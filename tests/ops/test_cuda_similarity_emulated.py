@@ -12,7 +12,7 @@ import torch
 
 from helpers.emulator import (DTYPE_CODE, DTYPE_IDS, DTYPES, H100, SENTINEL, Emulator,
                               assert_close_to_truth, build_emulator, guarded, untouched_outside)
-from helpers.internals import library
+from helpers.internals import affinity
 from helpers.sc_clip_math import (alternating_values, cosines_f64, dual_softmax_f64,
                                   near_threshold_features, similarity_f64)
 from helpers.similarity_math import count_near, near_threshold_aggregation, near_threshold_dual
@@ -91,7 +91,7 @@ def test_similarity_aggregation(emu, dtype, N, C, D, reverse):
     f, x = _in_nan_buffer(f, "map"), _in_nan_buffer(x, "every_other")
     out, ob = _sentinel_out((2, N, D), dtype)
     rowsum = torch.full((2, N), float("nan"))
-    rnorm, _ = library.affinity_first_pass(f, 0.0)
+    rnorm, _ = affinity.first_pass(f, 0.0)
     emu.aggregation(f, rnorm, x, out, rowsum, threshold, reverse=reverse, **H100)
     assert untouched_outside(out, ob, SENTINEL)
     S = cosines_f64(f)
@@ -122,7 +122,7 @@ def test_averaged_dual_softmax(emu, dtype, N, H, d, layout, reverse):
     (k, _), (v, _) = (guarded((2, H, N, d), dtype, float("nan"), layout, g) for _ in range(2))
     out, ob = guarded((2, H, N, d), dtype, SENTINEL, "heads_inner" if layout == "contiguous" else "contiguous")
     lse_mask, lse_kk = (torch.full((2, H, N), float("nan")) for _ in range(2))
-    rnorm, thresh = library.affinity_first_pass(f, beta)
+    rnorm, thresh = affinity.first_pass(f, beta)
     scale, gamma = d ** -0.5, 2.5
     emu.dual(f, rnorm, thresh, k, v, out, lse_mask, lse_kk, scale, gamma, reverse=reverse, **H100)
     assert untouched_outside(out, ob, SENTINEL)
@@ -142,7 +142,7 @@ def test_averaged_dual_softmax(emu, dtype, N, H, d, layout, reverse):
 def test_too_little_shared_memory_is_a_clear_error(emu):
     f = torch.randn(1, 8, 16, dtype=torch.float16)
     k = v = torch.randn(1, 1, 8, 64, dtype=torch.float16)
-    rnorm, thresh = library.affinity_first_pass(f, 1.0)
+    rnorm, thresh = affinity.first_pass(f, 1.0)
     out = torch.empty_like(k)
     stats = torch.empty(1, 1, 8)
     with pytest.raises(RuntimeError, match="averaged dual softmax kernel for float16 .* needs"):
@@ -157,7 +157,7 @@ def test_exact_pairs_either_side_of_the_threshold(emu, dtype):
     g = torch.Generator().manual_seed(30)
     x = alternating_values((2, 16, 8), dtype, g)
     out, rowsum = torch.full_like(x, float("nan")), torch.full((2, 16), float("nan"))
-    emu.aggregation(f, library.affinity_first_pass(f, 0.0)[0], x, out, rowsum, 0.4, **H100)
+    emu.aggregation(f, affinity.first_pass(f, 0.0)[0], x, out, rowsum, 0.4, **H100)
     torch.testing.assert_close(out.double(), similarity_f64(f, x, 0.4), atol=2e-2, rtol=1e-2)
 
     means = cosines_f64(f).mean(dim=(1, 2))
@@ -166,6 +166,6 @@ def test_exact_pairs_either_side_of_the_threshold(emu, dtype):
     v = alternating_values((2, 2, 16, 32), dtype, g)
     out = torch.full_like(v, float("nan"))
     stats = [torch.full((2, 2, 16), float("nan")) for _ in range(2)]
-    rnorm, thresh = library.affinity_first_pass(f, beta)
+    rnorm, thresh = affinity.first_pass(f, beta)
     emu.dual(f, rnorm, thresh, k, v, out, *stats, 32 ** -0.5, 3.0, **H100)
     torch.testing.assert_close(out.double(), dual_softmax_f64(f, k, v, beta=beta), atol=3e-2, rtol=1e-2)

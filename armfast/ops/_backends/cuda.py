@@ -12,8 +12,8 @@ The baseline attentions (self_correlation, self_correlation_sum, gaussian_self_c
 masked_affinity_attention) and SC-CLIP's ops (similarity_aggregation, averaged_dual_softmax) are
 forward kernels (their gradients recompute the reference math), on tensor cores for
 float16/bfloat16 and, when torch allows TF32, float32 (at precision 'highest' this backend refuses
-float32 for them). SC-CLIP's cosine similarities, which decide masks, are float32-accurate in every
-dtype (3xTF32 for float32).
+float32 for them). The cosine similarities of ProxyCLIP and SC-CLIP, whose masks are discrete
+decisions, are float32 whatever the dtype (float32 features: split into TF32 parts, 3 products).
 """
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._library import affinity_first_pass, empty
+from .. import _affinity
+from .._library import empty
 from .._limits import DTYPE_NAMES, Limits
 from .._registry import fused_backend
 from .._specs import (AVERAGED_DUAL_SOFTMAX, GAUSSIAN_SELF_CORRELATION, MASKED_AFFINITY,
@@ -200,16 +201,21 @@ def cuda_gaussian_self_correlation_forward(x: Tensor, v: Tensor, scale: float, g
 
 def cuda_masked_affinity_forward(f: Tensor, v: Tensor, beta: float, gamma: float, out: Tensor) -> None:
     _tf32_only("masked_affinity_attention", f.dtype)
-    rnorm, thresh = affinity_first_pass(f, beta)
-    module("_C_cuda").masked_affinity_forward(
+    rnorm, thresh = _affinity.first_pass(f, beta)
+    compiled = module("_C_cuda")
+    B, n, C = f.shape
+    # a batch too small to fill the GPU splits the keys into ranges, combined from this workspace
+    size = compiled.masked_affinity_workspace(B, n, C, v.shape[1], v.shape[3], f.device.index)
+    workspace = empty((max(size, 1),), torch.float32, f.device)  # the binding takes no empty tensor
+    compiled.masked_affinity_forward(
         DTYPE_NAMES[f.dtype], arg(f), arg(rnorm), arg(thresh), arg(v), arg(out), float(gamma),
-        _allow_tf32(f.dtype), *_launch(f))
+        arg(workspace), _allow_tf32(f.dtype), *_launch(f))
 
 
 def cuda_similarity_aggregation_forward(f: Tensor, x: Tensor, threshold: float, out: Tensor) -> Tensor:
     """Writes W x / (rowsum(W) + 1e-6) into `out`; returns the saved statistic rowsum(W) [B, N]."""
     _tf32_only("similarity_aggregation", f.dtype)
-    rnorm, _ = affinity_first_pass(f, 0.0)
+    rnorm, _ = _affinity.first_pass(f, 0.0)
     rowsum = empty(f.shape[:2], torch.float32, f.device)
     module("_C_cuda").similarity_aggregation_forward(
         DTYPE_NAMES[f.dtype], arg(f), arg(rnorm), arg(x), arg(out), arg(rowsum), float(threshold),
@@ -222,7 +228,7 @@ def cuda_averaged_dual_softmax_forward(f: Tensor, k: Tensor, v: Tensor, scale: f
     """Writes ((P_mask + softmax(scale k k^T)) / 2) v into `out`; returns the saved statistics,
     both softmaxes' row lse [B, H, N]."""
     _tf32_only("averaged_dual_softmax", f.dtype)
-    rnorm, thresh = affinity_first_pass(f, beta)
+    rnorm, thresh = _affinity.first_pass(f, beta)
     lse_mask, lse_kk = (empty(k.shape[:3], torch.float32, k.device) for _ in range(2))
     module("_C_cuda").averaged_dual_softmax_forward(
         DTYPE_NAMES[f.dtype], arg(f), arg(rnorm), arg(thresh), arg(k), arg(v), arg(out),

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._library import NORM_EPS, lse_dtype, plain
+from .. import _affinity
+from .._library import NORM_EPS, plain
 from .._limits import ANY_DTYPE, Limits
 from .._registry import Backend
 from .._specs import SIMILARITY_EPS, gaussian_bias
@@ -58,16 +59,15 @@ def gaussian_self_correlation(x: Tensor, v: Tensor, scale: float, grid_h: int, g
 
 def _affinity_heads_last(f: Tensor, v: Tensor, beta: float, gamma: float) -> Tensor:
     """ProxyCLIP's map applied to every head of v, ``[B, n, H, d]``: one SDPA over the n x n
-    boolean mask, all heads of v side by side as one value of width H*d, since the map is shared
-    by every head. S and the mask in float32 (float64 for float64), the softmax in f's dtype."""
-    fn = F.normalize(f.to(lse_dtype(f.dtype)), dim=-1, eps=NORM_EPS)
-    s = torch.matmul(fn, fn.transpose(-2, -1))
-    n = s.shape[-1]
-    keep = (s >= beta * s.mean(dim=(1, 2), keepdim=True)) | torch.eye(n, dtype=torch.bool,
-                                                                       device=s.device)
-    B, H, _, d = v.shape
+    boolean mask (which needs S itself), all heads of v side by side as one value of width H*d,
+    since the map is shared by every head. S, its mean and the mask are float32 whatever f's dtype
+    (`_affinity`); SDPA's scores may round, the mask may not."""
+    rnorm, thresh = _affinity.first_pass(f, beta)
+    with torch.no_grad():  # a mask has no gradient: record nothing for it
+        keep = _affinity.keep_mask(_affinity.affinities(f, rnorm), thresh)
+    fn = _affinity.normalized(f, rnorm).to(f.dtype).unsqueeze(1)
+    B, H, n, d = v.shape
     values = v.transpose(1, 2).reshape(B, 1, n, H * d)
-    fn = fn.to(v.dtype).unsqueeze(1)
     out = F.scaled_dot_product_attention(fn, fn, values, attn_mask=keep.unsqueeze(1), scale=gamma)
     return out.view(B, n, H, d)
 
@@ -94,8 +94,7 @@ def similarity_aggregation(f: Tensor, x: Tensor, threshold: float,
                            heads_last: bool = False) -> Tensor:
     """S in float32 (float64 for float64), thresholded in place; W x in x's dtype (tensor cores
     on GPUs), divided by W's float32 row sums."""
-    fn = F.normalize(f.to(lse_dtype(f.dtype)), dim=-1, eps=NORM_EPS)
-    w = torch.matmul(fn, fn.transpose(-2, -1))
+    w = _affinity.affinities(f)
     w.masked_fill_(w < threshold, 0)  # in place: the product saves its inputs, not w
     out = torch.matmul(w.to(x.dtype), x)
     return (out / (w.sum(-1, keepdim=True) + SIMILARITY_EPS)).to(x.dtype)

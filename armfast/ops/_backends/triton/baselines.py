@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import triton
 from torch import Tensor
 
-from ..._library import affinity_first_pass
+from ... import _affinity
 from ._launch import attention_constexprs, grid_2d, kind, on_device, shared, tune
 
 
@@ -89,7 +89,7 @@ def masked_affinity_forward(f: Tensor, v: Tensor, beta: float, gamma: float, out
     ks, common, bucket = kernels(), shared().common, shared().tuning.bucket
     B, n, C = f.shape
     H, d = v.shape[1], v.shape[3]
-    rnorm, thresh = affinity_first_pass(f, beta)
+    rnorm, thresh = _affinity.first_pass(f, beta)
     precision = common.dot_precision(f.dtype)
     key = (f.dtype, d, H, C, bucket(n), bucket(B, 1, 1024), precision,
            f.get_device())

@@ -1,7 +1,7 @@
 """Launchers of SC-CLIP's similarity kernels (`armfast.kernels.similarity_attention`), forward
 only: the thresholded similarity aggregation and the averaged dual softmax, both on a 2-D grid
 (batch * value blocks or batch * heads, query tiles) after the O(N C) first pass of
-`affinity_first_pass` (inverse row norms, and for the dual softmax beta * mean(S))."""
+`_affinity.first_pass` (inverse row norms, and for the dual softmax beta * mean(S))."""
 from __future__ import annotations
 
 import functools
@@ -11,7 +11,8 @@ import torch
 import triton
 from torch import Tensor
 
-from ..._library import affinity_first_pass, empty, lse_dtype
+from ... import _affinity
+from ..._library import empty, lse_dtype
 from ._launch import attention_constexprs, grid_2d, kind, on_device, shared, tune
 
 
@@ -54,7 +55,7 @@ def similarity_aggregation_forward(f: Tensor, x: Tensor, threshold: float, out: 
     statistic rowsum(W) [B, N] (float32; float64 for float64 features), which the op drops."""
     ks, common, bucket = kernels(), shared().common, shared().tuning.bucket
     B, N, C = f.shape
-    rnorm, _ = affinity_first_pass(f, 0.0)
+    rnorm, _ = _affinity.first_pass(f, 0.0)
     rowsum = empty((B, N), lse_dtype(f.dtype), f.device)
     precision = common.dot_precision(x.dtype)
     key = (f.dtype, x.dtype, bucket(C), bucket(x.shape[2]), bucket(N), bucket(B, 1, 1024),
@@ -89,7 +90,7 @@ def averaged_dual_softmax_forward(f: Tensor, k: Tensor, v: Tensor, scale: float,
     k-k's), which the op drops."""
     ks, common, bucket = kernels(), shared().common, shared().tuning.bucket
     B, H, N, d = k.shape
-    rnorm, thresh = affinity_first_pass(f, beta)
+    rnorm, thresh = _affinity.first_pass(f, beta)
     lse_mask = empty((B, H, N), lse_dtype(k.dtype), k.device)
     lse_kk = empty((B, H, N), lse_dtype(k.dtype), k.device)
     precision = common.dot_precision(k.dtype)
