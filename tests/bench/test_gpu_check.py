@@ -76,3 +76,21 @@ def test_bwd_sweep_dry_run_writes_the_winner_where_the_tuner_reads_it(tmp_path):
     winners = [v["config"] for e, v in entries.items() if e.startswith("attn_bwd ")]
     assert winners == [rows[0]["best"]]
     assert "x sdpa" in done.stdout  # the table is printed
+
+
+@pytest.mark.slow
+def test_host_time_dry_run_times_the_dispatch_path(tmp_path):
+    """ARMFAST_GPU_CHECK_DRY=1 --only host-time: the triton eager path with its launches made
+    no-ops, against SDPA, both forward and forward+backward."""
+    import json
+    import os
+    import sys
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "ARMFAST_GPU_CHECK_DRY": "1",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    done = subprocess.run(["bash", str(SCRIPT), "--only", "host-time"], capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = json.loads((out / "host_time.json").read_text())
+    assert [r["kind"] for r in rows] == ["forward", "fwd+bwd"]
+    assert all(r["no_launch"] and r["triton_us"] > 0 and r["sdpa_us"] > 0 for r in rows)
