@@ -233,12 +233,16 @@ class Tuner:
         call's), remembers the fastest in memory and on disk, where `tune` finds it in the next
         process, and returns the times in ms (inf: the config failed, e.g. out of resources).
         benchmarks/bwd_sweep.py runs it on a GPU."""
+        launches = [Launch(config, constexprs) for config in configs]
+        if not interpreting():  # compiled side by side, outside the timing, as `tune` does
+            with parallel_compiles(len(launches)):
+                for launch in launches:
+                    with contextlib.suppress(Exception):  # it fails again, timed: inf
+                        run(launch, warmup=True)
         times = []
-        for config in configs:
-            launch = Launch(config, constexprs)
+        for launch in launches:
             try:
-                run(launch)  # compiles outside the timing
-                times.append(timer(lambda: run(launch)))
+                times.append(timer(functools.partial(run, launch)))
             except Exception:  # noqa: BLE001  (as in `_time`: a config this GPU cannot run)
                 times.append(math.inf)
         self.measures += len(configs)
