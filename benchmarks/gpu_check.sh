@@ -18,14 +18,21 @@
 #   triton-tests  pytest tests/triton on the GPU
 #   pipeline      the whole-image pipeline against the official-style path
 #   first-calls   cold first calls of the fused backends, per dtype/head dim/bucket
-# and, only when named by --only: triton-vs-sdpa (do_bench table of triton against SDPA).
+# and, only when named by --only: triton-vs-sdpa (do_bench table of triton against SDPA);
+#   bwd-sweep     benchmarks/bwd_sweep.py: times the triton attention backward's configs at
+#                 ARM's shapes with do_bench, keeps the winners in the tuner's disk cache (read
+#                 by the next run on this machine; copied to $OUT/triton-tuning.json) and prints
+#                 forward+backward against SDPA's (bwd_sweep.json)
+#   host-time     benchmarks/host_time.py: host time per call of the triton attention at a tiny
+#                 shape against SDPA's, 1000 calls, CPU timer (host_time.json)
 #
 # Outputs in $OUT (default ./gpu-check):
 #   cuda.json        the raw benchmark (copy to benchmarks/results/cuda.json)
 #   auto_table.json  armfast/ops/auto_table.json with this GPU's entries (copy it back)
 #   RESULTS.md       benchmarks/RESULTS.md with the GPU section rendered from cuda.json
 #   cuda-pipeline.json  the pipeline (copy to benchmarks/results/cuda-pipeline.json)
-#   first_calls.json, triton_vs_sdpa.json, summary.txt
+#   first_calls.json, triton_vs_sdpa.json, bwd_sweep.json, triton-tuning.json, host_time.json,
+#   summary.txt
 #   check.log        everything the steps printed, with each step's time
 # and prints a compact summary table last. Each step's limit is cut to what is left of the
 # whole check's budget (ARMFAST_GPU_CHECK_BUDGET seconds, default 480, so that the device
@@ -40,7 +47,7 @@ cd "$(dirname "$0")/.."
 
 # name:limit, in order of value; OPTIONAL ones run only when --only names them
 STEPS=(build:150 tests:100 bench:150 triton-tests:100 pipeline:60 first-calls:40)
-OPTIONAL=(triton-vs-sdpa:60)
+OPTIONAL=(triton-vs-sdpa:60 bwd-sweep:240 host-time:60)
 
 usage() {
     echo "usage: bash benchmarks/gpu_check.sh [--only STEP[,STEP...]] [--list]" >&2
@@ -143,6 +150,19 @@ step first-calls python3 -P -m armfast.bench.first_calls --device "$device" --ba
     --json "$OUT/first_calls.json"
 if [ "$DRY" != 1 ]; then
     step triton-vs-sdpa python3 -P benchmarks/triton_vs_sdpa.py --json "$OUT/triton_vs_sdpa.json"
+fi
+if [ "$DRY" = 1 ]; then  # the interpreter at a toy shape; the cache under $OUT, not the user's
+    step bwd-sweep env TRITON_INTERPRET=1 ARMFAST_TRITON_TUNING_CACHE="$OUT/triton-tuning.json" \
+        python3 -P benchmarks/bwd_sweep.py --dry --json "$OUT/bwd_sweep.json"
+else
+    step bwd-sweep python3 -P benchmarks/bwd_sweep.py --json "$OUT/bwd_sweep.json" \
+        --cache-copy "$OUT/triton-tuning.json"
+fi
+step host-time env $([ "$DRY" = 1 ] && echo TRITON_INTERPRET=1) python3 -P benchmarks/host_time.py \
+    $([ "$DRY" = 1 ] && echo "--no-launch --rounds 1") --json "$OUT/host_time.json" \
+    && grep "us/call" "$LOG" | tail -n 2
+if wanted bwd-sweep && [ -f "$OUT/bwd_sweep.json" ]; then  # its table, out of the log
+    sed -n '/^shape /,/^winners /p' "$LOG"
 fi
 
 if [ -f "$OUT/$device.json" ]; then

@@ -41,6 +41,7 @@ AUTOTUNE_ENV = "ARMFAST_TRITON_AUTOTUNE"
 WARMUP_MS, REP_MS = 2, 10
 
 
+@functools.lru_cache(maxsize=4096)  # three per launch: a cached lookup is 4x cheaper than this
 def bucket(n: int, smallest: int = 16, largest: int = 1 << 16) -> int:
     """Tuning key of a size: the power of two at or above `n`, clamped to [smallest, largest]
     (sizes below one tile or far beyond the GPU's width tune alike)."""
@@ -203,8 +204,7 @@ class Tuner:
         configs = candidates(gpu_family)
         if len(configs) == 1 or os.environ.get(AUTOTUNE_ENV, "1") == "0":
             return configs[0]
-        entry = f"{self.name} {self.source_hash} {_key_text(key[:-1])}"
-        known = DISK.get(device_id, entry)
+        known = DISK.get(device_id, f"{self.name} {self.source_hash} {_key_text(key[:-1])}")
         for config in configs:
             if known is not None and describe(config) == known.get("config"):
                 return config
@@ -214,13 +214,40 @@ class Tuner:
                 for launch in launches:
                     run(launch, warmup=True)
             times = [self._time(run, launch) for launch in launches]
+        return self._remember(device_id, key, configs, times)
+
+    def _remember(self, device_id: str, key: tuple, configs: list, times: list[float]):
+        """The fastest of `configs` (timed `times`), written to the disk cache for `key`."""
         best = min(range(len(configs)), key=times.__getitem__)
         if not math.isfinite(times[best]):
             raise RuntimeError(f"{self.name}: no launch config ran for key {key}")
-        DISK.put(device_id, entry, {"config": describe(configs[best]),
-                                    "ms": [round(t, 5) if math.isfinite(t) else None
-                                           for t in times]})
+        DISK.put(device_id, f"{self.name} {self.source_hash} {_key_text(key[:-1])}",
+                 {"config": describe(configs[best]),
+                  "ms": [round(t, 5) if math.isfinite(t) else None for t in times]})
         return configs[best]
+
+    def sweep(self, key: tuple, constexprs: dict, configs: list[triton.Config], device_id: str,
+              run: Callable[..., None], timer: Callable[[Callable[[], None]], float] = measure
+              ) -> list[float]:
+        """Times every one of `configs` for `key` with `timer` (a longer measurement than a cold
+        call's), remembers the fastest in memory and on disk, where `tune` finds it in the next
+        process, and returns the times in ms (inf: the config failed, e.g. out of resources).
+        benchmarks/bwd_sweep.py runs it on a GPU."""
+        launches = [Launch(config, constexprs) for config in configs]
+        if not interpreting():  # compiled side by side, outside the timing, as `tune` does
+            with parallel_compiles(len(launches)):
+                for launch in launches:
+                    with contextlib.suppress(Exception):  # it fails again, timed: inf
+                        run(launch, warmup=True)
+        times = []
+        for launch in launches:
+            try:
+                times.append(timer(functools.partial(run, launch)))
+            except Exception:  # noqa: BLE001  (as in `_time`: a config this GPU cannot run)
+                times.append(math.inf)
+        self.measures += len(configs)
+        self.best[key] = Launch(self._remember(device_id, key, configs, times), constexprs)
+        return times
 
     def _time(self, run, launch: Launch) -> float:
         self.measures += 1

@@ -308,10 +308,10 @@ def attn_bwd_preprocess(
     stride_dob, stride_doh, stride_dom, stride_dod,
     H, N_Q,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, ZERO_DQ: tl.constexpr, BLOCK_M: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """delta [B*H, N_Q] (contiguous) = rowsum(dO * O); with ZERO_DQ also DQ_ACC [B*H, N_Q, d]
-    (contiguous) = 0."""
+    """The atomic path's first launch: delta [B*H, N_Q] (contiguous) = rowsum(dO * O) and
+    DQ_ACC [B*H, N_Q, d] (contiguous) = 0, the accumulator `attn_bwd` adds dQ into."""
     off_bh, start_m = _head_and_tile(N_Q, BLOCK_M)
     off_b = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
@@ -326,11 +326,10 @@ def attn_bwd_preprocess(
                     HEAD_DIM, BLOCK_D, True)
     delta = tl.sum(o.to(ACC_DTYPE) * do.to(ACC_DTYPE), 1)
     tl.store(DELTA + off_bh.to(tl.int64) * N_Q + rows, delta, mask=rows < N_Q)
-    if ZERO_DQ:
-        DQ_ACC += off_bh.to(tl.int64) * N_Q * HEAD_DIM
-        tl.store(_tile_ptrs(DQ_ACC, rows, offs_d, HEAD_DIM, 1),
-                 tl.zeros([BLOCK_M, BLOCK_D], DQ_ACC.dtype.element_ty),
-                 mask=_tile_mask(rows, N_Q, offs_d, HEAD_DIM, BLOCK_D))
+    DQ_ACC += off_bh.to(tl.int64) * N_Q * HEAD_DIM
+    tl.store(_tile_ptrs(DQ_ACC, rows, offs_d, HEAD_DIM, 1),
+             tl.zeros([BLOCK_M, BLOCK_D], DQ_ACC.dtype.element_ty),
+             mask=_tile_mask(rows, N_Q, offs_d, HEAD_DIM, BLOCK_D))
 
 
 @triton.jit
@@ -452,11 +451,12 @@ def _dq_step(dq, q, do, lse, delta, k_ptrs, v_ptrs, keys, N_K, offs_d, qk_scale,
 
 @triton.jit(do_not_specialize=LENGTHS)
 def attn_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ,
+    Q, K, V, O, DO, LSE, DELTA, DQ,
     sm_scale,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     H, N_Q, N_K,
@@ -464,10 +464,14 @@ def attn_bwd_dq(
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """dQ of one query tile (BLOCK_M queries), looping over all key tiles (BLOCK_N each)."""
+    """dQ of one query tile (BLOCK_M queries), looping over all key tiles (BLOCK_N each). Runs
+    first on the deterministic path: its prologue computes delta = rowsum(dO * O) of its own rows
+    (it holds their dO tile anyway) and stores it ([B*H, N_Q] contiguous) for `attn_bwd`, so the
+    preprocess kernel is not launched there."""
     off_bh, start_m = _head_and_tile(N_Q, BLOCK_M)
     off_b = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
+    O += off_b * stride_ob + off_h * stride_oh
     Q += off_b * stride_qb + off_h * stride_qh
     K += off_b * stride_kb + off_h * stride_kh
     V += off_b * stride_vb + off_h * stride_vh
@@ -484,8 +488,11 @@ def attn_bwd_dq(
                    HEAD_DIM, BLOCK_D, True)
     do = _load_tile(_tile_ptrs(DO, rows, offs_d, stride_dom, stride_dod), rows, N_Q, offs_d,
                     HEAD_DIM, BLOCK_D, True)
+    o = _load_tile(_tile_ptrs(O, rows, offs_d, stride_om, stride_od), rows, N_Q, offs_d,
+                   HEAD_DIM, BLOCK_D, True)
+    delta = tl.sum(o.to(ACC_DTYPE) * do.to(ACC_DTYPE), 1)  # rows past N_Q: 0
+    tl.store(DELTA + rows, delta, mask=mask_m)
     lse = tl.load(LSE + rows, mask=mask_m, other=0.0).to(ACC_DTYPE) * _log2e()
-    delta = tl.load(DELTA + rows, mask=mask_m, other=0.0)
     k_ptrs = _tile_ptrs(K, keys, offs_d, stride_kn, stride_kd)
     v_ptrs = _tile_ptrs(V, keys, offs_d, stride_vn, stride_vd)
     k_step = BLOCK_N * stride_kn.to(tl.int64)

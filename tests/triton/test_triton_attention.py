@@ -103,6 +103,17 @@ def deterministic():
     torch.use_deterministic_algorithms(before)
 
 
+@pytest.mark.parametrize("B,H,Nq,Nk,d,strided", CASES)
+def test_deterministic_path_matches_float64(deterministic, B, H, Nq, Nk, d, strided):
+    """The deterministic path: its dQ kernel also computes delta = rowsum(dO * O), which the
+    dK, dV kernel reads afterwards, over the same partial tiles and strides."""
+    torch.manual_seed(Nq * 1000 + Nk + d + 1)
+    q, k, v = make_qkv(B, H, Nq, Nk, d, device=DEVICE, strided=strided)
+    got, want, _ = _run(q, k, v)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        assert_close(g, w, atol=2e-5, rtol=1e-4, name=name)
+
+
 def test_deterministic_backward_is_reproducible_and_right(deterministic):
     """Deterministic mode sums dQ in its own kernel, in a fixed order: bit-identical reruns.
     (The default path adds dQ with float32 atomics, whose order a GPU does not fix.)"""

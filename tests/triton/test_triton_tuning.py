@@ -173,3 +173,23 @@ def test_parallel_compiles_inside_another_async_compile():
     with ThreadPoolExecutor(1) as pool, async_compile.AsyncCompileMode(pool):
         with _tuning.parallel_compiles(3):
             pass
+
+
+def test_sweep_remembers_its_winner_for_the_next_process(monkeypatch, cache_file):
+    """`Tuner.sweep` (benchmarks/bwd_sweep.py) times every config with the timer it is given,
+    counts a config that fails as inf, and leaves its winner where `tune` finds it in a fresh
+    tuner: that one measures nothing."""
+    gpu = FakeGPU(monkeypatch)
+    sweeper = _tuning.Tuner("attn_bwd", _kernel)
+    key = ("bf16", 64, 1024, 7)
+
+    def run(launch, warmup=False):
+        if launch["BLOCK"] == 128:
+            raise RuntimeError("out of resources")
+        gpu.run(launch, warmup)
+    times = sweeper.sweep(key, {"HEAD_DIM": 64}, CONFIGS, "fake H200", run, timer=gpu.measure)
+    assert times == [2.0, 1.0, float("inf")] and sweeper.best[key]["BLOCK"] == 32
+    fresh = _tuning.Tuner("attn_bwd", _kernel)
+    monkeypatch.setattr(_tuning, "DISK", _tuning.DiskCache())  # as a new process reads it
+    gpu.runs.clear()
+    assert gpu.tune(fresh, key)["BLOCK"] == 32 and fresh.measures == 0 and gpu.runs == []

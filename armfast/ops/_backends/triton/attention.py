@@ -115,16 +115,17 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, out: Tensor
 
 
 def _launch_bwd(dout, q, k, v, lse, delta, dk, dv, dq_acc, out, scale, launch, warmup=False):
-    """delta (and, on the atomic path, dq_acc = 0), then dK, dV (and dQ) in one pass."""
+    """On the atomic path delta and dq_acc = 0 first (one preprocess launch); then dK, dV (and
+    dQ) in one pass. The deterministic path's dQ kernel has written delta already."""
     ks = kernels().module
     B, H, N_Q, d = q.shape
     N_K = k.shape[2]
-    atomic = launch["DQ_ATOMIC"]
-    ks.attn_bwd_preprocess.run(
-        out, dout, delta, dq_acc, *out.stride(), *dout.stride(), H, N_Q,
-        grid=flat_grid(B * H, N_Q, ks.BLOCK_M_PREPROCESS, ATTENTION_BWD, q, k),
-        warmup=warmup, HEAD_DIM=d, BLOCK_D=launch["BLOCK_D"], ACC_DTYPE=launch["ACC_DTYPE"],
-        ZERO_DQ=atomic, BLOCK_M=ks.BLOCK_M_PREPROCESS)
+    if launch["DQ_ATOMIC"]:
+        ks.attn_bwd_preprocess.run(
+            out, dout, delta, dq_acc, *out.stride(), *dout.stride(), H, N_Q,
+            grid=flat_grid(B * H, N_Q, ks.BLOCK_M_PREPROCESS, ATTENTION_BWD, q, k),
+            warmup=warmup, HEAD_DIM=d, BLOCK_D=launch["BLOCK_D"], ACC_DTYPE=launch["ACC_DTYPE"],
+            BLOCK_M=ks.BLOCK_M_PREPROCESS)
     ks.attn_bwd.run(
         q, k, v, dout, lse, delta, dk, dv, dq_acc, scale,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), H, N_Q, N_K,
@@ -132,11 +133,12 @@ def _launch_bwd(dout, q, k, v, lse, delta, dk, dv, dq_acc, out, scale, launch, w
         warmup=warmup, **launch.kwargs)
 
 
-def _launch_bwd_dq(dout, q, k, v, lse, delta, dq, scale, launch, warmup=False):
+def _launch_bwd_dq(dout, q, k, v, out, lse, delta, dq, scale, launch, warmup=False):
+    """dQ, and delta for the dK, dV kernel that follows."""
     B, H, N_Q, _ = q.shape
     kernels().module.attn_bwd_dq.run(
-        q, k, v, dout, lse, delta, dq, scale,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
+        q, k, v, out, dout, lse, delta, dq, scale,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *dq.stride(),
         H, N_Q, k.shape[2],
         grid=flat_grid(B * H, N_Q, launch["BLOCK_M"], ATTENTION_BWD, q, k),
         warmup=warmup, **launch.kwargs)
@@ -167,20 +169,20 @@ def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     key = _attention_key(q, k.shape[2], precision, deterministic)
     launch = ks.bwd.best.get(key)
     with on_device(q):
+        if deterministic:  # dQ (and delta) first: two launches, no preprocess
+            dq_launch = ks.bwd_dq.best.get(key)
+            if dq_launch is None:
+                dq_launch = _attention_tune(ks.bwd_dq, key, q, precision,
+                                            ks.module.bwd_dq_configs,
+                                            functools.partial(_launch_bwd_dq, dout, q, k, v,
+                                                              out, lse, delta, dq, scale))
+            _launch_bwd_dq(dout, q, k, v, out, lse, delta, dq, scale, dq_launch)
         if launch is None:
             launch = _attention_tune(ks.bwd, key, q, precision, ks.module.bwd_configs,
                                      functools.partial(_launch_bwd, dout, q, k, v, lse, delta,
                                                        dk, dv, dq_acc, out, scale),
                                      DQ_ATOMIC=not deterministic)
         _launch_bwd(dout, q, k, v, lse, delta, dk, dv, dq_acc, out, scale, launch)
-        if deterministic:
-            dq_launch = ks.bwd_dq.best.get(key)
-            if dq_launch is None:
-                dq_launch = _attention_tune(ks.bwd_dq, key, q, precision,
-                                            ks.module.bwd_dq_configs,
-                                            functools.partial(_launch_bwd_dq, dout, q, k, v,
-                                                              lse, delta, dq, scale))
-            _launch_bwd_dq(dout, q, k, v, lse, delta, dq, scale, dq_launch)
-        elif separate_acc:
+        if separate_acc:
             dq.copy_(dq_acc)
     return dq, dk, dv
