@@ -11,21 +11,10 @@ from helpers.baseline_math import (GRIDS, affinity_inputs, gaussian_self_correla
                                    masked_affinity_f64, self_correlation_f64,
                                    self_correlation_sum_f64, two_cluster_features)
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("cuda_backend_on_tf32")]
 
 TOL = {torch.float16: dict(atol=4e-3, rtol=1e-2), torch.bfloat16: dict(atol=3e-2, rtol=3e-2),
        torch.float32: dict(atol=5e-3, rtol=1e-2)}  # float32 on TF32
-
-
-@pytest.fixture(autouse=True)
-def cuda_ready():
-    reason = ops.backend_status("cuda")["cuda"]
-    if reason is not None:
-        pytest.skip(f"cuda backend unavailable: {reason}")
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")  # float32 runs on TF32
-    yield
-    torch.set_float32_matmul_precision(previous)
 
 
 def _close(got, want, dtype, name):

@@ -11,22 +11,12 @@ from armfast import ops
 from helpers.sc_clip_math import dual_softmax_f64, similarity_f64
 from helpers.similarity_math import near_threshold_aggregation, near_threshold_dual, values
 
-pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("poisoned_allocations")]
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.usefixtures("cuda_backend_on_tf32", "poisoned_allocations")]
 
 TOL = {torch.float16: dict(atol=4e-3, rtol=1e-2), torch.bfloat16: dict(atol=3e-2, rtol=3e-2),
        torch.float32: dict(atol=5e-3, rtol=1e-2)}  # float32 on TF32 (S in 3xTF32)
 DEVICE = torch.device("cuda")
-
-
-@pytest.fixture(autouse=True)
-def cuda_ready():
-    reason = ops.backend_status("cuda")["cuda"]
-    if reason is not None:
-        pytest.skip(f"cuda backend unavailable: {reason}")
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")  # float32 runs on TF32
-    yield
-    torch.set_float32_matmul_precision(previous)
 
 
 def _close(got, want, dtype, name):
