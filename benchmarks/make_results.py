@@ -49,7 +49,8 @@ one call, outputs and saved tensors included; `TFLOP/s` from the FLOP counts of
 `armfast/bench/cases.py` (attention `4 Nq Nk d` per head, backward 2.5x; logits `2 B N C E`;
 modules: their matmuls); `GB/s`, the memory-traffic floor (attention `(2 Nq + 2 Nk) d`
 elements per head forward) over the time; `% mm peak` and `% bw peak`, fractions of the
-matmul and copy ceilings measured at the start of the same run. Shapes: ViT-B/16 crops
+compute and copy ceilings measured around the same run (compute: the larger of a matmul and,
+on the CPU, the FMA units' peak). Shapes: ViT-B/16 crops
 224/336/448 give N = 196/441/784 patch tokens (+1 with CLS for CLIP's 12 heads); ARM has
 8 heads of 64; C = 171 classes (COCO-Stuff); `train` is forward+backward for the ops and a
 full training step (AdamW) for the ARM; `clip` is a randomly initialised CLIP ViT-B/16 with

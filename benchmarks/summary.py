@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from armfast.bench.ceilings import compute_ceiling
 from armfast.bench.report import format_time
 
 
@@ -26,7 +27,7 @@ def bench_table(data: dict) -> list[str]:
     for r in results:
         key = (r["op"] + (f" {r['variant']}" if r.get("variant") else ""), r["mode"], r["label"])
         cases.setdefault(key, {})[r["backend"]] = r
-    ceiling = (data.get("ceilings") or {}).get("matmul_tflops")
+    ceiling = compute_ceiling(data.get("ceilings"))  # the larger of the matmul and the FMA peak
     head = f"{'op':<24} {'mode':<7} {'shape':<34} {'sdpa':>9} " + " ".join(f"{b:>13}" for b in backends)
     lines = [head + f" {'best TF/s':>10}", "-" * (len(head) + 11)]
     for (op, mode, label), by_backend in cases.items():
@@ -48,7 +49,7 @@ def bench_table(data: dict) -> list[str]:
         lines.append(f"{op:<24} {mode:<7} {label:<34} {format_time(sdpa):>9} " + " ".join(cells)
                      + f" {best:>10}")
     env = data.get("environment", {})
-    lines.append(f"(backend cells: time, sdpa's time / it; best TF/s: % of the measured matmul "
+    lines.append(f"(backend cells: time, sdpa's time / it; best TF/s: % of the measured compute "
                  f"ceiling {ceiling and f'{ceiling:.3g}'} TFLOP/s; {env.get('device_name')}, "
                  f"torch {env.get('torch')}, triton {env.get('triton')})")
     return lines

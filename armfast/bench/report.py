@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Iterable, Optional, Sequence
 
-from .ceilings import Ceilings
+from .ceilings import Ceilings, compute_ceiling
 from .memory import METHOD
 from .runner import Result
 
@@ -78,6 +78,7 @@ def speedups(results: Sequence[Result]) -> dict[int, tuple[Optional[float], Opti
 def rows(records: Sequence[dict], ceilings: Optional[dict] = None) -> list[dict[str, str]]:
     """One dict of formatted cells per result record (as in `to_json`), keyed by COLUMNS."""
     ceilings = ceilings or {}
+    compute = compute_ceiling(ceilings)  # the larger of the matmul and the CPU's FMA peak
     table = []
     for r in records:
         note = (r.get("error") and f"FAILED: {r['error']}"
@@ -93,7 +94,7 @@ def rows(records: Sequence[dict], ceilings: Optional[dict] = None) -> list[dict[
             "vs sdpa": format_ratio(r.get("speedup_vs_sdpa")),
             "peak mem": format_bytes(r.get("peak_bytes")),
             "TFLOP/s": _number(r.get("tflops")),
-            "% mm peak": _percent(r.get("tflops"), ceilings.get("matmul_tflops")),
+            "% mm peak": _percent(r.get("tflops"), compute),
             "GB/s": _number(r.get("gbps")),
             "% bw peak": _percent(r.get("gbps"), ceilings.get("copy_gbps")),
             "max err": "-" if r.get("max_error") is None else f"{r['max_error']:.1e}",
@@ -169,9 +170,12 @@ def markdown_section(data: dict, title: str) -> str:
         f"- backends: {backends}",
     ]
     if ceilings:
+        peak = ceilings.get("peak_tflops")
         lines.append(f"- measured ceilings ({ceilings['dtype']}): matmul "
-                     f"{ceilings['matmul_tflops']:.3g} TFLOP/s (n={ceilings['matmul_n']}), copy "
-                     f"{ceilings['copy_gbps']:.3g} GB/s ({format_bytes(ceilings['copy_bytes'])})")
+                     f"{ceilings['matmul_tflops']:.3g} TFLOP/s (n={ceilings['matmul_n']}), "
+                     + (f"FMA peak {peak:.3g} TFLOP/s ({ceilings.get('peak_isa')}), " if peak else "")
+                     + f"copy {ceilings['copy_gbps']:.3g} GB/s ({format_bytes(ceilings['copy_bytes'])})"
+                     + ("; % mm peak is of the larger compute ceiling" if peak else ""))
     lines.append(f"- peak mem: {data.get('memory_method', 'extra bytes allocated during one call')}")
     lines += ["", format_markdown(rows(data["results"], ceilings)), ""]
     return "\n".join(lines)

@@ -55,7 +55,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--backends", type=_list(BACKENDS),
                    help="backends to time besides reference and sdpa (default: all available)")
     p.add_argument("--no-ceilings", action="store_true",
-                   help="skip measuring the matmul and copy ceilings")
+                   help="skip measuring the matmul, FMA peak and copy ceilings")
     p.add_argument("--json", metavar="OUT", help="write results and environment as JSON")
     p.add_argument("--markdown", metavar="OUT", help="write a RESULTS.md section for this run")
     p.add_argument("--tune", action="store_true",
@@ -149,8 +149,7 @@ def run(args) -> int:
     ceilings = None
     if not args.no_ceilings and cases:
         ceilings = measure_ceilings(device, dtype, config, quick=config is not timer.FULL)
-        print(f"# ceilings: matmul {ceilings.matmul_tflops:.3g} TFLOP/s, copy "
-              f"{ceilings.copy_gbps:.3g} GB/s", file=sys.stderr)
+        print(f"# ceilings: {ceilings.summary()}", file=sys.stderr)
     results = runner.run(cases, device, backends=args.backends, config=config,
                          progress=_progress(len(cases) * len(backends)))
     if ceilings is not None:  # again after the cases: the best of both is the ceiling
@@ -170,7 +169,7 @@ def run(args) -> int:
     print(f"armfast bench on {env['device_name']} ({device}, {str(dtype).replace('torch.', '')}), "
           f"{env['date']}")
     if ceilings:
-        print(f"ceilings: matmul {ceilings.matmul_tflops:.3g} TFLOP/s, copy {ceilings.copy_gbps:.3g} GB/s")
+        print(f"ceilings: {ceilings.summary()}")
     if results:
         print(report.format_table(report.rows(data["results"], data["ceilings"])))
     if pipeline_results:

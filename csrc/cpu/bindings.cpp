@@ -248,6 +248,26 @@ void averaged_dual_softmax_forward(const std::string& dtype, const PyTensor& f, 
                                               beta, gamma, threads);
 }
 
+// The measured FMA peak (peak.cpp) as a dict: flops, seconds, threads, chains, lanes, checksum.
+py::dict fma_peak(const std::string& dtype, int64_t iterations, int threads) {
+  const bool f64 = is_double(dtype);
+  if (iterations < 1)
+    throw std::invalid_argument("iterations must be >= 1, got " + std::to_string(iterations));
+  cpu::FmaPeak p;
+  {
+    py::gil_scoped_release release;
+    p = f64 ? cpu::fma_peak<double>(iterations, threads) : cpu::fma_peak<float>(iterations, threads);
+  }
+  py::dict out;
+  out["flops"] = p.flops;
+  out["seconds"] = p.seconds;
+  out["threads"] = p.threads;
+  out["chains"] = p.chains;
+  out["lanes"] = p.lanes;
+  out["checksum"] = p.checksum;
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -266,6 +286,9 @@ PYBIND11_MODULE(_C, m) {
   });
   m.def("isa", &cpu::active_isa,
         "Instruction set the kernels run with (avx512, avx2 or generic); ARMFAST_CPU_ISA caps it.");
+  m.def("fma_peak", &fma_peak, py::arg("dtype"), py::arg("iterations"), py::arg("threads") = 0,
+        "Times `iterations` rounds of independent vector FMA chains on every thread (the ISA of "
+        "isa()); returns a dict: flops (2 per lane per FMA), seconds, threads, chains, lanes, checksum.");
   const char* tensor_doc = " Tensors are (data_ptr, sizes, strides) tuples, strides in elements.";
   m.def("attention_forward", &attention_forward, py::arg("dtype"), py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("scale"), py::arg("threads") = 0,

@@ -70,4 +70,15 @@ void masked_affinity_forward(const AffinityShape& s, Strided<const T> f, Strided
 // supports, capped by the environment variable ARMFAST_CPU_ISA (for tests and comparisons).
 const char* active_isa();
 
+// The measured peak of the vector FMA units (peak.cpp): `iterations` rounds of FmaPeak::chains
+// independent vector FMAs on each of `threads` OpenMP threads (<= 0: OpenMP's default).
+struct FmaPeak {
+  double flops;     // 2 per lane per FMA, all threads together
+  double seconds;   // wall time of the parallel region
+  int threads, chains, lanes;
+  double checksum;  // sum of the accumulators: returned, so no FMA can be optimised away
+};
+template <typename T>
+FmaPeak fma_peak(int64_t iterations, int threads);
+
 }  // namespace armfast::cpu

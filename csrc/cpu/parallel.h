@@ -6,6 +6,7 @@
 #else
 inline int omp_get_thread_num() { return 0; }
 inline int omp_get_max_threads() { return 1; }
+inline int omp_get_num_threads() { return 1; }
 #endif
 
 namespace armfast::cpu {
