@@ -11,8 +11,9 @@ rotated from round to round, so load from other processes falls on all of them a
 `calls` back-to-back calls (enough for ~20 ms), and the table shows medians over rounds. Speed-ups
 are sdpa time / cpu time (target: 1.3x at B = 16, 1.0x at B = 1). GFLOP/s count the algorithmic
 minimum of armfast.bench.cases (4 N^2 d per head, SCLIP 6 N^2 d), against the machine's float32
-matmul ceiling measured as armfast.bench.ceilings does (2 n^3 / time of an n x n matmul, n = 2048)
-but timed in the same interleaved rounds as each case, so that it sees the same load.
+compute ceiling measured as armfast.bench.ceilings does (the larger of 2 n^3 / time of an n x n
+matmul and the FMA units' peak, armfast._C.fma_peak) but timed in the same interleaved rounds as
+each case, so that it sees the same load.
 
 On a shared machine, OMP_WAIT_POLICY=passive keeps idle OpenMP threads from spinning on cores
 other processes need (set it in the environment; the kernels do not change it).
@@ -32,7 +33,7 @@ import torch
 from armfast import ops
 from armfast.bench import timer
 from armfast.bench.cases import attention_flops
-from armfast.bench.ceilings import SIZES
+from armfast.bench.ceilings import FMA_ITERATIONS, SIZES
 
 H, D = 12, 64
 BACKENDS = ("cpu", "sdpa", "reference")
@@ -47,7 +48,9 @@ class Row:
     B: int
     N: int
     gflop: float
-    ceiling_gflops: float = 0.0  # the matmul ceiling, timed in the case's rounds
+    ceiling_gflops: float = 0.0  # the larger of the two below, the compute ceiling
+    matmul_gflops: float = 0.0  # timed in the case's rounds, as the FMA peak
+    peak_gflops: float = 0.0
     ms: dict = field(default_factory=dict)  # backend -> median ms
     max_error: dict = field(default_factory=dict)  # backend -> max |x - truth|
 
@@ -88,7 +91,8 @@ def interleaved_ms(fns: dict[str, Callable[[], object]], repeats: int,
 
 
 def run_case(label: str, op: str, B: int, side: int, repeats: int, reference: bool,
-             matmul: Callable[[], object], matmul_gflop: float) -> Row:
+             yardsticks: dict[str, tuple[Callable[[], object], float]]) -> Row:
+    """yardsticks: "matmul" and "peak" -> (a call, its GFLOP), timed with the backends."""
     g = torch.Generator().manual_seed(B * 1000 + side)
     call = make_call(op, B, side, g)
     N = side * side + 1
@@ -105,8 +109,10 @@ def run_case(label: str, op: str, B: int, side: int, repeats: int, reference: bo
         raise AssertionError(f"{label} B={B} N={N}: cpu differs by {row.max_error['cpu']:.3g}")
     del outs, truth
     fns = {b: (lambda b=b: call(b)) for b in backends}
-    ms = interleaved_ms({**fns, "matmul": matmul}, repeats)
-    row.ceiling_gflops = matmul_gflop / (ms.pop("matmul") / 1e3)
+    ms = interleaved_ms({**fns, **{name: fn for name, (fn, _) in yardsticks.items()}}, repeats)
+    rates = {name: gflop / (ms.pop(name) / 1e3) for name, (_, gflop) in yardsticks.items()}
+    row.matmul_gflops, row.peak_gflops = rates["matmul"], rates["peak"]
+    row.ceiling_gflops = max(row.matmul_gflops, row.peak_gflops)
     row.ms = ms
     return row
 
@@ -144,14 +150,18 @@ def main(argv=None) -> int:
     from armfast import _C
     n = SIZES["cpu"]["quick"][0]
     a, b = torch.randn(n, n), torch.randn(n, n)
-    print(f"threads {torch.get_num_threads()}, isa {_C.isa()}, ceiling: float32 {n} x {n} matmul",
-          flush=True)
+    threads, iterations = torch.get_num_threads(), FMA_ITERATIONS["quick"]
+    peak_gflop = _C.fma_peak("float32", 1, threads)["flops"] * iterations / 1e9
+    yardsticks = {"matmul": (lambda: torch.matmul(a, b), 2 * n ** 3 / 1e9),
+                  "peak": (lambda: _C.fma_peak("float32", iterations, threads), peak_gflop)}
+    print(f"threads {threads}, isa {_C.isa()}, ceiling: the larger of a float32 {n} x {n} matmul "
+          f"and the FMA peak", flush=True)
     rows = []
     for B in args.batches:
         for side in args.sides:
             for label in args.ops:
                 row = run_case(label, OPS[label], B, side, args.repeats, not args.no_reference,
-                               lambda: torch.matmul(a, b), 2 * n ** 3 / 1e9)
+                               yardsticks)
                 rows.append(row)
                 print(json.dumps(asdict(row)), flush=True)
     print()
